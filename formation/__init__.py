@@ -1,0 +1,1 @@
+"""Formation: a peer-to-peer fog cloud for AI agents and models."""

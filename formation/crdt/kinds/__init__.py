@@ -1,0 +1,10 @@
+"""The kinds of records in the replicated state. Importing this package registers them all."""
+
+from .base import Intent, Invalid, Kind, Route, get_kind, register, registry
+from .node_kinds import InstanceStatusKind, NodeKind, PeerKind
+from .user_kinds import AccountKind, AgentKind, DnsKind, InstanceKind, ModelKind
+
+for _k in (AccountKind, NodeKind, PeerKind, InstanceKind, InstanceStatusKind, ModelKind, AgentKind, DnsKind):
+    register(_k())
+
+__all__ = ["Intent", "Invalid", "Kind", "Route", "get_kind", "register", "registry"]

@@ -1,0 +1,125 @@
+"""Kinds that nodes write about themselves: node, peer, instance_status."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..op import Op
+from ..schema import (
+    TAGS, TIMESTAMP, Record, address, boolean, endpoint, field, integer, ip_address, ip_network,
+    list_of, nested, one_of, optional, text,
+)
+from .base import Invalid, Kind, node_address, require_author_is_key
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity(Record):
+    vcpus: int = field(integer(0, 4096))
+    memory_mb: int = field(integer(0, 2**40))
+    disk_gb: int = field(integer(0, 2**30))
+    gpus: int = field(integer(0, 64), default=0)
+    kvm: bool = field(boolean, default=False)
+
+
+MULTIADDR = text(512, min_len=2, pattern=r"/[A-Za-z0-9/._:%-]+", what="a multiaddr like /ip4/1.2.3.4/tcp/53333")
+
+
+@dataclass(frozen=True, slots=True)
+class Node(Record):
+    address: str = field(address)
+    multiaddrs: list = field(list_of(MULTIADDR, 16, unique=True), factory=list)
+    capacity: dict = field(nested(Capacity), factory=lambda: Capacity(0, 0, 0).to_dict())
+    region: str = field(text(64), default="")
+    version: str = field(text(32), default="")
+    tags: list = field(TAGS, factory=list)
+    api_url: str | None = field(optional(text(512)), default=None)
+    started_at: int = field(TIMESTAMP, default=0)
+    heartbeat: int = field(TIMESTAMP, default=0)  # unix ms of the node's last heartbeat
+
+
+class NodeKind(Kind):
+    name = "node"
+    record = Node
+
+    def node_write(self, op: Op, base: dict | None) -> dict | None:
+        require_author_is_key("node", op)
+        if op.value is None:
+            return None
+        value = self.validate(op.value)
+        if value["address"] != op.key:
+            raise Invalid("bad_field", "node field 'address': must equal the node's own address")
+        return value
+
+    def index(self, value: dict) -> dict:
+        return {"owner": value["address"], "type": value["region"] or None, "text": None}
+
+
+WG_KEY = text(44, min_len=44, pattern=r"[A-Za-z0-9+/]{43}=", what="a base64 WireGuard public key")
+
+
+@dataclass(frozen=True, slots=True)
+class Peer(Record):
+    address: str = field(address)
+    public_key: str = field(WG_KEY)
+    overlay_ip: str = field(ip_address)
+    endpoints: list = field(list_of(endpoint, 8, unique=True), factory=list)
+    vm_subnet: str | None = field(optional(ip_network), default=None)
+    updated_at: int = field(TIMESTAMP, default=0)
+
+
+class PeerKind(Kind):
+    """formnet membership of a node: WireGuard key, endpoints, overlay address, VM subnet."""
+
+    name = "peer"
+    record = Peer
+
+    def node_write(self, op: Op, base: dict | None) -> dict | None:
+        require_author_is_key("peer", op)
+        if op.value is None:
+            return None
+        value = self.validate(op.value)
+        if value["address"] != op.key:
+            raise Invalid("bad_field", "peer field 'address': must equal the node's own address")
+        return value
+
+    def index(self, value: dict) -> dict:
+        return {"owner": value["address"], "type": None, "text": value["overlay_ip"]}
+
+
+STATES = ("pending", "building", "booting", "running", "stopped", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceStatus(Record):
+    instance_id: str = field(text(64, min_len=1))
+    node: str = field(address)
+    state: str = field(one_of(*STATES))
+    reason: str = field(text(2048), default="")
+    ip: str | None = field(optional(ip_address), default=None)
+    generation: int = field(integer(0, 2**62), default=0)
+    updated_at: int = field(TIMESTAMP, default=0)
+
+
+class InstanceStatusKind(Kind):
+    """What a node reports about its replica of an instance. Key: "<instance_id>@<node address>".
+
+    Kept apart from the user's `instance` record so that a node's status report and the
+    owner's edit never overwrite each other, and so that only the hosting node can write it.
+    """
+
+    name = "instance_status"
+    record = InstanceStatus
+
+    def node_write(self, op: Op, base: dict | None) -> dict | None:
+        instance_id, sep, node = op.key.rpartition("@")
+        if not sep or node != node_address(op):
+            raise Invalid("unauthorized", "an instance_status key is '<instance_id>@<node>' and only that node writes it")
+        if op.value is None:
+            return None
+        value = self.validate(op.value)
+        if value["instance_id"] != instance_id or value["node"] != node:
+            raise Invalid("bad_field", "instance_status fields 'instance_id'/'node': must match the key")
+        return value
+
+    def index(self, value: dict) -> dict:
+        return {"owner": value["node"], "type": value["state"], "text": value["instance_id"]}

@@ -1,0 +1,275 @@
+"""Kinds that users write: account, instance, model, agent, dns."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..schema import (
+    DESCRIPTION, METADATA, NAME, SLUG, TAGS, TIMESTAMP, Record, address, boolean, field, integer,
+    ip_address, list_of, map_of, nested, number, one_of, optional, text,
+)
+from .base import Intent, Invalid, Kind, Route, reject_fields
+from .owned import GRANTABLE, PRIVILEGED, OwnedKind, _need, owned_routes
+
+AUTHORIZED = map_of(address, one_of(*GRANTABLE), 256)
+HASH_ID = text(128, min_len=1, pattern=r"[A-Za-z0-9._:-]+", what="an id of letters, digits, '.', '_', ':' or '-'")
+
+
+# ---- account --------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Account(Record):
+    address: str = field(address)
+    name: str | None = field(optional(NAME), default=None)
+    credits: int = field(integer(0, 2**62), default=0)
+    is_global_admin: bool = field(boolean, default=False)
+    created_at: int = field(TIMESTAMP, default=0)
+    updated_at: int = field(TIMESTAMP, default=0)
+
+
+NEW_ACCOUNT_CREDITS = 100  # as the original: a new account starts with 100 credits
+
+
+class AccountKind(Kind):
+    name = "account"
+    record = Account
+    user_clock = True
+    routes = (Route("POST", "/account/create", "create"), Route("POST", "/account/update", "update"),
+              Route("POST", "/account/delete", "delete"))
+    _settable = frozenset({"name"})
+    _privileged = frozenset({"address", "credits", "is_global_admin", "created_at", "updated_at"})
+
+    def key_of(self, intent: Intent) -> str:
+        return intent.signer  # an account op is always about the signer's own account
+
+    def user_write(self, intent: Intent, key: str, base: dict | None) -> dict | None:
+        body = {k: v for k, v in intent.body.items() if not (k == "address" and isinstance(v, str)
+                                                                and v.lower() == key)}
+        if intent.action == "create":
+            if base is not None:
+                raise Invalid("conflict", f"account {key} already exists")
+            reject_fields("account", body, self._settable, self._privileged)
+            return self.validate({**body, "address": key, "credits": NEW_ACCOUNT_CREDITS,
+                                  "created_at": intent.ts, "updated_at": intent.ts})
+        if base is None:
+            raise Invalid("not_found", f"account {key} does not exist")
+        if intent.action == "update":
+            reject_fields("account", body, self._settable, self._privileged)
+            return self.validate({**base, **body, "updated_at": max(intent.ts, base["updated_at"])})
+        return None  # delete
+
+    def index(self, value: dict) -> dict:
+        return {"owner": value["address"], "type": None, "text": value.get("name")}
+
+
+# ---- instance -------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Gpu(Record):
+    count: int = field(integer(1, 16))
+    model: str | None = field(optional(text(64)), default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Resources(Record):
+    vcpus: int = field(integer(1, 128), default=1)
+    memory_mb: int = field(integer(64, 1024 * 1024), default=512)
+    disk_gb: int = field(integer(1, 16384), default=5)
+    gpu: dict | None = field(optional(nested(Gpu)), default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Instance(Record):
+    instance_id: str = field(text(64, min_len=1))
+    owner: str = field(address)
+    name: str = field(SLUG)
+    build_id: str | None = field(optional(HASH_ID), default=None)
+    formfile: str | None = field(optional(text(32 * 1024)), default=None)
+    replicas: int = field(integer(1, 64), default=1)
+    resources: dict = field(nested(Resources), factory=lambda: Resources().to_dict())
+    desired_state: str = field(one_of("running", "stopped"), default="running")
+    generation: int = field(integer(0, 2**62), default=0)  # bumped by restart
+    tags: list = field(TAGS, factory=list)
+    description: str = field(DESCRIPTION, default="")
+    authorized: dict = field(AUTHORIZED, factory=dict)
+    created_at: int = field(TIMESTAMP, default=0)
+    updated_at: int = field(TIMESTAMP, default=0)
+
+
+class InstanceKind(OwnedKind):
+    name = "instance"
+    record = Instance
+    id_field = "instance_id"
+    settable = frozenset({"name", "build_id", "formfile", "replicas", "resources", "tags", "description"})
+    routes = owned_routes(
+        "/instance", create=("POST", "/instance/create"), update=("POST", "/instance/{id}/update"),
+        delete=("POST", "/instance/{id}/delete"), extra=("start", "stop", "restart"))
+
+    def _lifecycle(self, intent: Intent, base: dict, **change) -> dict:
+        _need(self.name, base, intent.signer, "operator", f"{intent.action}ing")
+        reject_fields(self.name, intent.body, frozenset(), frozenset())
+        return self.validate({**base, **change, "updated_at": max(intent.ts, base["updated_at"])})
+
+    def _start(self, intent, key, base):
+        return self._lifecycle(intent, base, desired_state="running")
+
+    def _stop(self, intent, key, base):
+        return self._lifecycle(intent, base, desired_state="stopped")
+
+    def _restart(self, intent, key, base):
+        return self._lifecycle(intent, base, desired_state="running", generation=base["generation"] + 1)
+
+    def index(self, value: dict) -> dict:
+        return {"owner": value["owner"], "type": value.get("build_id"),
+                "text": " ".join([value["name"], value["description"], *value["tags"]])}
+
+
+# ---- models and agents ----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Model(Record):
+    model_id: str = field(text(64, min_len=1))
+    owner: str = field(address)
+    name: str = field(NAME)
+    version: str = field(text(32), default="")
+    description: str = field(DESCRIPTION, default="")
+    model_type: str = field(SLUG, default="other")
+    framework: str = field(SLUG, default="other")
+    license: str = field(text(64), default="")
+    parameters: int = field(integer(0, 2**62), default=0)
+    context_length: int | None = field(optional(integer(0, 2**40)), default=None)
+    quantization: str | None = field(optional(text(32)), default=None)
+    tags: list = field(TAGS, factory=list)
+    formfile: str | None = field(optional(text(32 * 1024)), default=None)
+    weights_url: str | None = field(optional(text(2048)), default=None)
+    weights_checksum: str | None = field(optional(text(128)), default=None)
+    repository_url: str | None = field(optional(text(2048)), default=None)
+    price_per_1k_tokens: float | None = field(optional(number(0, 1e9)), default=None)
+    is_private: bool = field(boolean, default=False)
+    metadata: dict = field(METADATA, factory=dict)
+    authorized: dict = field(AUTHORIZED, factory=dict)
+    created_at: int = field(TIMESTAMP, default=0)
+    updated_at: int = field(TIMESTAMP, default=0)
+
+
+@dataclass(frozen=True, slots=True)
+class Agent(Record):
+    agent_id: str = field(text(64, min_len=1))
+    owner: str = field(address)
+    name: str = field(NAME)
+    version: str = field(text(32), default="")
+    description: str = field(DESCRIPTION, default="")
+    agent_type: str = field(SLUG, default="other")
+    framework: str = field(SLUG, default="other")
+    runtime: str = field(SLUG, default="other")
+    license: str = field(text(64), default="")
+    tags: list = field(TAGS, factory=list)
+    capabilities: list = field(list_of(text(64, min_len=1), 64, unique=True), factory=list)
+    formfile: str | None = field(optional(text(32 * 1024)), default=None)
+    build_id: str | None = field(optional(HASH_ID), default=None)
+    port: int = field(integer(1, 65535), default=8000)  # where /agents/:id/hire proxies to
+    path: str = field(text(256, min_len=1, pattern=r"/[^\s]*", what="a path starting with '/'"), default="/")
+    repository_url: str | None = field(optional(text(2048)), default=None)
+    price_per_request: float | None = field(optional(number(0, 1e9)), default=None)
+    is_private: bool = field(boolean, default=False)
+    metadata: dict = field(METADATA, factory=dict)
+    authorized: dict = field(AUTHORIZED, factory=dict)
+    created_at: int = field(TIMESTAMP, default=0)
+    updated_at: int = field(TIMESTAMP, default=0)
+
+
+def _catalog_index(value: dict, type_field: str) -> dict:
+    return {"owner": value["owner"], "type": value[type_field],
+            "text": " ".join([value["name"], value["description"], *value["tags"]])}
+
+
+class ModelKind(OwnedKind):
+    name = "model"
+    record = Model
+    id_field = "model_id"
+    settable = frozenset(Model.__dataclass_fields__) - PRIVILEGED - {"model_id"}
+    routes = owned_routes("/models", create=("POST", "/models"), update=("PUT", "/models/{id}"),
+                          delete=("DELETE", "/models/{id}"))
+
+    def index(self, value: dict) -> dict:
+        return _catalog_index(value, "model_type")
+
+
+class AgentKind(OwnedKind):
+    name = "agent"
+    record = Agent
+    id_field = "agent_id"
+    settable = frozenset(Agent.__dataclass_fields__) - PRIVILEGED - {"agent_id"}
+    routes = owned_routes("/agents", create=("POST", "/agents"), update=("PUT", "/agents/{id}"),
+                          delete=("DELETE", "/agents/{id}"))
+
+    def index(self, value: dict) -> dict:
+        return _catalog_index(value, "agent_type")
+
+
+# ---- dns ------------------------------------------------------------------------------------
+
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_DOMAIN_RX = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
+
+
+def domain_name(v) -> str:
+    if not isinstance(v, str):
+        raise ValueError("must be a domain name string")
+    d = v.lower().rstrip(".")
+    if not _DOMAIN_RX.fullmatch(d):
+        raise ValueError(f"{v!r} is not a valid domain name")
+    return d
+
+
+def _target(v):
+    if not isinstance(v, str) or not v:
+        raise ValueError("a target is an instance id or an IP address")
+    try:
+        return ip_address(v)
+    except ValueError:
+        return text(64, min_len=1, pattern=r"[a-z0-9][a-z0-9_-]*", what="an instance id or IP address")(v)
+
+
+@dataclass(frozen=True, slots=True)
+class DnsRecord(Record):
+    domain: str = field(domain_name)
+    owner: str = field(address)
+    record_type: str = field(one_of("A", "AAAA", "CNAME"), default="A")
+    targets: list = field(list_of(_target, 64, unique=True), factory=list)
+    cname_target: str | None = field(optional(domain_name), default=None)
+    ttl: int = field(integer(1, 86400), default=60)
+    authorized: dict = field(AUTHORIZED, factory=dict)
+    created_at: int = field(TIMESTAMP, default=0)
+    updated_at: int = field(TIMESTAMP, default=0)
+
+
+class DnsKind(OwnedKind):
+    name = "dns"
+    record = DnsRecord
+    id_field = "domain"
+    settable = frozenset({"record_type", "targets", "cname_target", "ttl"})
+    routes = owned_routes("/dns", create=("POST", "/dns/create"), update=("POST", "/dns/{id}/update"),
+                          delete=("POST", "/dns/{id}/delete"))
+
+    def key_of(self, intent: Intent) -> str:
+        if intent.action == "create" and "domain" not in intent.body:
+            raise Invalid("bad_field", "field 'domain': is required")
+        key = super().key_of(intent)
+        return key if intent.action == "create" else self._check_id(key)
+
+    def _check_id(self, value) -> str:
+        try:
+            return domain_name(value)
+        except ValueError as exc:
+            raise Invalid("bad_field", f"field 'domain': {exc}") from None
+
+    def validate(self, value, *, prefix=""):
+        out = super().validate(value, prefix=prefix)
+        if out["record_type"] == "CNAME" and not out["cname_target"]:
+            raise Invalid("bad_field", "dns field 'cname_target': a CNAME record needs one")
+        return out
+
+    def index(self, value: dict) -> dict:
+        return {"owner": value["owner"], "type": value["record_type"], "text": value["domain"]}

@@ -1,0 +1,182 @@
+"""The signed op: its wire format, signing and verification.
+
+Wire form: msgpack [body: bin, sig: bin(65)], where body is the canonical msgpack array
+
+    [version, kind, key, author(20), deps[32...], prev[32...], hlc, payload]
+
+and payload is either [0, value-or-nil] (a node's own fact; nil is a tombstone) or
+[1, message, request-body, user-signature] (a user's signed HTTP request, DESIGN.md §2-3).
+The op id is SHA-256 of the wire bytes; the author's signature is EIP-191 over SHA-256(body),
+so an operator can sign ops with any Ethereum wallet, too.
+
+`deps` are the heads of the whole graph when the op was made plus `prev`: the ops on the same
+(kind, key) that this op supersedes. Keeping prev inside deps makes "prev is in my causal past"
+a structural check instead of a graph walk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import codec
+from .keys import PrivateKey, SignatureError, eip191_hash, parse_signature, recover_digest, sha256
+
+VERSION = 1
+MAX_OP_BYTES = 64 * 1024
+MAX_DEPS = 64
+MAX_KEY_LEN = 256
+MAX_KIND_LEN = 32
+MAX_MESSAGE_LEN = 4096
+
+PAYLOAD_NODE = 0
+PAYLOAD_USER = 1
+
+# secp256k1 group order. Signatures must have s <= n/2 (as libsecp256k1 and every wallet make
+# them): otherwise (r, n-s) would be a second valid signature of the same thing, and a relay
+# could re-issue a user's request under a new write id.
+_HALF_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141 // 2
+
+
+def _low_s(sig: bytes) -> bool:
+    return int.from_bytes(sig[32:64], "big") <= _HALF_N
+
+
+class OpError(ValueError):
+    """An op that must not be stored. `code` is a short machine-readable reason."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class UserRequest:
+    """A user's signed HTTP request, carried verbatim so every node can re-check it."""
+
+    message: str  # the X-Message line: "<METHOD> <PATH?QUERY> <unix-seconds> <sha256-hex(body)>"
+    body: bytes
+    signature: bytes  # 65 bytes r||s||recid
+    signer: bytes = field(compare=False)  # recovered, never taken from the wire
+    write_id: bytes = field(compare=False)  # SHA-256 of the signature: one request = one write
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    id: bytes
+    wire: bytes
+    kind: str
+    key: str
+    author: bytes
+    deps: tuple[bytes, ...]
+    prev: tuple[bytes, ...]
+    hlc: int
+    value: Any  # node payload (None = tombstone); None for user ops (derived later)
+    request: UserRequest | None
+
+    @property
+    def is_user(self) -> bool:
+        return self.request is not None
+
+
+def _sorted_unique_hashes(hashes, what: str) -> list[bytes]:
+    out = sorted(set(hashes))
+    for h in out:
+        if not isinstance(h, bytes) or len(h) != 32:
+            raise OpError("malformed", f"{what} must be 32-byte hashes")
+    return out
+
+
+def make_op(
+    signer: PrivateKey,
+    kind: str,
+    key: str,
+    *,
+    deps,
+    prev=(),
+    hlc: int,
+    value: Any = None,
+    request: tuple[str, bytes, bytes] | None = None,
+) -> Op:
+    """Build and sign an op. `request` is (message, body, user signature) for a user's write."""
+    prev_l = _sorted_unique_hashes(prev, "prev")
+    deps_l = _sorted_unique_hashes(list(deps) + prev_l, "deps")
+    if request is None:
+        payload = [PAYLOAD_NODE, codec.canonical(value)]
+    else:
+        message, body, usig = request
+        payload = [PAYLOAD_USER, message, bytes(body), parse_signature(usig)]
+    body_bytes = codec.pack([VERSION, kind, key, signer.address, deps_l, prev_l, hlc, payload])
+    sig = signer.sign_digest(eip191_hash(sha256(body_bytes)))
+    wire = codec.pack_trusted([body_bytes, sig])
+    if len(wire) > MAX_OP_BYTES:
+        raise OpError("too_large", f"op is {len(wire)} bytes, the limit is {MAX_OP_BYTES}")
+    return decode_op(wire)
+
+
+def decode_op(wire: bytes) -> Op:
+    """Decode and verify an op's form and signatures. Raises OpError with the reason."""
+    try:
+        outer = codec.unpack(wire, max_bytes=MAX_OP_BYTES)
+    except codec.CodecError as exc:
+        code = "too_large" if "over the limit" in str(exc) else "malformed"
+        raise OpError(code, f"op envelope: {exc}") from None
+    if not (isinstance(outer, list) and len(outer) == 2 and isinstance(outer[0], bytes)
+            and isinstance(outer[1], bytes)):
+        raise OpError("malformed", "op envelope must be [body: bytes, signature: bytes]")
+    body_bytes, sig = outer
+    if len(sig) != 65 or sig[64] > 1 or not _low_s(sig):
+        raise OpError("malformed", "op signature must be 65 bytes r||s||recid, recid 0 or 1, low s")
+    try:
+        body = codec.unpack(body_bytes, max_bytes=MAX_OP_BYTES)
+    except codec.CodecError as exc:
+        raise OpError("malformed", f"op body: {exc}") from None
+    if not isinstance(body, list) or len(body) != 8:
+        raise OpError("malformed", "op body must be an array of 8 fields")
+    version, kind, key, author, deps, prev, hlc, payload = body
+    if version != VERSION:
+        raise OpError("malformed", f"unsupported op version {version!r} (this node speaks {VERSION})")
+    if not isinstance(kind, str) or not 0 < len(kind) <= MAX_KIND_LEN:
+        raise OpError("malformed", f"kind must be a string of 1..{MAX_KIND_LEN} characters")
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LEN:
+        raise OpError("malformed", f"key must be a string of 1..{MAX_KEY_LEN} characters")
+    if not isinstance(author, bytes) or len(author) != 20:
+        raise OpError("malformed", "author must be a 20-byte address")
+    if not isinstance(hlc, int) or isinstance(hlc, bool) or hlc < 0:
+        raise OpError("malformed", "hlc must be a non-negative integer")
+    for name, lst in (("deps", deps), ("prev", prev)):
+        if not isinstance(lst, list) or len(lst) > MAX_DEPS:
+            raise OpError("malformed", f"{name} must be a list of at most {MAX_DEPS} hashes")
+        if _sorted_unique_hashes(lst, name) != lst:
+            raise OpError("malformed", f"{name} must be sorted and without duplicates")
+    if not set(prev) <= set(deps):
+        raise OpError("malformed", "every prev must also be a dep")
+    if not isinstance(payload, list) or not payload:
+        raise OpError("malformed", "payload must be a non-empty array")
+    request = None
+    value = None
+    if payload[0] == PAYLOAD_NODE and len(payload) == 2:
+        value = payload[1]
+    elif payload[0] == PAYLOAD_USER and len(payload) == 4:
+        message, req_body, usig = payload[1:]
+        if not isinstance(message, str) or len(message) > MAX_MESSAGE_LEN:
+            raise OpError("malformed", f"user message must be a string of at most {MAX_MESSAGE_LEN} characters")
+        if not isinstance(req_body, bytes) or not isinstance(usig, bytes) or len(usig) != 65 or usig[64] > 1:
+            raise OpError("malformed", "user request must carry body bytes and a 65-byte signature")
+        if not _low_s(usig):
+            raise OpError("bad_signature", "user signature has a high s value (malleable form)")
+        try:
+            user = recover_digest(eip191_hash(message.encode()), usig)
+        except SignatureError as exc:
+            raise OpError("bad_signature", f"user signature: {exc}") from None
+        request = UserRequest(message, req_body, usig, user, sha256(usig))
+    else:
+        raise OpError("malformed", "payload must be [0, value] or [1, message, body, signature]")
+    try:
+        signer = recover_digest(eip191_hash(sha256(body_bytes)), sig)
+    except SignatureError as exc:
+        raise OpError("bad_signature", f"op signature: {exc}") from None
+    if signer != author:
+        raise OpError("bad_signature", "op signature was not made by its author")
+    return Op(sha256(wire), bytes(wire), kind, key, author, tuple(deps), tuple(prev), hlc, value, request)
