@@ -73,16 +73,33 @@ def unpack(data: bytes, *, max_bytes: int) -> Any:
             raw=False,
             use_list=True,
             strict_map_key=True,
+            object_pairs_hook=_sorted_map,
+            ext_hook=_no_ext,
         )
     except msgpack.ExtraData as exc:
         raise CodecError("trailing bytes after the value") from exc
+    except CodecError:
+        raise
     except (ValueError, msgpack.UnpackException, TypeError) as exc:
         # msgpack raises ValueError subclasses for truncated data and bad utf-8 alike.
-        raise CodecError(f"not valid msgpack ({exc.__class__.__name__}: {exc})") from exc
-    try:
-        again = pack(value)
-    except CodecError as exc:
-        raise CodecError(f"disallowed value: {exc}") from exc
-    if again != bytes(data):
-        raise CodecError("not in canonical form (map keys unsorted or a non-minimal encoding)")
+        why = str(exc) or "reserved or unexpected byte"
+        raise CodecError(f"not valid msgpack ({exc.__class__.__name__}: {why})") from exc
+    # Maps were checked while decoding; re-packing catches non-minimal ints, lengths, floats.
+    if msgpack.packb(value, use_bin_type=True) != bytes(data):
+        raise CodecError("not in canonical form (a non-minimal encoding)")
     return value
+
+
+def _sorted_map(pairs: list) -> dict:
+    last = None
+    for k, _ in pairs:
+        if not isinstance(k, str):
+            raise CodecError(f"map keys must be strings, got {type(k).__name__}")
+        if last is not None and k <= last:
+            raise CodecError("not in canonical form (map keys unsorted or repeated)")
+        last = k
+    return dict(pairs)
+
+
+def _no_ext(code: int, data: bytes):
+    raise CodecError(f"msgpack extension type {code} is not allowed")

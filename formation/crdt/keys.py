@@ -13,6 +13,11 @@ import secrets
 import coincurve
 from Crypto.Hash import keccak as _keccak
 
+try:  # safe-pysha3: a C Keccak, ~25x faster than pycryptodome's for 64-byte inputs
+    from sha3 import keccak_256 as _fast_keccak
+except ImportError:  # pragma: no cover - platforms without its wheel
+    _fast_keccak = None
+
 
 class SignatureError(ValueError):
     """A signature that is malformed or does not recover to the expected signer."""
@@ -20,6 +25,12 @@ class SignatureError(ValueError):
 
 def keccak256(data: bytes) -> bytes:
     # Not hashlib.sha3_256: that is NIST SHA3 (different padding, different digest).
+    if _fast_keccak is not None:
+        return _fast_keccak(data).digest()
+    return keccak256_portable(data)
+
+
+def keccak256_portable(data: bytes) -> bytes:
     return _keccak.new(data=data, digest_bits=256).digest()
 
 
@@ -36,7 +47,7 @@ def to_checksum(address: bytes) -> str:
     """EIP-55 mixed-case hex form, the way wallets print addresses."""
     hexaddr = address.hex()
     digest = keccak256(hexaddr.encode()).hex()
-    return "0x" + "".join(c.upper() if int(d, 16) >= 8 else c for c, d in zip(hexaddr, digest, strict=True))
+    return "0x" + "".join(c.upper() if int(d, 16) >= 8 else c for c, d in zip(hexaddr, digest[:40], strict=True))
 
 
 def parse_address(text: str) -> bytes:

@@ -102,17 +102,31 @@ def make_op(
     """Build and sign an op. `request` is (message, body, user signature) for a user's write."""
     prev_l = _sorted_unique_hashes(prev, "prev")
     deps_l = _sorted_unique_hashes(list(deps) + prev_l, "deps")
+    if len(deps_l) > MAX_DEPS:
+        raise OpError("malformed", f"an op may have at most {MAX_DEPS} deps")
+    req = None
     if request is None:
-        payload = [PAYLOAD_NODE, codec.canonical(value)]
+        value = codec.canonical(value)
+        payload = [PAYLOAD_NODE, value]
     else:
         message, body, usig = request
-        payload = [PAYLOAD_USER, message, bytes(body), parse_signature(usig)]
+        usig = parse_signature(usig)
+        if not _low_s(usig):
+            raise OpError("bad_signature", "user signature has a high s value (malleable form)")
+        try:
+            user = recover_digest(eip191_hash(message.encode()), usig)
+        except SignatureError as exc:
+            raise OpError("bad_signature", f"user signature: {exc}") from None
+        req = UserRequest(message, bytes(body), usig, user, sha256(usig))
+        payload = [PAYLOAD_USER, message, bytes(body), usig]
+        value = None
     body_bytes = codec.pack([VERSION, kind, key, signer.address, deps_l, prev_l, hlc, payload])
     sig = signer.sign_digest(eip191_hash(sha256(body_bytes)))
     wire = codec.pack_trusted([body_bytes, sig])
     if len(wire) > MAX_OP_BYTES:
         raise OpError("too_large", f"op is {len(wire)} bytes, the limit is {MAX_OP_BYTES}")
-    return decode_op(wire)
+    # Built and signed here, so it is not verified again.
+    return Op(sha256(wire), wire, kind, key, signer.address, tuple(deps_l), tuple(prev_l), hlc, value, req)
 
 
 def decode_op(wire: bytes) -> Op:

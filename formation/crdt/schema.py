@@ -76,7 +76,12 @@ class Record:
         return out
 
 
+_SCALAR_TYPES = frozenset({str, int, bool, float, type(None)})
+
+
 def _plain(v: Any) -> Any:
+    if type(v) in _SCALAR_TYPES:
+        return v
     if isinstance(v, Record):
         return v.to_dict()
     if isinstance(v, (list, tuple)):

@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from . import codec
 from .hlc import Hlc, from_unix_seconds
 from .intents import parse_request
@@ -211,7 +213,7 @@ class Store:
             chunk = ids[i:i + 500]
             q = "SELECT id, value FROM ops WHERE id IN (%s)" % ",".join("?" * len(chunk))
             for id_, blob in self.db.execute(q, chunk):
-                yield id_, None if blob is None else codec.unpack(blob, max_bytes=1 << 30)
+                yield id_, None if blob is None else msgpack.unpackb(blob, raw=False)  # our own bytes
 
     def close(self) -> None:
         self.db.close()
@@ -256,6 +258,9 @@ class Store:
     def since(self, seq: int) -> list[OpMeta]:
         """Ops delivered after local sequence number `seq`, in delivery order."""
         return sorted((m for m in self.ops.values() if m.seq > seq), key=lambda m: m.seq) if seq < self.seq else []
+
+    def is_rejected(self, op_id: bytes) -> bool:
+        return op_id in self._rejected
 
     def missing(self) -> set[bytes]:
         """Deps that pending ops wait for and that are not pending themselves: fetch these."""
@@ -331,7 +336,7 @@ class Store:
         deps = set(heads) | set(prev)
         after = max((self.ops[d].hlc for d in deps), default=0)
         op = make_op(signer, kind, key, deps=deps, prev=prev, hlc=self.hlc.next(now_ms, after=after), **payload)
-        res = self.ingest([op.wire], source="local")
+        res = self._ingest_ops([op], source="local")
         if res.rejected:
             r = res.rejected[0]
             raise Invalid(r.code, r.detail)
@@ -339,14 +344,22 @@ class Store:
 
     def ingest(self, wires: Iterable[bytes], *, source: str = "local") -> IngestResult:
         """Verify, validate and durably store ops; returns after the batch is committed."""
+        return self._ingest_ops(self._decode_all(wires), source=source)
+
+    def _decode_all(self, wires: Iterable[bytes]) -> Iterable[Op | Rejection]:
+        for wire in wires:
+            try:
+                yield decode_op(wire)
+            except OpError as exc:
+                yield Rejection(None, exc.code, exc.detail)
+
+    def _ingest_ops(self, ops: Iterable[Op | Rejection], *, source: str) -> IngestResult:
         res = IngestResult()
         batch = _Batch()
         ready: list[Op] = []
-        for wire in wires:
-            try:
-                op = decode_op(wire)
-            except OpError as exc:
-                res.rejected.append(Rejection(None, exc.code, exc.detail))
+        for op in ops:
+            if isinstance(op, Rejection):
+                res.rejected.append(op)
                 continue
             if op.id in self.ops or op.id in self._pending:
                 res.duplicates += 1
@@ -469,7 +482,7 @@ class Store:
                 batch.values[p] = old[1]
         reg.heads[op.id] = (meta, value)
         reg.resolve()
-        value_blob = None if value is None else codec.pack(value)
+        value_blob = None if value is None else codec.pack_trusted(value)  # storage, not hashing
         batch.rows.append((meta.seq, op.id, op.kind, op.key, op.author, op.hlc, clock, height, _join(op.deps),
                            _join(op.prev), root, root_hlc, write_id, op.wire, value_blob))
         batch.dirty[(op.kind, op.key)] = reg

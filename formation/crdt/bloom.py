@@ -1,0 +1,66 @@
+"""A keyed Bloom filter of op ids.
+
+Keyed (BLAKE2b with a random per-session key) so that a Byzantine peer cannot pick ops whose
+ids collide in our filter and so hide them from reconciliation ("automerge poison").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+BITS_PER_ITEM = 16  # with K = 11: about 0.05 % false positives
+K = 11
+MAX_BYTES = 4 * 1024 * 1024
+KEY_BYTES = 16
+
+
+class BloomError(ValueError):
+    pass
+
+
+class Bloom:
+    __slots__ = ("key", "k", "m", "bits")
+
+    def __init__(self, expected_items: int, *, key: bytes | None = None, bits_per_item: int = BITS_PER_ITEM,
+                 k: int = K):
+        nbytes = min(MAX_BYTES, max(8, (expected_items * bits_per_item + 7) // 8))
+        self.key = key if key is not None else secrets.token_bytes(KEY_BYTES)
+        self.k = k
+        self.m = nbytes * 8
+        self.bits = bytearray(nbytes)
+
+    def _positions(self, item: bytes):
+        d = hashlib.blake2b(item, digest_size=16, key=self.key).digest()
+        h1 = int.from_bytes(d[:8], "little")
+        h2 = int.from_bytes(d[8:], "little") | 1
+        m = self.m
+        return [(h1 + i * h2) % m for i in range(self.k)]
+
+    def add(self, item: bytes) -> None:
+        bits = self.bits
+        for p in self._positions(item):
+            bits[p >> 3] |= 1 << (p & 7)
+
+    def __contains__(self, item: bytes) -> bool:
+        bits = self.bits
+        return all(bits[p >> 3] & (1 << (p & 7)) for p in self._positions(item))
+
+    def to_wire(self) -> list:
+        return [self.key, self.k, bytes(self.bits)]
+
+    @classmethod
+    def from_wire(cls, wire) -> Bloom:
+        if not (isinstance(wire, list) and len(wire) == 3):
+            raise BloomError("bloom filter must be [key, k, bits]")
+        key, k, bits = wire
+        if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+            raise BloomError(f"bloom key must be {KEY_BYTES} bytes")
+        if not isinstance(k, int) or not 1 <= k <= 32:
+            raise BloomError("bloom k must be 1..32")
+        if not isinstance(bits, bytes) or not 8 <= len(bits) <= MAX_BYTES:
+            raise BloomError(f"bloom bits must be 8..{MAX_BYTES} bytes")
+        b = cls(0, key=key, k=k)
+        b.m = len(bits) * 8
+        b.bits = bytearray(bits)
+        return b
