@@ -162,8 +162,13 @@ def decode_op(wire: bytes) -> Op:
     for name, lst in (("deps", deps), ("prev", prev)):
         if not isinstance(lst, list) or len(lst) > MAX_DEPS:
             raise OpError("malformed", f"{name} must be a list of at most {MAX_DEPS} hashes")
-        if _sorted_unique_hashes(lst, name) != lst:
-            raise OpError("malformed", f"{name} must be sorted and without duplicates")
+        last = b""
+        for h in lst:
+            if type(h) is not bytes or len(h) != 32:
+                raise OpError("malformed", f"{name} must be 32-byte hashes")
+            if h <= last:
+                raise OpError("malformed", f"{name} must be sorted and without duplicates")
+            last = h
     if not set(prev) <= set(deps):
         raise OpError("malformed", "every prev must also be a dep")
     if not isinstance(payload, list) or not payload:

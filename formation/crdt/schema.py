@@ -36,44 +36,57 @@ def field(check: Check, *, default: Any = dataclasses.MISSING, factory: Any = da
 class Record:
     """Mixin for dataclass records. Subclasses are `@dataclasses.dataclass(frozen=True)`."""
 
-    _fields_cache: ClassVar[dict[type, tuple]] = {}
+    _specs_cache: ClassVar[dict[type, tuple]] = {}
 
     @classmethod
-    def _fields(cls) -> tuple:
-        got = Record._fields_cache.get(cls)
+    def _specs(cls) -> tuple:
+        got = Record._specs_cache.get(cls)
         if got is None:
-            got = tuple(dataclasses.fields(cls))  # type: ignore[arg-type]
-            Record._fields_cache[cls] = got
+            got = tuple(
+                (f.name, f.metadata["check"], f.default, f.default_factory)
+                for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            )
+            Record._specs_cache[cls] = got
         return got
 
     @classmethod
-    def from_dict(cls, data: Any, *, prefix: str = "") -> Self:
+    def normalize(cls, data: Any, *, prefix: str = "") -> dict:
+        """Check every field of an untrusted dict; return the normalized dict, defaults filled.
+
+        This is the hot path of op validation, so it builds the dict directly instead of going
+        through a dataclass instance and back.
+        """
         if not isinstance(data, dict):
             raise RecordError(prefix or cls.__name__, f"must be an object, got {type(data).__name__}")
-        names = set()
-        kwargs = {}
-        for f in cls._fields():
-            names.add(f.name)
-            if f.name in data:
+        out = {}
+        seen = 0
+        for name, check, default, factory in cls._specs():
+            if name in data:
+                seen += 1
                 try:
-                    kwargs[f.name] = f.metadata["check"](data[f.name])
+                    out[name] = check(data[name])
                 except RecordError as exc:
-                    raise RecordError(f"{prefix}{f.name}.{exc.field}", exc.problem) from None
+                    raise RecordError(f"{prefix}{name}.{exc.field}", exc.problem) from None
                 except (ValueError, TypeError) as exc:
-                    raise RecordError(prefix + f.name, str(exc)) from None
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise RecordError(prefix + f.name, "is required")
-        for k in data:
-            if k not in names:
-                raise RecordError(prefix + str(k), f"unknown field for {cls.__name__}")
-        return cls(**kwargs)
+                    raise RecordError(prefix + name, str(exc)) from None
+            elif factory is not dataclasses.MISSING:
+                out[name] = factory()
+            elif default is not dataclasses.MISSING:
+                out[name] = default
+            else:
+                raise RecordError(prefix + name, "is required")
+        if seen != len(data):
+            for k in data:
+                if k not in out:
+                    raise RecordError(prefix + str(k), f"unknown field for {cls.__name__}")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, *, prefix: str = "") -> Self:
+        return cls(**cls.normalize(data, prefix=prefix))
 
     def to_dict(self) -> dict:
-        out = {}
-        for f in self._fields():
-            v = getattr(self, f.name)
-            out[f.name] = _plain(v)
-        return out
+        return {name: _plain(getattr(self, name)) for name, *_ in self._specs()}
 
 
 _SCALAR_TYPES = frozenset({str, int, bool, float, type(None)})
@@ -144,8 +157,13 @@ def boolean(v):
     return v
 
 
+_CANONICAL_ADDRESS = re.compile(r"0x[0-9a-f]{40}")
+
+
 def address(v):
     """An Ethereum address; normalized to lowercase 0x-hex."""
+    if type(v) is str and _CANONICAL_ADDRESS.fullmatch(v):
+        return v
     return format_address(parse_address(v))
 
 
@@ -206,7 +224,7 @@ def map_of(key: Check, value: Check, max_items: int) -> Check:
 
 def nested(cls: type[Record]) -> Check:
     def check(v):
-        return cls.from_dict(v)
+        return cls.normalize(v)
 
     return check
 

@@ -37,7 +37,7 @@ from .op import MAX_DEPS, Op, OpError, UserRequest, decode_op, make_op
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ops(
   seq INTEGER PRIMARY KEY,
-  id BLOB NOT NULL UNIQUE,
+  id BLOB NOT NULL,  -- unique by construction (checked in memory); no index: random keys are costly
   kind TEXT NOT NULL,
   key TEXT NOT NULL,
   author BLOB NOT NULL,
@@ -209,11 +209,13 @@ class Store:
             reg.resolve()
 
     def _values(self, ids: list[bytes]) -> Iterable[tuple[bytes, Any]]:
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            q = "SELECT id, value FROM ops WHERE id IN (%s)" % ",".join("?" * len(chunk))
-            for id_, blob in self.db.execute(q, chunk):
-                yield id_, None if blob is None else msgpack.unpackb(blob, raw=False)  # our own bytes
+        seqs = {self.ops[i].seq: i for i in ids}
+        keys = list(seqs)
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            q = "SELECT seq, value FROM ops WHERE seq IN ({})".format(",".join("?" * len(chunk)))
+            for seq, blob in self.db.execute(q, chunk):
+                yield seqs[seq], None if blob is None else msgpack.unpackb(blob, raw=False)  # our own bytes
 
     def close(self) -> None:
         self.db.close()
@@ -247,7 +249,7 @@ class Store:
         out = []
         for i in range(0, len(wanted), 500):
             chunk = [s for s, _ in wanted[i:i + 500]]
-            q = "SELECT wire FROM ops WHERE seq IN (%s) ORDER BY seq" % ",".join("?" * len(chunk))
+            q = "SELECT wire FROM ops WHERE seq IN ({}) ORDER BY seq".format(",".join("?" * len(chunk)))
             out.extend(w for (w,) in self.db.execute(q, chunk))
         return out
 

@@ -96,13 +96,13 @@ class Scenario:
         self.invalid.append(op("node", victim.address, value={"address": victim.address}).wire)
         # 3. unauthorized change: a stranger's request to update someone's model, on the current value
         stranger = User(b"\x77" * 32)
-        for mid, owner in sorted(self.models.items()):
+        for mid, _owner in sorted(self.models.items()):
             reg = view.registers.get(("model", mid))
             if reg and reg.value is not None and reg.value["owner"] != stranger.address:
                 m, b, s = stranger.request("PUT", f"/v1/models/{mid}", {"description": "pwned"}, ts=ts + 5)
                 self.invalid.append(op("model", mid, prev=sorted(reg.heads), request=(m, b, s)).wire)
-                # 4. a replay of the model's creating request on top of the current value
                 break
+        # 4. a replay of an earlier update request on top of the record's current value
         for user, method, path, body, rts in self.requests:
             if method == "PUT":
                 m, b, s = user.request(method, path, body, ts=rts)

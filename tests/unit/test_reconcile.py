@@ -6,7 +6,15 @@ import pytest
 
 from bench.reconcile import KEYS, Writer, diverge, run_case
 from formation.crdt import reconcile as rc
-from formation.crdt.reconcile import Done, Hello, Need, Ops, ProtocolError, Reconciler, reconcile_in_memory
+from formation.crdt.reconcile import (
+    Done,
+    Hello,
+    Need,
+    Ops,
+    ProtocolError,
+    Reconciler,
+    reconcile_in_memory,
+)
 from formation.crdt.store import Store
 
 

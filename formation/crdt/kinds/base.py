@@ -72,7 +72,7 @@ class Kind:
 
     def validate(self, value: Any, *, prefix: str = "") -> dict:
         try:
-            return self.record.from_dict(value, prefix=prefix).to_dict()
+            return self.record.normalize(value, prefix=prefix)
         except RecordError as exc:
             raise Invalid("bad_field", f"{self.name} {exc}") from None
 

@@ -6,8 +6,21 @@ from dataclasses import dataclass
 
 from ..op import Op
 from ..schema import (
-    TAGS, TIMESTAMP, Record, address, boolean, endpoint, field, integer, ip_address, ip_network,
-    list_of, nested, one_of, optional, text,
+    TAGS,
+    TIMESTAMP,
+    Record,
+    address,
+    boolean,
+    endpoint,
+    field,
+    integer,
+    ip_address,
+    ip_network,
+    list_of,
+    nested,
+    one_of,
+    optional,
+    text,
 )
 from .base import Invalid, Kind, node_address, require_author_is_key
 

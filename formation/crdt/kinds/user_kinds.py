@@ -6,8 +6,25 @@ import re
 from dataclasses import dataclass
 
 from ..schema import (
-    DESCRIPTION, METADATA, NAME, SLUG, TAGS, TIMESTAMP, Record, address, boolean, field, integer,
-    ip_address, list_of, map_of, nested, number, one_of, optional, text,
+    DESCRIPTION,
+    METADATA,
+    NAME,
+    SLUG,
+    TAGS,
+    TIMESTAMP,
+    Record,
+    address,
+    boolean,
+    field,
+    integer,
+    ip_address,
+    list_of,
+    map_of,
+    nested,
+    number,
+    one_of,
+    optional,
+    text,
 )
 from .base import Intent, Invalid, Kind, Route, reject_fields
 from .owned import GRANTABLE, PRIVILEGED, OwnedKind, _need, owned_routes

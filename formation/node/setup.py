@@ -1,0 +1,98 @@
+"""Bringing a node up: data directory, operator key, state store, identity."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from formation.crdt.keys import PrivateKey, to_checksum
+from formation.crdt.store import Limits, Store
+from formation.node.config import Config
+from formation.node.keystore import create_keystore, load_keystore, resolve_password
+
+
+class NodeError(Exception):
+    """A runtime failure outside config and keystore (data dir, state store)."""
+
+
+# ---- the node ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    address: str  # EIP-55 checksummed
+    data_dir: str
+    ops: int
+    heads: int
+    state_hash: str  # full hex
+    created_key: bool  # True when this run made the operator key
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def ensure_data_dir(config: Config) -> Path:
+    path = config.data_dir
+    try:
+        # 0700: the directory holds the keystore and the whole state of the node.
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except FileExistsError:
+        raise NodeError(f"data directory {path} exists but is not a directory") from None
+    except OSError as exc:
+        raise NodeError(f"cannot create data directory {path}: {exc.strerror or exc}") from None
+    if not path.is_dir():
+        raise NodeError(f"data directory {path} exists but is not a directory")
+    return path
+
+
+def unlock_operator_key(config: Config, *, interactive: bool = True) -> tuple[PrivateKey, bool]:
+    """Load the operator key, or create it on first run. Returns (key, created)."""
+    path = config.keystore_path
+    if path.exists():
+        password = resolve_password(config.node.password_file, prompt=interactive, confirm=False)
+        return load_keystore(path, password), False
+    # First run: confirm, since a mistyped password here locks the operator out for good.
+    password = resolve_password(config.node.password_file, prompt=interactive, confirm=True)
+    return create_keystore(path, password), True
+
+
+def open_store(config: Config) -> Store:
+    path = config.state_path
+    limits = Limits(
+        pending_ops_per_source=config.store.pending_ops_per_source,
+        pending_bytes_per_source=config.store.pending_bytes_per_source,
+    )
+    try:
+        return Store(str(path), limits=limits, synchronous=config.store.synchronous)
+    except (sqlite3.Error, OSError) as exc:
+        raise NodeError(f"cannot open state store {path}: {exc}") from None
+
+
+def identity(config: Config, key: PrivateKey, store: Store, *, created_key: bool) -> NodeIdentity:
+    return NodeIdentity(
+        address=to_checksum(key.address),
+        data_dir=str(config.data_dir),
+        ops=len(store),
+        heads=len(store.heads()),
+        state_hash=store.state_hash().hex(),
+        created_key=created_key,
+    )
+
+
+def run_node(config: Config, *, interactive: bool = True) -> NodeIdentity:
+    """Bring the node up and report who it is.
+
+    For now the node stops right after: it opens its key and state, describes them and closes.
+    The long-running node starts its services (API, p2p, mesh, DNS) between opening the store
+    and closing it, in a trio nursery.
+    """
+    ensure_data_dir(config)
+    key, created = unlock_operator_key(config, interactive=interactive)
+    store = open_store(config)
+    try:
+        return identity(config, key, store, created_key=created)
+    finally:
+        store.close()
