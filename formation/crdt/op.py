@@ -80,6 +80,17 @@ class Op:
         return self.request is not None
 
 
+def user_request(message: str, body: bytes, usig: bytes) -> UserRequest:
+    """Check a user's signature (65 bytes, recid 0/1) and recover who made it."""
+    if not _low_s(usig):
+        raise OpError("bad_signature", "user signature has a high s value (malleable form)")
+    try:
+        user = recover_digest(eip191_hash(message.encode()), usig)
+    except SignatureError as exc:
+        raise OpError("bad_signature", f"user signature: {exc}") from None
+    return UserRequest(message, body, usig, user, sha256(usig))
+
+
 def _sorted_unique_hashes(hashes, what: str) -> list[bytes]:
     out = sorted(set(hashes))
     for h in out:
@@ -110,15 +121,8 @@ def make_op(
         payload = [PAYLOAD_NODE, value]
     else:
         message, body, usig = request
-        usig = parse_signature(usig)
-        if not _low_s(usig):
-            raise OpError("bad_signature", "user signature has a high s value (malleable form)")
-        try:
-            user = recover_digest(eip191_hash(message.encode()), usig)
-        except SignatureError as exc:
-            raise OpError("bad_signature", f"user signature: {exc}") from None
-        req = UserRequest(message, bytes(body), usig, user, sha256(usig))
-        payload = [PAYLOAD_USER, message, bytes(body), usig]
+        req = user_request(message, bytes(body), parse_signature(usig))
+        payload = [PAYLOAD_USER, message, req.body, req.signature]
         value = None
     body_bytes = codec.pack([VERSION, kind, key, signer.address, deps_l, prev_l, hlc, payload])
     sig = signer.sign_digest(eip191_hash(sha256(body_bytes)))
@@ -183,13 +187,7 @@ def decode_op(wire: bytes) -> Op:
             raise OpError("malformed", f"user message must be a string of at most {MAX_MESSAGE_LEN} characters")
         if not isinstance(req_body, bytes) or not isinstance(usig, bytes) or len(usig) != 65 or usig[64] > 1:
             raise OpError("malformed", "user request must carry body bytes and a 65-byte signature")
-        if not _low_s(usig):
-            raise OpError("bad_signature", "user signature has a high s value (malleable form)")
-        try:
-            user = recover_digest(eip191_hash(message.encode()), usig)
-        except SignatureError as exc:
-            raise OpError("bad_signature", f"user signature: {exc}") from None
-        request = UserRequest(message, req_body, usig, user, sha256(usig))
+        request = user_request(message, req_body, usig)
     else:
         raise OpError("malformed", "payload must be [0, value] or [1, message, body, signature]")
     try:

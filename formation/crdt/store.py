@@ -30,9 +30,9 @@ import msgpack
 from . import codec
 from .hlc import Hlc, from_unix_seconds
 from .intents import parse_request
-from .keys import PrivateKey, parse_signature, recover_personal, sha256
+from .keys import PrivateKey, parse_signature
 from .kinds import Invalid, get_kind
-from .op import MAX_DEPS, Op, OpError, UserRequest, decode_op, make_op
+from .op import MAX_DEPS, Op, OpError, decode_op, make_op, user_request
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ops(
@@ -323,12 +323,10 @@ class Store:
     def write_request(self, signer: PrivateKey, message: str, body: bytes, signature: bytes | str,
                       *, recovery_id: int | None = None, now_ms: int) -> Op:
         """Relay a user's signed request as an op signed by this node."""
-        usig = parse_signature(signature, recovery_id)
-        user = recover_personal(message.encode(), usig)
-        req = UserRequest(message, bytes(body), usig, user, sha256(usig))
+        req = user_request(message, bytes(body), parse_signature(signature, recovery_id))
         kind, intent = parse_request(req)
         key = kind.key_of(intent)
-        return self._write_local(signer, kind.name, key, now_ms, request=(message, bytes(body), usig))
+        return self._write_local(signer, kind.name, key, now_ms, request=(message, req.body, req.signature))
 
     def _write_local(self, signer: PrivateKey, kind: str, key: str, now_ms: int, **payload) -> Op:
         reg = self.registers.get((kind, key))

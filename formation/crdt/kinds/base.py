@@ -14,17 +14,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..keys import format_address
-from ..op import Op
+from ..op import Op, OpError
 from ..schema import Record, RecordError
 
 
-class Invalid(Exception):
-    """The op breaks a rule of its kind. `code` is short; `detail` says what and why."""
-
-    def __init__(self, code: str, detail: str):
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
+class Invalid(OpError):
+    """The op is well formed but breaks a rule of its kind (`code`, `detail` as for OpError)."""
 
 
 @dataclass(frozen=True, slots=True)

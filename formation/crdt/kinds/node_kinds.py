@@ -50,18 +50,22 @@ class Node(Record):
     heartbeat: int = field(TIMESTAMP, default=0)  # unix ms of the node's last heartbeat
 
 
-class NodeKind(Kind):
-    name = "node"
-    record = Node
+class SelfRecordKind(Kind):
+    """A record a node keeps about itself: keyed by, written by and naming its own address."""
 
     def node_write(self, op: Op, base: dict | None) -> dict | None:
-        require_author_is_key("node", op)
+        require_author_is_key(self.name, op)
         if op.value is None:
             return None
         value = self.validate(op.value)
         if value["address"] != op.key:
-            raise Invalid("bad_field", "node field 'address': must equal the node's own address")
+            raise Invalid("bad_field", f"{self.name} field 'address': must equal the node's own address")
         return value
+
+
+class NodeKind(SelfRecordKind):
+    name = "node"
+    record = Node
 
     def index(self, value: dict) -> dict:
         return {"owner": value["address"], "type": value["region"] or None, "text": None}
@@ -80,20 +84,11 @@ class Peer(Record):
     updated_at: int = field(TIMESTAMP, default=0)
 
 
-class PeerKind(Kind):
+class PeerKind(SelfRecordKind):
     """formnet membership of a node: WireGuard key, endpoints, overlay address, VM subnet."""
 
     name = "peer"
     record = Peer
-
-    def node_write(self, op: Op, base: dict | None) -> dict | None:
-        require_author_is_key("peer", op)
-        if op.value is None:
-            return None
-        value = self.validate(op.value)
-        if value["address"] != op.key:
-            raise Invalid("bad_field", "peer field 'address': must equal the node's own address")
-        return value
 
     def index(self, value: dict) -> dict:
         return {"owner": value["address"], "type": None, "text": value["overlay_ip"]}
