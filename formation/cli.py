@@ -24,6 +24,7 @@ from formation.node.keystore import (
     load_keystore,
     resolve_password,
 )
+from formation.node.logs import configure_logging
 from formation.node.setup import NodeError, ensure_data_dir, run_node
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -48,20 +49,26 @@ def cmd_node(args: argparse.Namespace) -> int:
         listen = with_tcp_port(config.p2p.listen, args.p2p_port)
         config = dataclasses.replace(config, p2p=dataclasses.replace(config.p2p, listen=listen))
 
-    ident = run_node(config)
-    if ident.created_key:
-        _note(f"created a new operator key in {config.keystore_path}; keep its password safe, "
-              "it cannot be recovered")
-    if args.json:
-        print(json.dumps(ident.as_json()))
-    else:
-        _table([
-            ("address", ident.address),
-            ("data dir", ident.data_dir),
-            ("ops", str(ident.ops)),
-            ("heads", str(ident.heads)),
-            ("state hash", ident.state_hash[:16]),
-        ])
+    configure_logging(json_lines=args.log_json or config.node.log_json)
+
+    def ready(ident) -> None:
+        if ident.created_key:
+            _note(f"created a new operator key in {config.keystore_path}; keep its password "
+                  "safe, it cannot be recovered")
+        if args.json:
+            print(json.dumps(ident.as_json()), flush=True)
+        else:
+            _table([
+                ("address", ident.address),
+                ("data dir", ident.data_dir),
+                ("ops", str(ident.ops)),
+                ("heads", str(ident.heads)),
+                ("state hash", ident.state_hash[:16]),
+            ])
+            if not args.once:
+                _note("running; Ctrl-C (SIGINT) or SIGTERM stops the node")
+
+    run_node(config, once=args.once, on_ready=ready)
     return EXIT_OK
 
 
@@ -133,6 +140,7 @@ def _table(rows: list[tuple[str, str]]) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    sys.stdout.flush()
 
 
 def _note(message: str) -> None:
@@ -200,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="peer(s) to join through, /ip4/HOST/tcp/PORT/p2p/PEER_ID; "
                            "repeatable; replaces [p2p] bootstrap")
     node.add_argument("--json", action="store_true",
-                      help="print one JSON object instead of a table")
+                      help="print the identity as one JSON object instead of a table")
+    node.add_argument("--once", action="store_true",
+                      help="open the key and state, print the identity and exit (no network)")
+    node.add_argument("--log-json", action="store_true",
+                      help="log JSON lines on stderr (overrides [node] log_json)")
     node.set_defaults(func=cmd_node)
 
     key = commands.add_parser("key", help="manage the operator key",

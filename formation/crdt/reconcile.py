@@ -28,6 +28,7 @@ from .bloom import Bloom, BloomError
 from .store import Store
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+CHUNK_BYTES = 1024 * 1024  # Ops are sent in chunks of about this size: bounded frames, steady progress
 MAX_NEED = 4096  # ids per Need message
 MAX_ROUNDS = 64  # Need rounds before a session gives up (a peer that never sends what we ask)
 
@@ -45,6 +46,7 @@ class Hello:
 @dataclass(frozen=True)
 class Ops:
     wires: list[bytes]
+    more: bool = False  # another Ops chunk of the same answer follows
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ def encode(msg: Message) -> bytes:
     if isinstance(msg, Hello):
         body = [1, msg.heads, msg.bloom.to_wire()]
     elif isinstance(msg, Ops):
-        body = [2, msg.wires]
+        body = [2, msg.wires, msg.more]
     elif isinstance(msg, Need):
         body = [3, msg.ids]
     else:
@@ -96,10 +98,10 @@ def decode(data: bytes) -> Message:
             return Hello(_hashes(body[1], "heads", 4096), Bloom.from_wire(body[2]))
         except BloomError as exc:
             raise ProtocolError(str(exc)) from None
-    if tag == 2 and len(body) == 2 and isinstance(body[1], list):
+    if tag == 2 and len(body) == 3 and isinstance(body[1], list) and isinstance(body[2], bool):
         if not all(isinstance(w, bytes) for w in body[1]):
             raise ProtocolError("ops must be byte strings")
-        return Ops(body[1])
+        return Ops(body[1], body[2])
     if tag == 3 and len(body) == 2:
         return Need(_hashes(body[1], "need", MAX_NEED))
     if tag == 4 and len(body) == 2 and isinstance(body[1], bool):
@@ -146,22 +148,23 @@ class Reconciler:
             if self.peer_heads is not None:
                 raise ProtocolError("second Hello in one session")
             self.peer_heads = msg.heads
-            return [Ops(self._ops_peer_lacks(msg))]
+            return chunked(self._ops_peer_lacks(msg))
         if self.peer_heads is None:
             raise ProtocolError(f"{type(msg).__name__} before Hello")
         if isinstance(msg, Ops):
-            self.got_first_ops = True
             self.ops_received += len(msg.wires)
             res = self.store.ingest(msg.wires, source=self.peer)
             self.rejected += len(res.rejected)
-            got = set(res.accepted)
-            self.unfetchable |= {i for i in self.asked if i not in got and not self.store.has(i)}
+            if msg.more:
+                return []
+            self.got_first_ops = True
+            self.unfetchable |= {i for i in self.asked if not self.store.has(i)}
             self.asked.clear()
             return self._next_step()
         if isinstance(msg, Need):
             wires = self.store.wires(msg.ids)
             self.ops_sent += len(wires)
-            return [Ops(wires)]
+            return chunked(wires)
         if isinstance(msg, Done):
             if self.peer_done is not None:
                 raise ProtocolError("second Done in one session")
@@ -198,6 +201,21 @@ class Reconciler:
         ask = wanted[:MAX_NEED]
         self.asked = set(ask)
         return [Need(ask)]
+
+
+def chunked(wires: list[bytes]) -> list[Ops]:
+    """Split an answer into Ops messages of about CHUNK_BYTES; the last has more=False."""
+    out: list[Ops] = []
+    chunk: list[bytes] = []
+    size = 0
+    for w in wires:
+        if chunk and size + len(w) > CHUNK_BYTES:
+            out.append(Ops(chunk, True))
+            chunk, size = [], 0
+        chunk.append(w)
+        size += len(w)
+    out.append(Ops(chunk, False))
+    return out
 
 
 def reconcile_in_memory(a: Store, b: Store, *, wa: int = 0, wb: int = 0) -> tuple[Reconciler, Reconciler, int]:

@@ -167,6 +167,7 @@ class Store:
         self.db.execute(f"PRAGMA synchronous={synchronous}")
         self.db.executescript(_SCHEMA)
         self.hlc = Hlc()
+        self.on_commit: list = []  # callables(last_seq) run after each durable batch
         self._load()
 
     # ---- loading ----------------------------------------------------------------------------
@@ -182,6 +183,7 @@ class Store:
         self._pending_count: Counter[str] = Counter()
         self._pending_bytes: Counter[str] = Counter()
         self._rejected: OrderedDict[bytes, Rejection] = OrderedDict()
+        self._by_seq: list[bytes] = []  # op ids in delivery order: _by_seq[seq - 1]
         self.seq = 0
         referenced: set[bytes] = set()
         for row in self.db.execute(
@@ -191,6 +193,7 @@ class Store:
             meta = OpMeta(id_, seq, kind, key, author, hlc, clock, height, _split(deps), _split(prev),
                           root, root_hlc, write_id)
             self.ops[id_] = meta
+            self._by_seq.append(id_)
             referenced.update(meta.deps)
             if write_id is not None:
                 self._write_ids.setdefault((kind, key), {}).setdefault(write_id, []).append(id_)
@@ -259,7 +262,7 @@ class Store:
 
     def since(self, seq: int) -> list[OpMeta]:
         """Ops delivered after local sequence number `seq`, in delivery order."""
-        return sorted((m for m in self.ops.values() if m.seq > seq), key=lambda m: m.seq) if seq < self.seq else []
+        return [self.ops[i] for i in self._by_seq[max(seq, 0):]]
 
     def is_rejected(self, op_id: bytes) -> bool:
         return op_id in self._rejected
@@ -336,7 +339,7 @@ class Store:
         deps = set(heads) | set(prev)
         after = max((self.ops[d].hlc for d in deps), default=0)
         op = make_op(signer, kind, key, deps=deps, prev=prev, hlc=self.hlc.next(now_ms, after=after), **payload)
-        res = self._ingest_ops([op], source="local")
+        res = self.ingest_ops([op], source="local")
         if res.rejected:
             r = res.rejected[0]
             raise Invalid(r.code, r.detail)
@@ -344,7 +347,7 @@ class Store:
 
     def ingest(self, wires: Iterable[bytes], *, source: str = "local") -> IngestResult:
         """Verify, validate and durably store ops; returns after the batch is committed."""
-        return self._ingest_ops(self._decode_all(wires), source=source)
+        return self.ingest_ops(self._decode_all(wires), source=source)
 
     def _decode_all(self, wires: Iterable[bytes]) -> Iterable[Op | Rejection]:
         for wire in wires:
@@ -353,7 +356,8 @@ class Store:
             except OpError as exc:
                 yield Rejection(None, exc.code, exc.detail)
 
-    def _ingest_ops(self, ops: Iterable[Op | Rejection], *, source: str) -> IngestResult:
+    def ingest_ops(self, ops: Iterable[Op | Rejection], *, source: str) -> IngestResult:
+        """Like `ingest`, for ops already decoded and verified (e.g. by a gossip validator)."""
         res = IngestResult()
         batch = _Batch()
         ready: list[Op] = []
@@ -469,6 +473,7 @@ class Store:
         meta = OpMeta(op.id, self.seq, op.kind, op.key, op.author, op.hlc, clock, height, op.deps, op.prev,
                       root, root_hlc, write_id)
         self.ops[op.id] = meta
+        self._by_seq.append(op.id)
         self.hlc.observe(op.hlc)
         self._heads.difference_update(op.deps)
         self._heads.add(op.id)
@@ -542,6 +547,8 @@ class Store:
                 self.db.execute("ROLLBACK")
             self._load()
             raise
+        for cb in self.on_commit:
+            cb(self.seq)
 
 
 class _Batch:

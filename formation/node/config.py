@@ -31,9 +31,11 @@ SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # The defaults. formation.toml at the repository root spells out the same values with comments;
 # tests/unit/test_config.py checks that the two agree.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "node": {"data_dir": "~/.local/share/formation", "log_json": False, "password_file": None},
+    "node": {"data_dir": "~/.local/share/formation", "log_json": False, "password_file": None,
+             "heartbeat_seconds": 30},
     "api": {"host": "127.0.0.1", "port": 3004},
-    "p2p": {"listen": "/ip4/0.0.0.0/tcp/53333", "bootstrap": []},
+    "p2p": {"listen": "/ip4/0.0.0.0/tcp/53333", "bootstrap": [], "announce": [],
+            "sync_interval_seconds": 10},
     "mesh": {"wireguard_port": 51820, "overlay_cidr": "10.42.0.0/16"},
     "dns": {"port": 5453},
     "store": {
@@ -53,6 +55,7 @@ class NodeConfig:
     data_dir: str
     log_json: bool
     password_file: str | None
+    heartbeat_seconds: int
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class ApiConfig:
 class P2pConfig:
     listen: str
     bootstrap: tuple[str, ...]
+    announce: tuple[str, ...]
+    sync_interval_seconds: int
 
 
 @dataclass(frozen=True)
@@ -360,6 +365,19 @@ def _bootstrap(value: Any, _origin: _Origin) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _announce(value: Any, _origin: _Origin) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Bad(f"expected an array of multiaddrs, got {_show(value)}")
+    for i, item in enumerate(value):
+        try:
+            parts = _parse_multiaddr(item) if isinstance(item, str) else None
+        except ValueError as exc:
+            raise _Bad(f"item {i}: {exc}") from None
+        if not parts or [p for p, _ in parts][1:] != ["tcp"] or parts[0][0] not in _HOST_PROTOCOLS:
+            raise _Bad(f"item {i}: expected /ip4|ip6|dns/HOST/tcp/PORT, got {_show(item)}")
+    return tuple(value)
+
+
 _HOST_PROTOCOLS = ("ip4", "ip6", "dns", "dns4", "dns6")
 _BASE58 = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{20,128}$")
 
@@ -406,10 +424,13 @@ _CHECKERS: dict[str, _Checker] = {
     "node.data_dir": _path,
     "node.log_json": _bool,
     "node.password_file": _optional_path,
+    "node.heartbeat_seconds": _positive,
     "api.host": _host,
     "api.port": _port,
     "p2p.listen": _listen,
     "p2p.bootstrap": _bootstrap,
+    "p2p.announce": _announce,
+    "p2p.sync_interval_seconds": _positive,
     "mesh.wireguard_port": _port,
     "mesh.overlay_cidr": _cidr,
     "dns.port": _port,

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import signal
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import trio
 
 from formation.crdt.keys import PrivateKey, to_checksum
 from formation.crdt.store import Limits, Store
 from formation.node.config import Config
 from formation.node.keystore import create_keystore, load_keystore, resolve_password
+
+log = logging.getLogger("formation.node")
 
 
 class NodeError(Exception):
@@ -82,17 +89,35 @@ def identity(config: Config, key: PrivateKey, store: Store, *, created_key: bool
     )
 
 
-def run_node(config: Config, *, interactive: bool = True) -> NodeIdentity:
-    """Bring the node up and report who it is.
+def run_node(config: Config, *, interactive: bool = True, once: bool = False,
+             on_ready: Callable[[NodeIdentity], None] | None = None) -> NodeIdentity:
+    """Bring the node up and report who it is; unless `once`, serve until SIGINT/SIGTERM.
 
-    For now the node stops right after: it opens its key and state, describes them and closes.
-    The long-running node starts its services (API, p2p, mesh, DNS) between opening the store
-    and closing it, in a trio nursery.
+    `on_ready` gets the identity as soon as the key and state are open (before the network
+    starts), so the operator sees who the node is even if the network takes a while.
     """
     ensure_data_dir(config)
     key, created = unlock_operator_key(config, interactive=interactive)
     store = open_store(config)
     try:
-        return identity(config, key, store, created_key=created)
+        ident = identity(config, key, store, created_key=created)
+        if on_ready is not None:
+            on_ready(ident)
+        if not once:
+            trio.run(_serve_until_signal, config, key, store)
+        return ident
     finally:
         store.close()
+
+
+async def _serve_until_signal(config: Config, key: PrivateKey, store: Store) -> None:
+    from .runtime import NodeRuntime
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            runtime = NodeRuntime(config, key, store)
+            await nursery.start(runtime.run)
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

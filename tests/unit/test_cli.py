@@ -50,7 +50,7 @@ def table(out: str) -> dict[str, str]:
 
 def test_first_run_creates_key_and_state(capsys, tmp_path, password):
     data = tmp_path / "data"
-    code, out, err = run(capsys, "node", "--data-dir", str(data))
+    code, out, err = run(capsys, "node", "--once", "--data-dir", str(data))
     assert code == 0, err
     assert (data / "operator.key").is_file()
     assert (data / "state.db").is_file()
@@ -66,8 +66,8 @@ def test_first_run_creates_key_and_state(capsys, tmp_path, password):
 
 def test_second_run_has_the_same_identity(capsys, tmp_path, password):
     data = str(tmp_path / "data")
-    _, first, _ = run(capsys, "node", "--data-dir", data)
-    code, second, err = run(capsys, "node", "--data-dir", data)
+    _, first, _ = run(capsys, "node", "--once", "--data-dir", data)
+    code, second, err = run(capsys, "node", "--once", "--data-dir", data)
     assert code == 0
     assert table(second)["address"] == table(first)["address"]
     assert "created" not in err
@@ -75,7 +75,7 @@ def test_second_run_has_the_same_identity(capsys, tmp_path, password):
 
 def test_json_output(capsys, tmp_path, password):
     data = tmp_path / "data"
-    code, out, _ = run(capsys, "node", "--data-dir", str(data), "--json")
+    code, out, _ = run(capsys, "node", "--once", "--data-dir", str(data), "--json")
     assert code == 0
     doc = json.loads(out)
     key = load_keystore(data / "operator.key", password)
@@ -90,7 +90,7 @@ def test_ops_and_state_hash_reflect_the_store(capsys, tmp_path, password):
     from formation.crdt.store import Store
 
     data = tmp_path / "data"
-    run(capsys, "node", "--data-dir", str(data))
+    run(capsys, "node", "--once", "--data-dir", str(data))
     node = PrivateKey(b"\x07" * 32)
     address = format_address(node.address)
     store = Store(str(data / "state.db"))
@@ -99,7 +99,7 @@ def test_ops_and_state_hash_reflect_the_store(capsys, tmp_path, password):
         expected_hash = store.state_hash().hex()
     finally:
         store.close()
-    code, out, _ = run(capsys, "node", "--data-dir", str(data), "--json")
+    code, out, _ = run(capsys, "node", "--once", "--data-dir", str(data), "--json")
     doc = json.loads(out)
     assert doc["ops"] == 1
     assert doc["heads"] == 1
@@ -108,16 +108,16 @@ def test_ops_and_state_hash_reflect_the_store(capsys, tmp_path, password):
 
 def test_wrong_password(capsys, tmp_path, monkeypatch, password):
     data = str(tmp_path / "data")
-    run(capsys, "node", "--data-dir", data)
+    run(capsys, "node", "--once", "--data-dir", data)
     monkeypatch.setenv("FORMATION_PASSWORD", "not it")
-    code, out, err = run(capsys, "node", "--data-dir", data)
+    code, out, err = run(capsys, "node", "--once", "--data-dir", data)
     assert code == 1
     assert out == ""
     assert err.strip() == f"form: error: wrong password for keystore {Path(data) / 'operator.key'}"
 
 
 def test_no_password_source_explains_what_to_do(capsys, tmp_path):
-    code, _, err = run(capsys, "node", "--data-dir", str(tmp_path / "data"))
+    code, _, err = run(capsys, "node", "--once", "--data-dir", str(tmp_path / "data"))
     assert code == 1
     assert err.startswith("form: error: ")
     assert "FORMATION_PASSWORD" in err and "password_file" in err
@@ -128,7 +128,7 @@ def test_password_file_from_config(capsys, tmp_path):
     (tmp_path / "pw").write_text("from-file\n")
     conf = tmp_path / "formation.toml"
     conf.write_text('[node]\ndata_dir = "data"\npassword_file = "pw"\n')
-    code, out, err = run(capsys, "node", "--config", str(conf))
+    code, out, err = run(capsys, "node", "--once", "--config", str(conf))
     assert code == 0, err
     key = load_keystore(tmp_path / "data" / "operator.key", "from-file")
     assert table(out)["address"] == to_checksum(key.address)
@@ -138,16 +138,16 @@ def test_corrupt_keystore(capsys, tmp_path, password):
     data = tmp_path / "data"
     data.mkdir()
     (data / "operator.key").write_text("{not json")
-    code, _, err = run(capsys, "node", "--data-dir", str(data))
+    code, _, err = run(capsys, "node", "--once", "--data-dir", str(data))
     assert code == 1
     assert "operator.key is corrupt" in err
 
 
 def test_corrupt_state_store(capsys, tmp_path, password):
     data = tmp_path / "data"
-    run(capsys, "node", "--data-dir", str(data))
+    run(capsys, "node", "--once", "--data-dir", str(data))
     (data / "state.db").write_bytes(b"this is not a database" * 100)
-    code, _, err = run(capsys, "node", "--data-dir", str(data))
+    code, _, err = run(capsys, "node", "--once", "--data-dir", str(data))
     assert code == 1
     assert "cannot open state store" in err and "state.db" in err
 
@@ -155,7 +155,7 @@ def test_corrupt_state_store(capsys, tmp_path, password):
 def test_data_dir_that_is_a_file(capsys, tmp_path, password):
     path = tmp_path / "file"
     path.write_text("")
-    code, _, err = run(capsys, "node", "--data-dir", str(path))
+    code, _, err = run(capsys, "node", "--once", "--data-dir", str(path))
     assert code == 1
     assert "not a directory" in err
 
@@ -163,14 +163,14 @@ def test_data_dir_that_is_a_file(capsys, tmp_path, password):
 def test_bad_config_is_a_usage_error(capsys, tmp_path, password):
     conf = tmp_path / "formation.toml"
     conf.write_text("[api]\nport = 99999\n")
-    code, _, err = run(capsys, "node", "--config", str(conf), "--data-dir", str(tmp_path / "d"))
+    code, _, err = run(capsys, "node", "--once", "--config", str(conf), "--data-dir", str(tmp_path / "d"))
     assert code == 2
     assert err.startswith("form: error: ") and "api.port" in err and str(conf) in err
     assert not (tmp_path / "d").exists()  # nothing is created before the config is valid
 
 
 def test_missing_config_file(capsys, tmp_path):
-    code, _, err = run(capsys, "node", "--config", str(tmp_path / "nope.toml"))
+    code, _, err = run(capsys, "node", "--once", "--config", str(tmp_path / "nope.toml"))
     assert code == 2
     assert "nope.toml" in err and "does not exist" in err
 
@@ -202,7 +202,7 @@ def test_flags_override_config(capsys, tmp_path, password, monkeypatch):
 
     monkeypatch.setattr(cli, "run_node", fake_run_node)
     peer = "/ip4/192.0.2.1/tcp/53333/p2p/16Uiu2HAmBZpDp8E4NJ1xAs6SxTXVVH6rtHsmtGpDsyfRWJ9BFuAm"
-    code, _, err = run(capsys, "node", "--data-dir", str(tmp_path), "--api-port", "4000",
+    code, _, err = run(capsys, "node", "--once", "--data-dir", str(tmp_path), "--api-port", "4000",
                        "--p2p-port", "4001", "--bootstrap", peer)
     assert code == 0, err
     config = seen["config"]
@@ -229,7 +229,7 @@ def test_no_command_prints_help(capsys):
 
 def test_key_show(capsys, tmp_path, password):
     data = str(tmp_path / "data")
-    _, out, _ = run(capsys, "node", "--data-dir", data)
+    _, out, _ = run(capsys, "node", "--once", "--data-dir", data)
     code, shown, _ = run(capsys, "key", "show", "--data-dir", data)
     assert code == 0
     assert shown.strip() == table(out)["address"]
@@ -251,13 +251,13 @@ def test_key_import(capsys, tmp_path, monkeypatch, password):
     assert out.strip() == SECRET_ADDRESS
     assert load_keystore(data / "operator.key", password).secret.hex() == SECRET_HEX
     # the node then runs with the imported identity
-    _, out, _ = run(capsys, "node", "--data-dir", str(data))
+    _, out, _ = run(capsys, "node", "--once", "--data-dir", str(data))
     assert table(out)["address"] == SECRET_ADDRESS
 
 
 def test_key_import_refuses_to_overwrite(capsys, tmp_path, monkeypatch, password):
     data = str(tmp_path / "data")
-    run(capsys, "node", "--data-dir", data)
+    run(capsys, "node", "--once", "--data-dir", data)
     before = (Path(data) / "operator.key").read_bytes()
     monkeypatch.setattr(sys, "stdin", io.StringIO(SECRET_HEX))
     code, _, err = run(capsys, "key", "import", "--data-dir", data)
@@ -286,14 +286,14 @@ def test_console_script_in_a_real_process(tmp_path):
     command = [str(script)] if script.exists() else [sys.executable, "-m", "formation.cli"]
     env = {**os.environ, "FORMATION_PASSWORD": "s3cret", "HOME": str(tmp_path)}
     data = tmp_path / "data"
-    done = subprocess.run([*command, "node", "--data-dir", str(data), "--json"],
+    done = subprocess.run([*command, "node", "--once", "--data-dir", str(data), "--json"],
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     assert doc["address"] == to_checksum(load_keystore(data / "operator.key", "s3cret").address)
 
     env["FORMATION_PASSWORD"] = "wrong"
-    done = subprocess.run([*command, "node", "--data-dir", str(data)],
+    done = subprocess.run([*command, "node", "--once", "--data-dir", str(data)],
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 1
     assert done.stderr.startswith("form: error: wrong password")

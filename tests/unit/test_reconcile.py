@@ -99,10 +99,19 @@ def test_invalid_ops_from_a_peer_are_rejected_and_reported():
 def test_messages_roundtrip_on_the_wire():
     b = rc.Bloom(10)
     b.add(b"\x01" * 32)
-    for msg in (Hello([b"\x02" * 32], b), Ops([b"abc"]), Need([b"\x03" * 32]), Done(True)):
+    for msg in (Hello([b"\x02" * 32], b), Ops([b"abc"], True), Need([b"\x03" * 32]), Done(True)):
         back = rc.decode(rc.encode(msg))
         assert type(back) is type(msg)
+    assert rc.decode(rc.encode(Ops([b"abc"], True))) == Ops([b"abc"], True)
     assert b"\x01" * 32 in rc.decode(rc.encode(Hello([], b))).bloom
+
+
+def test_big_answers_are_chunked():
+    wires = [bytes(1000)] * 3000
+    chunks = rc.chunked(wires)
+    assert len(chunks) == 3 and [c.more for c in chunks] == [True, True, False]
+    assert sum(len(c.wires) for c in chunks) == 3000
+    assert all(len(rc.encode(c)) <= rc.CHUNK_BYTES + 64 * 1024 for c in chunks)
 
 
 @pytest.mark.parametrize("n", [1, 7, 100, 2000])

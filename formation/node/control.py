@@ -1,0 +1,150 @@
+"""A local control socket (DATA_DIR/control.sock): newline-delimited JSON, one request per line.
+
+For tools and tests on the same host (the HTTP API is the user-facing interface). Requests:
+  {"cmd": "status"}
+  {"cmd": "submit", "message": str, "body": base64, "signature": hex}   a user's signed write
+  {"cmd": "get", "kind": str, "key": str}
+  {"cmd": "sync", "peer": peer id or null}
+  {"cmd": "block" | "unblock", "peer": peer id}                           cut a link (tests)
+  {"cmd": "watch", "since": seq}       then one line per committed op: {"seq", "id", "t"}
+Every answer is {"ok": true, ...} or {"ok": false, "error": code, "detail": text}.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import trio
+
+from formation.crdt.op import OpError
+
+log = logging.getLogger("formation.node.control")
+MAX_LINE = 1024 * 1024
+
+
+async def serve_control(node, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    path = Path(path)
+    if path.exists():
+        path.unlink()  # left by a node that was killed; we hold the data dir now
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    os.chmod(path, 0o600)  # the socket can write as this node: owner only
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    try:
+        async with listener:
+            task_status.started(path)
+            await trio.serve_listeners(lambda s: _serve(node, s), [listener])
+    finally:
+        path.unlink(missing_ok=True)
+
+
+async def _serve(node, stream: trio.SocketStream) -> None:
+    buf = b""
+    async with stream:
+        try:
+            while True:
+                while b"\n" not in buf:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buf += data
+                    if len(buf) > MAX_LINE:
+                        await _send(stream, _error("too_large", f"request over {MAX_LINE} bytes"))
+                        return
+                line, buf = buf.split(b"\n", 1)
+                try:
+                    req = json.loads(line)
+                    if not isinstance(req, dict):
+                        raise ValueError("a request is a JSON object")
+                except ValueError as exc:
+                    await _send(stream, _error("bad_request", f"not a JSON object: {exc}"))
+                    continue
+                if req.get("cmd") == "watch":
+                    await _watch(node, stream, req)
+                    return
+                await _send(stream, await _handle(node, req))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
+async def _handle(node, req: dict) -> dict:
+    cmd = req.get("cmd")
+    try:
+        if cmd == "status":
+            return {"ok": True, **(await node.status())}
+        if cmd == "submit":
+            op = await node.submit_request(str(req["message"]), base64.b64decode(req.get("body", "")),
+                                           str(req["signature"]))
+            return {"ok": True, "id": op.id.hex(), "kind": op.kind, "key": op.key}
+        if cmd == "get":
+            value = await node.astore.call("get", str(req["kind"]), str(req["key"]))
+            return {"ok": True, "value": value}
+        if cmd == "sync":
+            peer = req.get("peer")
+            peers = [peer] if peer else node.p2p.connected()
+            results = [await node.p2p.sync_with(p) for p in peers]
+            return {"ok": True, "synced": [r.peer for r in results if r is not None and r.ok]}
+        if cmd == "block":
+            await node.p2p.block(str(req["peer"]))
+            return {"ok": True}
+        if cmd == "unblock":
+            node.p2p.unblock(str(req["peer"]))
+            return {"ok": True}
+    except OpError as exc:
+        return _error(exc.code, exc.detail)
+    except (KeyError, TypeError, ValueError) as exc:
+        return _error("bad_request", f"{type(exc).__name__}: {exc}")
+    return _error("bad_request", f"unknown cmd {cmd!r}")
+
+
+async def _watch(node, stream, req: dict) -> None:
+    seq = int(req.get("since", 0))
+    await _send(stream, {"ok": True})
+    while True:
+        newest = await node.changes.wait_past(seq)
+        t = time.time()
+        metas = await node.astore.call("since", seq)
+        lines = b"".join(json.dumps({"seq": m.seq, "id": m.id.hex(), "t": t}).encode() + b"\n"
+                         for m in metas)
+        await stream.send_all(lines)
+        seq = max([newest] + [m.seq for m in metas])
+
+
+def _error(code: str, detail: str) -> dict:
+    return {"ok": False, "error": code, "detail": detail}
+
+
+async def _send(stream, obj: dict) -> None:
+    await stream.send_all(json.dumps(obj).encode() + b"\n")
+
+
+class ControlClient:
+    """Blocking client for scripts and tests."""
+
+    def __init__(self, path: str | Path, timeout: float = 30.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rb")
+
+    def call(self, **req) -> dict:
+        self.sock.sendall(json.dumps(req).encode() + b"\n")
+        line = self.file.readline()
+        if not line:
+            raise ConnectionError("control socket closed")
+        return json.loads(line)
+
+    def lines(self):
+        for line in self.file:
+            yield json.loads(line)
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()

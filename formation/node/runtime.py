@@ -1,0 +1,148 @@
+"""The running node: one trio nursery owning p2p, the heartbeat and the local control socket.
+
+`NodeRuntime` is also the local interface the HTTP API (next issue) builds on: submit a user's
+signed request, write the node's own facts, read state, watch commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+
+import trio
+
+from formation.crdt.async_store import AsyncStore
+from formation.crdt.keys import PrivateKey, format_address, to_checksum
+from formation.crdt.op import Op
+from formation.crdt.store import Store
+from formation.p2p.service import P2PService, P2PSettings
+
+from . import capacity
+from .config import Config
+from .events import Changes
+
+log = logging.getLogger("formation.node")
+VERSION = "0.1.0"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class NodeRuntime:
+    def __init__(self, config: Config, key: PrivateKey, store: Store):
+        self.config = config
+        self.key = key
+        self.address = format_address(key.address)
+        self.store = store
+        self.astore = AsyncStore(store)
+        self.p2p = P2PService(key, self.astore, P2PSettings(
+            listen=[config.p2p.listen],
+            bootstrap=list(config.p2p.bootstrap),
+            sync_interval=float(config.p2p.sync_interval_seconds),
+        ))
+        self.changes: Changes | None = None
+        self.started_at = now_ms()
+
+    @property
+    def peer_id(self) -> str:
+        return self.p2p.peer_id
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from .control import serve_control
+
+        self.changes = Changes()
+        self.store.on_commit.append(self.changes.on_commit)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.p2p.run)
+                await self.register()
+                nursery.start_soon(self._heartbeat)
+                await nursery.start(serve_control, self, self.config.data_dir / "control.sock")
+                log.info("node %s up: peer %s, listening on %s", to_checksum(self.key.address),
+                         self.peer_id, ", ".join(self.p2p.addrs()))
+                task_status.started(self)
+        finally:
+            self.store.on_commit.remove(self.changes.on_commit)
+
+    # ---- writes --------------------------------------------------------------------------
+
+    async def write(self, kind: str, key: str, value) -> Op:
+        """A fact of this node's own (node, peer, instance_status records)."""
+        op = await self.astore.run(self.store.write, self.key, kind, key, value, now_ms=now_ms())
+        self.p2p.publish(op.wire)
+        return op
+
+    async def submit_request(self, message: str, body: bytes, signature: bytes | str,
+                             recovery_id: int | None = None) -> Op:
+        """Relay a user's signed request as an op of this node (raises Invalid if refused)."""
+        op = await self.astore.run(self.store.write_request, self.key, message, body, signature,
+                                   recovery_id=recovery_id, now_ms=now_ms())
+        self.p2p.publish(op.wire)
+        return op
+
+    async def register(self) -> Op:
+        return await self.write("node", self.address, self.node_record())
+
+    def announce_addrs(self) -> list[str]:
+        suffix = "/p2p/" + self.peer_id
+        if self.config.p2p.announce:
+            return [a + suffix for a in self.config.p2p.announce]
+        out = []
+        for addr in self.p2p.addrs():
+            base = addr.split("/p2p/")[0]
+            if base.startswith("/ip4/0.0.0.0/"):
+                port = base.rsplit("/", 1)[1]
+                out += [f"/ip4/{ip}/tcp/{port}{suffix}" for ip in _local_ipv4s()]
+            else:
+                out.append(base + suffix)
+        return list(dict.fromkeys(out))[:16]
+
+    def node_record(self) -> dict:
+        return {
+            "address": self.address,
+            "multiaddrs": self.announce_addrs(),
+            "capacity": capacity.detect(self.config.data_dir),
+            "version": VERSION,
+            "started_at": self.started_at,
+            "heartbeat": now_ms(),
+        }
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await trio.sleep(self.config.node.heartbeat_seconds)
+            try:
+                await self.register()
+            except Exception as exc:  # noqa: BLE001 - a missed heartbeat is logged, not fatal
+                log.warning("heartbeat failed: %s", exc)
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    async def status(self) -> dict:
+        def read(store: Store) -> dict:
+            return {"ops": len(store), "heads": [h.hex() for h in store.heads()],
+                    "state_hash": store.state_hash().hex(), "pending": store.pending_count,
+                    "seq": store.seq}
+
+        state = await self.astore.run(read, self.store)
+        return {
+            "address": to_checksum(self.key.address),
+            "peer_id": self.peer_id,
+            "addrs": self.announce_addrs(),
+            "connected": self.p2p.connected(),
+            **state,
+            "p2p": asdict(self.p2p.stats),
+        }
+
+
+def _local_ipv4s() -> list[str]:
+    import ifaddr
+
+    ips = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str):
+                ips.append(ip.ip)
+    # reachable addresses first; loopback last (useful only on one machine)
+    return sorted(set(ips), key=lambda ip: (ip.startswith("127."), ip))

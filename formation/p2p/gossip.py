@@ -1,0 +1,122 @@
+"""Gossip payloads: many ops per pubsub message, verified before anything is forwarded.
+
+py-libp2p spends 2.5-8 ms of CPU per message and hop (../shared/notes/libp2p.md), so ops travel
+in batches: `Batcher` collects local ops and flushes them as one message after a short delay or
+when the batch is big enough. `BatchValidator` is the topic validator: it decodes and verifies
+every op of a batch (form and signatures; the rules need the causal past and are checked by the
+store), so an invalid op dies at the first honest hop and its sender is scored down. It keeps
+the decoded ops for the subscription handler, so nothing is verified twice.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import trio
+
+from formation.crdt import codec
+from formation.crdt.keys import sha256
+from formation.crdt.op import MAX_OP_BYTES, Op, OpError, decode_op
+
+TOPIC = "/formation/ops/1"
+MAX_BATCH_BYTES = 768 * 1024  # under py-libp2p's 1 MiB message limit, with room for the envelope
+MAX_BATCH_OPS = 4096
+
+
+class BatchError(ValueError):
+    pass
+
+
+def encode_batch(wires: list[bytes]) -> bytes:
+    return codec.pack_trusted([1, wires])
+
+
+def decode_batch(data: bytes) -> list[Op]:
+    """All ops of a gossip message, verified; BatchError if any part is bad."""
+    try:
+        body = codec.unpack(data, max_bytes=MAX_BATCH_BYTES + 64 * 1024)
+    except codec.CodecError as exc:
+        raise BatchError(f"gossip message: {exc}") from None
+    if not (isinstance(body, list) and len(body) == 2 and body[0] == 1 and isinstance(body[1], list)):
+        raise BatchError("gossip message must be [1, [op, ...]]")
+    wires = body[1]
+    if not 0 < len(wires) <= MAX_BATCH_OPS:
+        raise BatchError(f"a gossip batch holds 1..{MAX_BATCH_OPS} ops")
+    ops = []
+    for w in wires:
+        if not isinstance(w, bytes) or len(w) > MAX_OP_BYTES:
+            raise BatchError("a gossip batch holds op byte strings")
+        try:
+            ops.append(decode_op(w))
+        except OpError as exc:
+            raise BatchError(f"op in gossip batch: {exc}") from None
+    return ops
+
+
+class BatchValidator:
+    """Topic validator with a small cache of what it decoded, keyed by message hash."""
+
+    def __init__(self, own_peer_id: bytes, cache_size: int = 256):
+        self.own = own_peer_id
+        self.cache: OrderedDict[bytes, list[Op]] = OrderedDict()
+        self.cache_size = cache_size
+        self.rejected = 0
+
+    def __call__(self, forwarder, msg) -> bool:
+        if msg.from_id == self.own:
+            return True  # our own batch, made from ops our store already accepted
+        try:
+            ops = decode_batch(msg.data)
+        except BatchError:
+            self.rejected += 1
+            return False
+        self.cache[sha256(msg.data)] = ops
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return True
+
+    def take(self, data: bytes) -> list[Op]:
+        """The ops of a validated message (decoded again if it fell out of the cache)."""
+        ops = self.cache.pop(sha256(data), None)
+        return ops if ops is not None else decode_batch(data)
+
+
+class Batcher:
+    """Collects op wires and hands out batches: after `delay` seconds, or sooner when full."""
+
+    def __init__(self, delay: float = 0.01):
+        self.delay = delay
+        self._wires: list[bytes] = []
+        self._bytes = 0
+        self._have = trio.Event()
+        self._full = trio.Event()
+
+    def add(self, wire: bytes) -> None:
+        self._wires.append(wire)
+        self._bytes += len(wire)
+        self._have.set()
+        if self._bytes >= MAX_BATCH_BYTES // 2 or len(self._wires) >= MAX_BATCH_OPS // 2:
+            self._full.set()
+
+    def take_all(self) -> list[list[bytes]]:
+        """Everything queued, split into batches that fit one message."""
+        batches: list[list[bytes]] = []
+        cur: list[bytes] = []
+        size = 0
+        for w in self._wires:
+            if cur and (size + len(w) > MAX_BATCH_BYTES or len(cur) >= MAX_BATCH_OPS):
+                batches.append(cur)
+                cur, size = [], 0
+            cur.append(w)
+            size += len(w)
+        if cur:
+            batches.append(cur)
+        self._wires, self._bytes = [], 0
+        self._have, self._full = trio.Event(), trio.Event()
+        return batches
+
+    async def next_batches(self) -> list[list[bytes]]:
+        await self._have.wait()
+        with trio.move_on_after(self.delay):
+            await self._full.wait()
+        return self.take_all()

@@ -1,0 +1,359 @@
+"""One node's libp2p presence: host, gossip of ops, sync sessions, and keeping peers connected.
+
+py-libp2p 0.8.1 needs several fixes to deliver a burst of messages (../shared/notes/libp2p.md
+§A.3); each is applied in `_libp2p_fixes` or `_router` and named there. Gossip is only the fast
+path: every connection starts a sync session, a random peer is synced with periodically, and a
+gap (an op whose deps we lack) triggers a sync with the peer that sent it. Correctness comes from
+sync; gossip makes it fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import multiaddr
+import trio
+
+from formation.crdt.async_store import AsyncStore
+from formation.crdt.keys import PrivateKey
+
+from . import sync
+from .gossip import TOPIC, Batcher, BatchValidator, encode_batch
+
+log = logging.getLogger("formation.p2p")
+
+
+def _libp2p_fixes() -> None:
+    import libp2p.pubsub.pubsub as pubsub_mod
+    import libp2p.pubsub.rpc_queue as rpc_queue
+
+    # A.3 #2: the subscription channel holds 32 messages and drops the rest with a warning.
+    pubsub_mod.SUBSCRIPTION_CHANNEL_SIZE = 100_000
+    # A.3 #3: each peer's outbound queue holds 32 RPCs and drops the rest silently.
+    rpc_queue.RpcQueue.__init__.__defaults__ = (100_000, rpc_queue.DefaultMaxMessageSize)
+    # libp2p logs every failed dial (including to the 0.0.0.0 listen addresses identify
+    # reports) and every closed stream at WARNING/ERROR; our own lines say what matters.
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+
+
+@dataclass
+class P2PSettings:
+    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/53333"])
+    bootstrap: list[str] = field(default_factory=list)
+    heartbeat_interval: int = 1
+    gossip_delay: float = 0.01
+    sync_interval: float = 10.0
+    peer_refresh: float = 2.0
+    redial_min: float = 0.5
+    redial_max: float = 30.0
+    dial_timeout: float = 10.0
+
+
+@dataclass
+class P2PStats:
+    gossip_sent: int = 0
+    gossip_received: int = 0
+    gossip_rejected: int = 0
+    ops_from_gossip: int = 0
+    syncs_ok: int = 0
+    syncs_failed: int = 0
+    ops_from_sync: int = 0
+
+
+def peer_id_of(key: PrivateKey) -> str:
+    from libp2p.crypto.secp256k1 import create_new_key_pair
+    from libp2p.peer.id import ID
+
+    return ID.from_pubkey(create_new_key_pair(key.secret).public_key).to_string()
+
+
+class P2PService:
+    def __init__(self, key: PrivateKey, astore: AsyncStore, settings: P2PSettings | None = None):
+        _libp2p_fixes()
+        from libp2p import new_host
+        from libp2p.crypto.secp256k1 import create_new_key_pair
+        from libp2p.pubsub.pubsub import Pubsub
+
+        self.settings = settings or P2PSettings()
+        self.astore = astore
+        # The operator key is the libp2p identity: the peer id and the node address are one key.
+        self.host = new_host(key_pair=create_new_key_pair(key.secret))
+        self.router = self._router()
+        self.pubsub = Pubsub(self.host, self.router, strict_signing=True)
+        # A.3 #5: seqno seeded in whole seconds silences a restarted publisher; use nanoseconds.
+        self.pubsub.counter = time.time_ns()
+        self.peer_id = self.host.get_id().to_string()
+        self.validator = BatchValidator(self.host.get_id().to_bytes())
+        self.batcher = Batcher(self.settings.gossip_delay)
+        self.stats = P2PStats()
+        self.blocked: set[str] = set()  # peers we neither dial nor keep (partition tests, bans)
+        self.on_sync: list[Callable[[sync.SyncResult], None]] = []
+        self._syncing: set[str] = set()
+        self._known: dict[str, list[str]] = {}  # peer id -> multiaddrs to dial it at
+        self._next_dial: dict[str, float] = {}
+        self._backoff: dict[str, float] = {}
+        self._want_sync: trio.MemorySendChannel | None = None
+        self._nursery: trio.Nursery | None = None
+
+    def _router(self):
+        from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+        from libp2p.pubsub.score import ScoreParams, TopicScoreParams
+
+        # A.3 #9: in py-libp2p the weight of invalid messages is positive (subtracted).
+        # One invalid batch takes a peer below the publish threshold; a few more, the graylist.
+        score = ScoreParams(
+            p4_invalid_messages=TopicScoreParams(weight=10.0, cap=100.0, decay=0.99),
+            publish_threshold=-5.0, gossip_threshold=-5.0, graylist_threshold=-20.0,
+        )
+        return GossipSub(
+            protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
+            degree=6, degree_low=4, degree_high=12,
+            heartbeat_interval=self.settings.heartbeat_interval,  # default is 120 s
+            spam_protection_enabled=False,  # A.3 #1: 10 msg/s per forwarder, then silent drops
+            adaptive_gossip_enabled=False,  # A.3 #4: stretches the heartbeat to 30-60 s
+            score_params=score,
+        )
+
+    # ---- public --------------------------------------------------------------------------
+
+    def addrs(self) -> list[str]:
+        return [str(a) for a in self.host.get_addrs()]
+
+    def connected(self) -> list[str]:
+        return sorted(p.to_string() for p in self.host.get_connected_peers())
+
+    def publish(self, wire: bytes) -> None:
+        """Queue a locally accepted op for gossip (batched)."""
+        self.batcher.add(wire)
+
+    def request_sync(self, peer: str | None = None) -> None:
+        """Ask for a sync session soon, with `peer` or with a random connected peer."""
+        if self._want_sync is not None:
+            try:
+                self._want_sync.send_nowait(peer)
+            except trio.WouldBlock:
+                pass  # plenty already queued
+
+    def add_peer(self, addr: str) -> str:
+        """Remember a peer to keep connected to (full multiaddr with /p2p/ID)."""
+        from libp2p.peer.peerinfo import info_from_p2p_addr
+
+        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        pid = info.peer_id.to_string()
+        if pid != self.peer_id:
+            addrs = self._known.setdefault(pid, [])
+            if addr not in addrs:
+                addrs.append(addr)
+        return pid
+
+    async def block(self, peer: str) -> None:
+        """Cut a peer off and stop redialing it."""
+        self.blocked.add(peer)
+        await self._disconnect(peer)
+
+    def unblock(self, peer: str) -> None:
+        self.blocked.discard(peer)
+        self._next_dial.pop(peer, None)
+        self._backoff.pop(peer, None)
+
+    async def sync_with(self, peer: str) -> sync.SyncResult | None:
+        """Run one sync session with a connected peer now; None if it could not run."""
+        from libp2p.peer.id import ID
+
+        if peer in self._syncing or peer in self.blocked:
+            return None
+        self._syncing.add(peer)
+        try:
+            stream = await self.host.new_stream(ID.from_base58(peer), [sync.PROTOCOL])
+            result = await sync.run_session(stream, self.astore, peer)
+        except Exception as exc:  # noqa: BLE001 - any network or protocol failure ends the session
+            self.stats.syncs_failed += 1
+            log.info("sync with %s failed: %s", peer[-8:], _why(exc))
+            return None
+        finally:
+            self._syncing.discard(peer)
+        self._count(result)
+        return result
+
+    # ---- running -------------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from libp2p.tools.anyio_service import background_trio_service
+
+        listen = [multiaddr.Multiaddr(a) for a in self.settings.listen]
+        for addr in self.settings.bootstrap:
+            self.add_peer(addr)
+        want_send, want_recv = trio.open_memory_channel(256)
+        self._want_sync = want_send
+        async with self.host.run(listen_addrs=listen):
+            # A.3 #6: start pubsub before dialing anyone (new_host(bootstrap=...) crashes it).
+            async with background_trio_service(self.pubsub), background_trio_service(self.router):
+                await self.pubsub.wait_until_ready()
+                self.pubsub.set_topic_validator(TOPIC, self.validator, False)
+                sub = await self.pubsub.subscribe(TOPIC)
+                self.host.set_stream_handler(sync.PROTOCOL, self._serve_sync)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        nursery.start_soon(self._gossip_out)
+                        nursery.start_soon(self._gossip_in, sub)
+                        nursery.start_soon(self._dialer)
+                        nursery.start_soon(self._sync_loop, want_recv)
+                        task_status.started(self)
+                finally:
+                    self._nursery = None
+                    with trio.move_on_after(2) as cs:
+                        cs.shield = True
+                        await self._flush_gossip()
+
+    async def _gossip_out(self) -> None:
+        while True:
+            batches = await self.batcher.next_batches()
+            await self._publish_batches(batches)
+
+    async def _flush_gossip(self) -> None:
+        await self._publish_batches(self.batcher.take_all())
+
+    async def _publish_batches(self, batches: list[list[bytes]]) -> None:
+        for batch in batches:
+            try:
+                await self.pubsub.publish(TOPIC, encode_batch(batch))
+                self.stats.gossip_sent += 1
+            except Exception as exc:  # noqa: BLE001 - sync will carry these ops instead
+                log.warning("gossip publish failed (%s); sync will deliver these ops", _why(exc))
+
+    async def _gossip_in(self, sub) -> None:
+        own = self.host.get_id().to_bytes()
+        while True:
+            msg = await sub.get()
+            if msg.from_id == own:
+                continue
+            self.stats.gossip_received += 1
+            try:
+                ops = self.validator.take(msg.data)
+            except ValueError:
+                self.stats.gossip_rejected += 1
+                continue
+            source = _peer_str(msg.from_id)
+            res = await self.astore.call("ingest_ops", ops, source=source)
+            self.stats.ops_from_gossip += len(res.accepted)
+            if res.rejected:
+                log.info("rejected %d op(s) gossiped by %s: %s", len(res.rejected), source[-8:],
+                         res.rejected[0].detail)
+            if res.pending:
+                self.request_sync(source if source in self.connected() else None)
+
+    async def _serve_sync(self, stream) -> None:
+        peer = stream.muxed_conn.peer_id.to_string()
+        if peer in self.blocked:
+            await stream.reset()
+            return
+        try:
+            result = await sync.run_session(stream, self.astore, peer)
+        except Exception as exc:  # noqa: BLE001
+            self.stats.syncs_failed += 1
+            log.info("sync served to %s failed: %s", peer[-8:], _why(exc))
+            return
+        self._count(result)
+
+    def _count(self, result: sync.SyncResult) -> None:
+        if result.ok:
+            self.stats.syncs_ok += 1
+        else:
+            self.stats.syncs_failed += 1
+        self.stats.ops_from_sync += result.ops_received
+        for cb in self.on_sync:
+            cb(result)
+
+    async def _sync_loop(self, want_recv) -> None:
+        """Runs requested syncs; syncs with a random peer when none was asked for a while."""
+        while True:
+            peer = None
+            with trio.move_on_after(self.settings.sync_interval):
+                peer = await want_recv.receive()
+            if peer is None:
+                peer = self._random_peer()
+            if peer is not None and self._nursery is not None:
+                self._nursery.start_soon(self.sync_with, peer)
+
+    def _random_peer(self) -> str | None:
+        peers = [p for p in self.connected() if p not in self.blocked]
+        return random.choice(peers) if peers else None
+
+    async def _dialer(self) -> None:
+        """Keep every known peer connected: redial with backoff (py-libp2p never redials)."""
+        seen: set[str] = set()
+        next_refresh = 0.0
+        while True:
+            now = trio.current_time()
+            if now >= next_refresh:
+                await self._learn_peers_from_state()
+                next_refresh = now + self.settings.peer_refresh
+            connected = set(self.connected())
+            for peer in connected & self.blocked:
+                await self._disconnect(peer)
+            for peer in connected - seen - self.blocked:
+                # A fresh connection (either direction) starts with a sync; the lower id asks,
+                # so the pair does not run two sessions for one connection.
+                if self.peer_id < peer:
+                    self.request_sync(peer)
+            seen = connected
+            for peer, addrs in list(self._known.items()):
+                if peer in connected or peer in self.blocked or now < self._next_dial.get(peer, 0):
+                    continue
+                self._next_dial[peer] = now + self._backoff.get(peer, self.settings.redial_min)
+                self._nursery.start_soon(self._dial, peer, addrs)
+            await trio.sleep(0.25)
+
+    async def _dial(self, peer: str, addrs: list[str]) -> None:
+        from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+
+        infos = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in addrs]
+        info = PeerInfo(infos[0].peer_id, [x for i in infos for x in i.addrs])
+        try:
+            with trio.fail_after(self.settings.dial_timeout):
+                await self.host.connect(info)
+        except Exception as exc:  # noqa: BLE001 - unreachable peers are normal; back off
+            back = min(self.settings.redial_max, max(self.settings.redial_min, 2 * self._backoff.get(peer, 0)))
+            self._backoff[peer] = back
+            self._next_dial[peer] = trio.current_time() + back
+            log.debug("dial %s failed (%s); next try in %.1f s", peer[-8:], _why(exc), back)
+            return
+        self._backoff.pop(peer, None)
+        log.info("connected to %s", peer[-8:])
+
+    async def _learn_peers_from_state(self) -> None:
+        """Node records carry their multiaddrs: every node in the state is a peer to keep."""
+        nodes = await self.astore.call("list", "node", limit=10_000)
+        for rec in nodes:
+            for addr in rec.get("multiaddrs", []):
+                if "/p2p/" in addr:
+                    try:
+                        self.add_peer(addr)
+                    except Exception:  # noqa: BLE001 - a malformed address in someone's record
+                        continue
+
+    async def _disconnect(self, peer: str) -> None:
+        from libp2p.peer.id import ID
+
+        try:
+            await self.host.disconnect(ID.from_base58(peer))
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
+def _peer_str(raw: bytes) -> str:
+    from libp2p.peer.id import ID
+
+    try:
+        return ID(raw).to_string()
+    except Exception:  # noqa: BLE001
+        return raw.hex()
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
