@@ -10,7 +10,7 @@ the decoded ops for the subscription handler, so nothing is verified twice.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import trio
 
@@ -61,6 +61,10 @@ class BatchValidator:
         self.cache: OrderedDict[bytes, list[Op]] = OrderedDict()
         self.cache_size = cache_size
         self.rejected = 0
+        # Honest peers never forward a batch that fails these checks (they run them too), so
+        # one such batch is proof enough against the peer that handed it to us.
+        self.strikes: Counter[str] = Counter()
+        self.proof_strikes = 3
 
     def __call__(self, forwarder, msg) -> bool:
         if msg.from_id == self.own:
@@ -69,6 +73,7 @@ class BatchValidator:
             ops = decode_batch(msg.data)
         except BatchError:
             self.rejected += 1
+            self.strikes[_peer_text(forwarder)] += self.proof_strikes
             return False
         self.cache[sha256(msg.data)] = ops
         while len(self.cache) > self.cache_size:
@@ -79,6 +84,10 @@ class BatchValidator:
         """The ops of a validated message (decoded again if it fell out of the cache)."""
         ops = self.cache.pop(sha256(data), None)
         return ops if ops is not None else decode_batch(data)
+
+
+def _peer_text(peer) -> str:
+    return peer.to_string() if hasattr(peer, "to_string") else str(peer)
 
 
 class Batcher:

@@ -25,6 +25,7 @@ from . import sync
 from .gossip import TOPIC, Batcher, BatchValidator, encode_batch
 
 log = logging.getLogger("formation.p2p")
+BAN_STRIKES = 3  # invalid gossip batches or sync sessions with invalid ops before a peer is cut off
 
 
 def _libp2p_fixes() -> None:
@@ -82,15 +83,22 @@ class P2PService:
         self.astore = astore
         # The operator key is the libp2p identity: the peer id and the node address are one key.
         self.host = new_host(key_pair=create_new_key_pair(key.secret))
+        # py-libp2p's auto-connector dials up to 200 peers from the peerstore every 30 s, to
+        # reach a watermark meant for the public DHT. It would also redial peers we cut off.
+        # Our dialer keeps exactly the peers of the fog connected.
+        self.host.get_network().auto_connector.maybe_connect = _no_auto_connect
+        self.host.get_network().register_notifee(_Gate(self))
         self.router = self._router()
         self.pubsub = Pubsub(self.host, self.router, strict_signing=True)
         # A.3 #5: seqno seeded in whole seconds silences a restarted publisher; use nanoseconds.
         self.pubsub.counter = time.time_ns()
         self.peer_id = self.host.get_id().to_string()
         self.validator = BatchValidator(self.host.get_id().to_bytes())
+        self.validator.proof_strikes = BAN_STRIKES
         self.batcher = Batcher(self.settings.gossip_delay)
         self.stats = P2PStats()
         self.blocked: set[str] = set()  # peers we neither dial nor keep (partition tests, bans)
+        self.banned: set[str] = set()
         self.on_sync: list[Callable[[sync.SyncResult], None]] = []
         self._syncing: set[str] = set()
         self._known: dict[str, list[str]] = {}  # peer id -> multiaddrs to dial it at
@@ -239,10 +247,15 @@ class P2PService:
                 self.stats.gossip_rejected += 1
                 continue
             source = _peer_str(msg.from_id)
+            if source in self.banned:
+                continue
             res = await self.astore.call("ingest_ops", ops, source=source)
             self.stats.ops_from_gossip += len(res.accepted)
             if res.rejected:
-                log.info("rejected %d op(s) gossiped by %s: %s", len(res.rejected), source[-8:],
+                # Honest publishers gossip only ops their own store accepted, and validity is
+                # the same everywhere: the publisher (not the forwarder) is at fault.
+                self.validator.strikes[source] += 1
+                log.info("rejected %d op(s) published by %s: %s", len(res.rejected), source[-8:],
                          res.rejected[0].detail)
             if res.pending:
                 self.request_sync(source if source in self.connected() else None)
@@ -261,6 +274,9 @@ class P2PService:
         self._count(result)
 
     def _count(self, result: sync.SyncResult) -> None:
+        if result.rejected:
+            # A store only serves ops it accepted, so an honest peer's sync never holds these.
+            self.validator.strikes[result.peer] += 1
         if result.ok:
             self.stats.syncs_ok += 1
         else:
@@ -293,6 +309,12 @@ class P2PService:
             if now >= next_refresh:
                 await self._learn_peers_from_state()
                 next_refresh = now + self.settings.peer_refresh
+            for peer, strikes in self.validator.strikes.items():
+                if strikes >= BAN_STRIKES and peer not in self.banned:
+                    self.banned.add(peer)
+                    log.warning("banning peer %s: %d invalid gossip batches or sync sessions",
+                                peer, strikes)
+                    await self.block(peer)
             connected = set(self.connected())
             for peer in connected & self.blocked:
                 await self._disconnect(peer)
@@ -344,6 +366,37 @@ class P2PService:
             await self.host.disconnect(ID.from_base58(peer))
         except Exception:  # noqa: BLE001 - already gone
             pass
+
+
+class _Gate:
+    """Drops a connection from a blocked or banned peer as soon as it is made (either way)."""
+
+    def __init__(self, svc: P2PService):
+        self.svc = svc
+
+    async def connected(self, network, conn) -> None:
+        peer = conn.muxed_conn.peer_id.to_string()
+        if peer in self.svc.blocked and self.svc._nursery is not None:
+            self.svc._nursery.start_soon(self.svc._disconnect, peer)
+
+    async def opened_stream(self, network, stream) -> None:
+        pass
+
+    async def closed_stream(self, network, stream) -> None:
+        pass
+
+    async def disconnected(self, network, conn) -> None:
+        pass
+
+    async def listen(self, network, multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network, multiaddr) -> None:
+        pass
+
+
+async def _no_auto_connect() -> None:
+    return None
 
 
 def _peer_str(raw: bytes) -> str:

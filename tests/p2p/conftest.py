@@ -1,0 +1,71 @@
+"""In-process fogs: several P2PService instances with their own stores in one trio run."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import trio
+
+from formation.crdt.async_store import AsyncStore
+from formation.crdt.store import Store
+from formation.p2p.service import P2PService, P2PSettings
+from tests.support import Node
+
+
+class Member:
+    def __init__(self, i: int, svc: P2PService, node: Node):
+        self.i = i
+        self.svc = svc
+        self.node = node
+
+    @property
+    def store(self) -> Store:
+        return self.node.store
+
+    async def relay(self, user, method, path, body=None, *, ts=1_700_000_000):
+        op = await self.svc.astore.run(self.node.relay, user, method, path, body, ts=ts)
+        self.svc.publish(op.wire)
+        return op
+
+    async def heartbeat(self, beat=0):
+        op = await self.svc.astore.run(self.node.heartbeat, beat)
+        self.svc.publish(op.wire)
+        return op
+
+
+@contextlib.asynccontextmanager
+async def open_fog(n: int, *, sync_interval: float = 2.0, mesh: bool = True):
+    members: list[Member] = []
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            node = Node(Store(), secret=bytes([i + 1]) * 32)
+            boot = [m.svc.addrs()[0] for m in (members if mesh else members[:1])]
+            svc = P2PService(node.key, AsyncStore(node.store), P2PSettings(
+                listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=boot, sync_interval=sync_interval))
+            await nursery.start(svc.run)
+            members.append(Member(i, svc, node))
+        with trio.fail_after(20):
+            while any(len(m.svc.connected()) < min(n - 1, 1 if not mesh else n - 1) for m in members):
+                await trio.sleep(0.1)
+        try:
+            yield members
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def converged(members, timeout: float = 30.0) -> float:
+    """Seconds until every member has the same state hash and heads (fails after timeout)."""
+    start = trio.current_time()
+    with trio.fail_after(timeout):
+        while True:
+            hashes = {m.store.state_hash() for m in members}
+            heads = {tuple(m.store.heads()) for m in members}
+            if len(hashes) == 1 and len(heads) == 1:
+                return trio.current_time() - start
+            await trio.sleep(0.05)
+
+
+@pytest.fixture
+def fog():
+    return open_fog
