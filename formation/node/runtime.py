@@ -43,6 +43,7 @@ class NodeRuntime:
             sync_interval=float(config.p2p.sync_interval_seconds),
         ))
         self.changes: Changes | None = None
+        self.api_urls: list[str] = []
         self.started_at = now_ms()
 
     @property
@@ -60,11 +61,25 @@ class NodeRuntime:
                 await self.register()
                 nursery.start_soon(self._heartbeat)
                 await nursery.start(serve_control, self, self.config.data_dir / "control.sock")
+                self.api_urls = await nursery.start(self._serve_api)
                 log.info("node %s up: peer %s, listening on %s", to_checksum(self.key.address),
                          self.peer_id, ", ".join(self.p2p.addrs()))
                 task_status.started(self)
         finally:
             self.store.on_commit.remove(self.changes.on_commit)
+
+    async def _serve_api(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from hypercorn.config import Config as HypercornConfig
+        from hypercorn.trio import serve
+
+        from .api.app import create_app
+
+        cfg = HypercornConfig()
+        host = self.config.api.host
+        cfg.bind = [f"[{host}]:{self.config.api.port}" if ":" in host else f"{host}:{self.config.api.port}"]
+        cfg.accesslog = None
+        cfg.errorlog = logging.getLogger("formation.api")
+        await serve(create_app(self), cfg, shutdown_trigger=trio.sleep_forever, task_status=task_status)
 
     # ---- writes --------------------------------------------------------------------------
 
@@ -127,6 +142,7 @@ class NodeRuntime:
 
         state = await self.astore.run(read, self.store)
         return {
+            "version": VERSION,
             "address": to_checksum(self.key.address),
             "peer_id": self.peer_id,
             "addrs": self.announce_addrs(),

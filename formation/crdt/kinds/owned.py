@@ -46,7 +46,10 @@ class OwnedKind(Kind):
                 raise Invalid("bad_field", f"field {self.id_field!r}: {exc}") from None
         if "id" in intent.params:
             return intent.params["id"]
-        raise Invalid("bad_request", f"no {self.id_field} in the request")
+        given = intent.body.get(self.id_field)  # the original's POST /instance/update form
+        if isinstance(given, str) and given:
+            return given
+        raise Invalid("bad_field", f"field {self.id_field!r}: is required")
 
     def _check_id(self, value) -> str:
         return OBJECT_ID(value)
@@ -89,7 +92,7 @@ class OwnedKind(Kind):
         if level is not None and level not in GRANTABLE:
             raise Invalid("bad_field", f"field 'level': must be one of {', '.join(GRANTABLE)} or null")
         if who == base["owner"]:
-            raise Invalid("bad_request", "the owner already has every right")
+            raise Invalid("unprocessable", "the owner already has every right")
         mine = level_of(base, intent.signer)
         current = base["authorized"].get(who)
         # You may grant or revoke only levels strictly below your own.

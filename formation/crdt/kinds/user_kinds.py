@@ -121,7 +121,8 @@ class InstanceKind(OwnedKind):
     settable = frozenset({"name", "build_id", "formfile", "replicas", "resources", "tags", "description"})
     routes = owned_routes(
         "/instance", create=("POST", "/instance/create"), update=("POST", "/instance/{id}/update"),
-        delete=("POST", "/instance/{id}/delete"), extra=("start", "stop", "restart"))
+        delete=("POST", "/instance/{id}/delete"), extra=("start", "stop", "restart")) + (
+        Route("POST", "/instance/update", "update"),)  # the original's form: id in the body
 
     def _lifecycle(self, intent: Intent, base: dict, **change) -> dict:
         _need(self.name, base, intent.signer, "operator", f"{intent.action}ing")
@@ -285,7 +286,7 @@ class DnsKind(OwnedKind):
     def validate(self, value, *, prefix=""):
         out = super().validate(value, prefix=prefix)
         if out["record_type"] == "CNAME" and not out["cname_target"]:
-            raise Invalid("bad_field", "dns field 'cname_target': a CNAME record needs one")
+            raise Invalid("unprocessable", "dns field 'cname_target': a CNAME record needs one")
         return out
 
     def index(self, value: dict) -> dict:

@@ -1,0 +1,144 @@
+"""Python client of a node's HTTP API, signing every request with the user's key.
+
+    from formation.client import Client
+    c = Client("http://127.0.0.1:3004", key)          # key: formation.crdt.keys.PrivateKey
+    model = c.post("/v1/models", {"name": "llama"})    # -> {"op_id", "kind", "key", "id"}
+    c.get(f"/v1/models/{model['id']}")
+
+`AsyncClient` has the same methods as coroutines (httpx under trio or asyncio). Errors raise
+`ApiError(status, error, detail)` with the node's JSON error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+
+from formation.crdt.intents import canonical_message
+from formation.crdt.keys import PrivateKey
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: str):
+        super().__init__(f"{status} {error}: {detail}")
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+def sign_headers(key: PrivateKey, method: str, path_query: str, body: bytes, ts: int | None = None) -> dict:
+    """The three headers of a signed request (DESIGN.md §2)."""
+    message = canonical_message(method, path_query, int(time.time()) if ts is None else ts, body)
+    sig = key.personal_sign(message.encode())
+    return {"X-Message": message, "X-Signature": "0x" + sig.hex(), "X-Address": "0x" + key.address.hex()}
+
+
+def _prepare(key, method: str, path: str, body: Any, query: dict | None, sign: bool):
+    if query:
+        path = path + "?" + urlencode({k: v for k, v in query.items() if v is not None})
+    raw = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+    headers = {"Content-Type": "application/json"} if raw else {}
+    if sign and key is not None:
+        headers.update(sign_headers(key, method, path, raw))
+    return path, raw, headers
+
+
+def _result(resp: httpx.Response) -> Any:
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    if resp.status_code >= 400:
+        if isinstance(data, dict) and "error" in data:
+            raise ApiError(resp.status_code, data["error"], data.get("detail", ""))
+        raise ApiError(resp.status_code, "http_error", resp.text[:200])
+    return data
+
+
+class Client:
+    def __init__(self, base_url: str, key: PrivateKey | None = None, *, timeout: float = 30.0):
+        self.key = key
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+
+    def request(self, method: str, path: str, body: Any = None, *, query: dict | None = None,
+                sign: bool = True) -> Any:
+        path, raw, headers = _prepare(self.key, method, path, body, query, sign)
+        return _result(self.http.request(method, path, content=raw, headers=headers))
+
+    def get(self, path: str, **kw) -> Any:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body: Any = None, **kw) -> Any:
+        return self.request("POST", path, body, **kw)
+
+    def put(self, path: str, body: Any = None, **kw) -> Any:
+        return self.request("PUT", path, body, **kw)
+
+    def delete(self, path: str, **kw) -> Any:
+        return self.request("DELETE", path, **kw)
+
+    def events(self, since: str | int = 0) -> Iterator[dict]:
+        path, _, headers = _prepare(self.key, "GET", "/v1/events", None, {"since": since}, True)
+        with self.http.stream("GET", path, headers=headers, timeout=None) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                _result(resp)
+            for line in resp.iter_lines():
+                if line:
+                    yield json.loads(line)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncClient:
+    def __init__(self, base_url: str, key: PrivateKey | None = None, *, timeout: float = 30.0):
+        self.key = key
+        self.http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout)
+
+    async def request(self, method: str, path: str, body: Any = None, *, query: dict | None = None,
+                      sign: bool = True) -> Any:
+        path, raw, headers = _prepare(self.key, method, path, body, query, sign)
+        return _result(await self.http.request(method, path, content=raw, headers=headers))
+
+    async def get(self, path: str, **kw) -> Any:
+        return await self.request("GET", path, **kw)
+
+    async def post(self, path: str, body: Any = None, **kw) -> Any:
+        return await self.request("POST", path, body, **kw)
+
+    async def put(self, path: str, body: Any = None, **kw) -> Any:
+        return await self.request("PUT", path, body, **kw)
+
+    async def delete(self, path: str, **kw) -> Any:
+        return await self.request("DELETE", path, **kw)
+
+    async def events(self, since: str | int = 0) -> AsyncIterator[dict]:
+        path, _, headers = _prepare(self.key, "GET", "/v1/events", None, {"since": since}, True)
+        async with self.http.stream("GET", path, headers=headers, timeout=None) as resp:
+            if resp.status_code >= 400:
+                await resp.aread()
+                _result(resp)
+            async for line in resp.aiter_lines():
+                if line:
+                    yield json.loads(line)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()

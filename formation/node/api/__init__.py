@@ -1,0 +1,1 @@
+"""The node's HTTP API (quart-trio on hypercorn, inside the node's nursery)."""

@@ -1,0 +1,417 @@
+"""The HTTP API: routes, signature checks, errors, the event stream and the OpenAPI document.
+
+Every endpoint is declared once in ENDPOINTS (method, path, auth, body schema, handler); the
+Quart routes (with and without the /v1 prefix) and /openapi.json are both generated from it, so
+the document cannot drift from the code. Every user write is the user's own signed request,
+handed to the node runtime unchanged; the op that carries it is what the fog replicates.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from formation.crdt.intents import MAX_BODY, write_routes
+from formation.crdt.kinds import get_kind
+from formation.crdt.op import OpError
+
+from . import views
+from .auth import AuthError, ReplayGuard, Signed, has_signature, verify
+from .schemas import ERROR_SCHEMA, SEARCH_SCHEMA, record_schema, write_body_schema
+
+STATUS_OF_CODE = {
+    "bad_field": 400, "bad_request": 400, "malformed": 400, "bad_key": 400,
+    "unauthorized": 403, "not_found": 404, "conflict": 409, "replay": 409,
+    "too_large": 413, "unprocessable": 422,
+}
+ASYNC_ACTIONS = {("instance", "create"), ("instance", "start"), ("instance", "stop"),
+                 ("instance", "restart"), ("instance", "delete")}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+@dataclass
+class Call:
+    runtime: Any
+    signed: Signed | None
+    params: dict
+    body: bytes
+
+    @property
+    def who(self) -> str | None:
+        return self.signed.address if self.signed else None
+
+    def json(self) -> dict:
+        if not self.body:
+            return {}
+        try:
+            value = json.loads(self.body)
+        except ValueError as exc:
+            raise ApiError(400, "bad_request", f"body is not JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ApiError(400, "bad_request", "body must be a JSON object")
+        return value
+
+
+Handler = Callable[[Call], Awaitable[tuple[Any, int]]]
+
+
+@dataclass
+class Endpoint:
+    method: str
+    path: str  # OpenAPI style: /models/{id}
+    summary: str
+    auth: str  # "none" | "optional" | "required"
+    handler: Handler
+    body: dict | None = None
+    ok: int = 200
+    tags: list[str] = field(default_factory=list)
+    stream: bool = False
+
+
+# ---- handlers ---------------------------------------------------------------------------------
+
+async def _get(call: Call, kind: str, key: str):
+    return await call.runtime.astore.call("get", kind, key)
+
+
+async def health(call: Call):
+    st = await call.runtime.status()
+    return {"status": "healthy", "version": st["version"], "address": st["address"],
+            "peer_id": st["peer_id"], "ops": st["ops"], "peers": len(st["connected"])}, 200
+
+
+def make_write(kind: str, action: str) -> Handler:
+    async def handler(call: Call):
+        if len(call.body) > MAX_BODY:
+            raise ApiError(413, "too_large", f"body is {len(call.body)} bytes, the limit is {MAX_BODY}")
+        try:
+            op = await call.runtime.submit_request(call.signed.message, call.body, call.signed.signature)
+        except OpError as exc:
+            raise ApiError(STATUS_OF_CODE.get(exc.code, 400), exc.code, exc.detail) from None
+        status = 202 if (kind, action) in ASYNC_ACTIONS else 201 if action == "create" else 200
+        return {"op_id": op.id.hex(), "kind": op.kind, "key": op.key, "id": op.key}, status
+
+    return handler
+
+
+async def _visible_or_404(call: Call, kind: str, key: str) -> dict:
+    value = await _get(call, kind, key)
+    if value is None:
+        raise ApiError(404, "not_found", f"no {kind} {key}")
+    if not views.visible(kind, value, call.who):
+        if call.who is None:
+            raise ApiError(401, "missing_header", f"this {kind} is private: sign the request")
+        raise ApiError(403, "forbidden", f"{call.who} may not read {kind} {key}")
+    return value
+
+
+async def _list(call: Call, kind: str, *, limit: int = 10_000, **filters) -> list[dict]:
+    rows = await call.runtime.astore.call("list", kind, limit=limit, **filters)
+    return [r for r in rows if views.visible(kind, r, call.who)]
+
+
+def _page(items: list, query) -> tuple[list, int, int]:
+    limit, offset = _int_arg(query, "limit", 100, 1, 1000), _int_arg(query, "offset", 0, 0, 10**9)
+    return items[offset:offset + limit], limit, offset
+
+
+def _int_arg(query, name: str, default: int, lo: int, hi: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ApiError(400, "bad_field", f"query parameter {name!r} must be an integer") from None
+    if not lo <= v <= hi:
+        raise ApiError(400, "bad_field", f"query parameter {name!r} must be in {lo}..{hi}")
+    return v
+
+
+async def account_get(call: Call):
+    addr = call.params["address"].lower()
+    if addr != call.who:
+        raise ApiError(403, "forbidden", "an account is readable only by its own address")
+    return await _visible_or_404(call, "account", addr), 200
+
+
+async def account_list(call: Call):
+    value = await _get(call, "account", call.who)
+    return {"accounts": [value] if value else [], "count": 1 if value else 0}, 200
+
+
+async def _with_replicas(call: Call, inst: dict) -> dict:
+    statuses = await call.runtime.astore.call("list", "instance_status", text=inst["instance_id"], limit=1000)
+    return {**inst, "replicas_status": [s for s in statuses if s["instance_id"] == inst["instance_id"]]}
+
+
+async def instance_get(call: Call):
+    inst = await _visible_or_404(call, "instance", call.params["id"])
+    return await _with_replicas(call, inst), 200
+
+
+async def instance_by_build(call: Call):
+    build = call.params["build_id"]
+    items = [i for i in await _list(call, "instance", type=build)]
+    return {"instances": items, "count": len(items)}, 200
+
+
+async def instance_list(call: Call):
+    items, limit, offset = _page(await _list(call, "instance"), request.args)
+    return {"instances": items, "count": len(items), "limit": limit, "offset": offset}, 200
+
+
+async def node_list(call: Call):
+    items, limit, offset = _page(await _list(call, "node"), request.args)
+    return {"nodes": items, "count": len(items), "limit": limit, "offset": offset}, 200
+
+
+async def node_get(call: Call):
+    return await _visible_or_404(call, "node", call.params["id"].lower()), 200
+
+
+async def dns_list(call: Call):
+    owner = request.args.get("owner")
+    items, limit, offset = _page(await _list(call, "dns", owner=owner), request.args)
+    return {"records": items, "count": len(items), "limit": limit, "offset": offset}, 200
+
+
+async def dns_get(call: Call):
+    return await _visible_or_404(call, "dns", call.params["id"].lower().rstrip(".")), 200
+
+
+def catalog_handlers(kind: str, plural: str):
+    type_field = "model_type" if kind == "model" else "agent_type"
+
+    async def listing(call: Call):
+        q = request.args
+        rows = await _list(call, kind, owner=q.get("owner"), type=q.get("type"), tag=q.get("tag"),
+                           text=q.get("q"))
+        rows = [r for r in rows if views.matches(r, type_field=type_field, filters={"framework": q.get("framework")})]
+        items, limit, offset = _page(rows, q)
+        return {plural: items, "count": len(items), "limit": limit, "offset": offset}, 200
+
+    async def get_one(call: Call):
+        return await _visible_or_404(call, kind, call.params["id"]), 200
+
+    async def search(call: Call):
+        body = call.json()
+        unknown = set(body) - set(SEARCH_SCHEMA["properties"])
+        if unknown:
+            raise ApiError(400, "bad_field", f"unknown search field {sorted(unknown)[0]!r}")
+        tags = body.get("tags") or []
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ApiError(400, "bad_field", "field 'tags' must be a list of strings")
+        for name in ("type", "framework", "owner", "text"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise ApiError(400, "bad_field", f"field {name!r} must be a string")
+        rows = await _list(call, kind, owner=body.get("owner"), type=body.get("type"),
+                           tag=tags[0] if tags else None, text=body.get("text"))
+        rows = [r for r in rows if views.matches(r, type_field=type_field, filters=body)]
+        args = {k: str(body[k]) for k in ("limit", "offset") if k in body}
+        items, limit, offset = _page(rows, args)
+        return {plural: items, "count": len(items), "limit": limit, "offset": offset}, 200
+
+    return listing, get_one, search
+
+
+async def events(call: Call):
+    """NDJSON: one line per committed op the caller may see; `since` = op id or sequence."""
+    since = request.args.get("since", "0")
+    seq = await _resolve_since(call, since)
+    runtime = call.runtime
+
+    async def lines():
+        nonlocal seq
+        yield json.dumps({"event": "hello", "seq": seq}) + "\n"
+        while True:
+            with trio.move_on_after(15):
+                await runtime.changes.wait_past(seq)
+            metas = await runtime.astore.call("since", seq)
+            if not metas:
+                yield json.dumps({"event": "keepalive", "seq": seq}) + "\n"
+                continue
+            out = []
+            for m in metas:
+                value = await runtime.astore.call("get", m.kind, m.key)
+                shown = value if value is None or views.visible(m.kind, value, call.who) else False
+                if shown is not False and m.kind != "instance_status":
+                    out.append(json.dumps({"event": "op", "seq": m.seq, "op_id": m.id.hex(),
+                                           "kind": m.kind, "key": m.key, "value": shown}) + "\n")
+                seq = m.seq
+            if out:
+                yield "".join(out)
+
+    return lines(), 200
+
+
+async def _resolve_since(call: Call, since: str) -> int:
+    if since.isdigit():
+        return int(since)
+    try:
+        op_id = bytes.fromhex(since)
+    except ValueError:
+        raise ApiError(400, "bad_field", "query parameter 'since' is a sequence number or an op id (hex)") from None
+    meta = await call.runtime.astore.run(lambda s: s.ops.get(op_id), call.runtime.store)
+    if meta is None:
+        raise ApiError(404, "not_found", f"no op {since}")
+    return meta.seq
+
+
+# ---- the table --------------------------------------------------------------------------------
+
+def endpoints() -> list[Endpoint]:
+    eps = [
+        Endpoint("GET", "/health", "Node health and identity", "none", health, tags=["node"]),
+        Endpoint("GET", "/account/{address}/get", "Your account", "required", account_get, tags=["accounts"]),
+        Endpoint("GET", "/account/list", "Accounts you may see (your own)", "required", account_list, tags=["accounts"]),
+        Endpoint("GET", "/instance/list", "Instances you own or are authorized on", "required", instance_list, tags=["instances"]),
+        Endpoint("GET", "/instance/{id}/get", "One instance with its replicas' status", "required", instance_get, tags=["instances"]),
+        Endpoint("GET", "/instance/{build_id}/get_by_build_id", "Your instances of a build", "required", instance_by_build, tags=["instances"]),
+        Endpoint("GET", "/node/list", "Nodes of the fog", "none", node_list, tags=["node"]),
+        Endpoint("GET", "/node/{id}/get", "One node", "none", node_get, tags=["node"]),
+        Endpoint("GET", "/dns/list", "DNS records", "none", dns_list, tags=["dns"]),
+        Endpoint("GET", "/dns/{id}/get", "One DNS record", "none", dns_get, tags=["dns"]),
+        Endpoint("GET", "/events", "Live stream of state changes you may see (NDJSON)", "optional", events,
+                 tags=["events"], stream=True),
+    ]
+    for kind, plural, base in (("model", "models", "/models"), ("agent", "agents", "/agents")):
+        listing, get_one, search = catalog_handlers(kind, plural)
+        eps += [
+            Endpoint("GET", base, f"List {plural} you may see", "optional", listing, tags=[plural]),
+            Endpoint("GET", base + "/{id}", f"One {kind}", "optional", get_one, tags=[plural]),
+            Endpoint("POST", base + "/search", f"Search {plural}", "optional", search, body=SEARCH_SCHEMA, tags=[plural]),
+        ]
+    for method, pattern, kind, action in write_routes():
+        k = get_kind(kind)
+        ok = 202 if (kind, action) in ASYNC_ACTIONS else 201 if action == "create" else 200
+        eps.append(Endpoint(method, pattern, f"{action} {kind} (signed write)", "required",
+                            make_write(kind, action), body=write_body_schema(k, action), ok=ok,
+                            tags=[kind]))
+    return eps
+
+
+def create_app(runtime) -> QuartTrio:
+    app = QuartTrio("formation")
+    app.config["MAX_CONTENT_LENGTH"] = 2 * MAX_BODY
+    guard = ReplayGuard()
+    table = endpoints()
+
+    def bind(ep: Endpoint):
+        async def view(**params):
+            body = await request.get_data(cache=False)
+            qs = request.query_string.decode()
+            path_query = request.path + ("?" + qs if qs else "")
+            signed = None
+            if ep.auth == "required" or (ep.auth == "optional" and has_signature(request.headers)):
+                try:
+                    signed = verify(request.method, path_query, body, request.headers, time.time(), guard)
+                except AuthError as exc:
+                    return _error(401, exc.reason, exc.detail)
+            try:
+                result, status = await ep.handler(Call(runtime, signed, params, body))
+            except ApiError as exc:
+                return _error(exc.status, exc.error, exc.detail)
+            if ep.stream:
+                return Response(result, status=status, mimetype="application/x-ndjson")
+            return Response(json.dumps(result), status=status, mimetype="application/json")
+
+        return view
+
+    seen_rules: set[tuple[str, str]] = set()
+    for i, ep in enumerate(table):
+        rule = ep.path.replace("{", "<").replace("}", ">")
+        for prefix in ("/v1", ""):
+            key = (ep.method, prefix + rule)
+            if key in seen_rules:
+                continue
+            seen_rules.add(key)
+            app.add_url_rule(prefix + rule, f"ep{i}{prefix.replace('/', '_')}", bind(ep), methods=[ep.method])
+
+    spec = openapi(table)
+
+    @app.route("/openapi.json")
+    @app.route("/v1/openapi.json")
+    async def openapi_doc():
+        return Response(json.dumps(spec), mimetype="application/json")
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException):
+        names = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        return _error(exc.code or 500, names.get(exc.code, "http_error"), exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception):
+        app.logger.exception("unhandled error in the API")
+        return _error(500, "internal", f"{type(exc).__name__}: the node hit a bug; see its log")
+
+    return app
+
+
+def _error(status: int, error: str, detail: str) -> Response:
+    return Response(json.dumps({"error": error, "detail": detail}), status=status, mimetype="application/json")
+
+
+# ---- OpenAPI ----------------------------------------------------------------------------------
+
+SIG_HEADERS = [
+    {"name": "X-Message", "in": "header", "schema": {"type": "string"},
+     "description": "'<METHOD> <PATH?QUERY> <unix-seconds> <sha256-hex(body)>'"},
+    {"name": "X-Signature", "in": "header", "schema": {"type": "string"},
+     "description": "EIP-191 personal_sign of X-Message, 65 bytes hex (r||s||v)"},
+    {"name": "X-Recovery-Id", "in": "header", "schema": {"type": "string"},
+     "description": "optional when v is in the signature"},
+    {"name": "X-Address", "in": "header", "schema": {"type": "string"},
+     "description": "optional: the signer's address, checked against the signature"},
+]
+QUERY = {
+    "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
+    "offset": {"type": "integer", "minimum": 0},
+}
+
+
+def openapi(table: list[Endpoint]) -> dict:
+    paths: dict[str, dict] = {}
+    for ep in table:
+        params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+                  for n in _path_params(ep.path)]
+        if ep.auth != "none":
+            params += [dict(h, required=(ep.auth == "required" and h["name"] in ("X-Message", "X-Signature"))) for h in SIG_HEADERS]
+        if ep.method == "GET" and ep.path.endswith(("list", "/models", "/agents")):
+            params += [{"name": n, "in": "query", "required": False, "schema": s} for n, s in QUERY.items()]
+        if ep.path == "/events":
+            params.append({"name": "since", "in": "query", "required": False, "schema": {"type": "string"}})
+        responses = {str(ep.ok): {"description": "OK", "content": {
+            "application/x-ndjson" if ep.stream else "application/json": {"schema": {"type": "object"} if not ep.stream else {"type": "string"}}}}}
+        for code in (400, 401, 403, 404, 409, 413, 422):
+            responses[str(code)] = {"description": "error", "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+        op = {"operationId": f"{ep.method.lower()}_{ep.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
+              "summary": ep.summary, "tags": ep.tags, "parameters": params, "responses": responses}
+        if ep.body is not None:
+            op["requestBody"] = {"required": False, "content": {"application/json": {"schema": ep.body}}}
+        paths.setdefault("/v1" + ep.path, {})[ep.method.lower()] = op
+    paths["/v1/openapi.json"] = {"get": {"operationId": "openapi", "summary": "This document",
+                                         "responses": {"200": {"description": "OpenAPI 3.0 document",
+                                                               "content": {"application/json": {"schema": {"type": "object"}}}}}}}
+    return {"openapi": "3.0.3", "info": {"title": "Formation node API", "version": "1"},
+            "paths": paths, "components": {"schemas": {"Record": record_schema()}}}
+
+
+def _path_params(path: str) -> list[str]:
+    return re.findall(r"\{(\w+)\}", path)

@@ -1,0 +1,195 @@
+"""The HTTP API against a real running node: signatures, rules, reads, two nodes, events."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+import trio
+
+from formation.client import ApiError, AsyncClient, sign_headers
+from formation.crdt.keys import PrivateKey
+from tests.api.conftest import running_node
+
+EIP191_TEST_KEY = "0x4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318"
+
+
+def key(n: int) -> PrivateKey:
+    return PrivateKey(bytes([n]) * 32)
+
+
+async def test_health_and_openapi(node):
+    async with httpx.AsyncClient(base_url=node.base_url) as http:
+        for path in ("/health", "/v1/health"):
+            r = await http.get(path)
+            assert r.status_code == 200 and r.json()["status"] == "healthy"
+        spec = (await http.get("/openapi.json")).json()
+        assert spec["openapi"].startswith("3.") and "/v1/models" in spec["paths"]
+        r = await http.get("/v1/nope")
+        assert r.status_code == 404 and r.json()["error"] == "not_found"
+
+
+async def test_published_test_key_signs_requests(node):
+    k = PrivateKey.from_hex(EIP191_TEST_KEY)
+    async with AsyncClient(node.base_url, k) as c:
+        res = await c.post("/v1/account/create", {"name": "vector"})
+        assert res["key"] == "0x2c7536e3605d9c16a7a3d7b1898e529396a65c23"
+        acct = await c.get(f"/v1/account/{res['key']}/get")
+        assert acct["name"] == "vector" and acct["credits"] == 100
+
+
+async def _raw(node, method, path, body=b"", headers=None):
+    async with httpx.AsyncClient(base_url=node.base_url) as http:
+        return await http.request(method, path, content=body, headers=headers or {})
+
+
+async def test_every_tampering_gets_401_with_its_reason(node):
+    k = key(3)
+    body = json.dumps({"name": "m"}).encode()
+    good = sign_headers(k, "POST", "/v1/models", body)
+
+    async def status(method="POST", path="/v1/models", b=body, h=None):
+        r = await _raw(node, method, path, b, h if h is not None else good)
+        return r.status_code, r.json().get("error")
+
+    assert await status(b=b'{"name": "x"}') == (401, "body_mismatch")
+    assert await status(path="/v1/agents") == (401, "path_mismatch")
+    assert await status(method="PUT", path="/v1/models/abc") == (401, "method_mismatch")
+    old = sign_headers(k, "POST", "/v1/models", body, ts=int(time.time()) - 1000)
+    assert await status(h=old) == (401, "stale")
+    assert await status(h={"X-Signature": good["X-Signature"]}) == (401, "missing_header")
+    assert await status(h={"X-Message": good["X-Message"]}) == (401, "missing_header")
+    wrong_rid = dict(good, **{"X-Recovery-Id": str(1 - (int(good["X-Signature"][-2:], 16) - 27))})
+    assert await status(h=wrong_rid) == (401, "recovery_id_mismatch")
+    ts = good["X-Message"].split()[2]
+    ts_changed = dict(good, **{"X-Message": good["X-Message"].replace(ts, str(int(ts) + 1))})
+    assert await status(h=ts_changed) == (401, "signer_mismatch")
+    ok = await _raw(node, "POST", "/v1/models", body, good)
+    assert ok.status_code == 201
+    assert await status() == (401, "replay")
+
+
+async def test_other_users_cannot_touch_your_things(node):
+    a, b, mgr = AsyncClient(node.base_url, key(11)), AsyncClient(node.base_url, key(12)), AsyncClient(node.base_url, key(13))
+    inst = await a.post("/v1/instance/create", {"name": "web", "replicas": 2})
+    mid = (await a.post("/v1/models", {"name": "secret", "is_private": True}))["id"]
+    aid = (await a.post("/v1/agents", {"name": "bot"}))["id"]
+    iid = inst["id"]
+    with pytest.raises(ApiError) as e:
+        await b.post(f"/v1/instance/{iid}/update", {"replicas": 9})
+    assert e.value.status == 403
+    with pytest.raises(ApiError) as e:
+        await b.post(f"/v1/instance/{iid}/delete")
+    assert e.value.status == 403
+    with pytest.raises(ApiError) as e:
+        await b.get(f"/v1/instance/{iid}/get")
+    assert e.value.status == 403
+    with pytest.raises(ApiError) as e:
+        await b.get(f"/v1/models/{mid}")
+    assert e.value.status == 403
+    with pytest.raises(ApiError) as e:
+        await AsyncClient(node.base_url).get(f"/v1/models/{mid}", sign=False)
+    assert e.value.status == 401
+    assert (await b.get("/v1/models"))["count"] == 0  # the private model is not listed for b
+    with pytest.raises(ApiError) as e:
+        await b.put(f"/v1/agents/{aid}", {"description": "hijacked"})
+    assert e.value.status == 403
+    with pytest.raises(ApiError) as e:
+        await b.delete(f"/v1/agents/{aid}")
+    assert e.value.status == 403
+    # a manager may configure, not delete; an unknown field names itself
+    await a.post(f"/v1/instance/{iid}/authorize", {"address": "0x" + key(13).address.hex(), "level": "manager"})
+    assert (await mgr.post(f"/v1/instance/{iid}/update", {"replicas": 3}))["kind"] == "instance"
+    assert (await mgr.get(f"/v1/instance/{iid}/get"))["replicas"] == 3
+    with pytest.raises(ApiError) as e:
+        await mgr.post(f"/v1/instance/{iid}/delete")
+    assert e.value.status == 403
+    with pytest.raises(ApiError) as e:
+        await mgr.post(f"/v1/instance/{iid}/update", {"colour": "red"})
+    assert e.value.status == 400 and "colour" in e.value.detail
+    # transfer: the old owner loses control
+    await a.post(f"/v1/models/{mid}/transfer", {"to": "0x" + key(12).address.hex()})
+    assert (await b.get(f"/v1/models/{mid}"))["owner"] == "0x" + key(12).address.hex()
+    with pytest.raises(ApiError) as e:
+        await a.put(f"/v1/models/{mid}", {"description": "mine?"})
+    assert e.value.status == 403
+    listed = await a.get("/v1/instance/list")
+    assert [i["instance_id"] for i in listed["instances"]] == [iid]
+    assert inst["op_id"] and len(inst["op_id"]) == 64
+
+
+async def test_status_codes_of_writes(node):
+    c = AsyncClient(node.base_url, key(21))
+    r = await c.post("/v1/instance/create", {"name": "svc"})
+    assert r["kind"] == "instance"
+    async with httpx.AsyncClient(base_url=node.base_url) as http:
+        body = json.dumps({"name": "svc2"}).encode()
+        resp = await http.post("/instance/create", content=body,
+                               headers=sign_headers(key(21), "POST", "/instance/create", body))
+        assert resp.status_code == 202  # scheduled later: accepted, not done
+        body = json.dumps({"name": "m1"}).encode()
+        resp = await http.post("/models", content=body, headers=sign_headers(key(21), "POST", "/models", body))
+        assert resp.status_code == 201
+        mid = resp.json()["id"]
+        body = json.dumps({"name": "m1", "model_id": mid}).encode()
+        resp = await http.post("/models", content=body, headers=sign_headers(key(21), "POST", "/models", body))
+        assert resp.status_code == 409
+        big = json.dumps({"name": "x", "description": "y" * 60_000}).encode()
+        resp = await http.post("/models", content=big, headers=sign_headers(key(21), "POST", "/models", big))
+        assert resp.status_code == 413
+        body = json.dumps({"domain": "a.fog", "record_type": "CNAME"}).encode()
+        resp = await http.post("/dns/create", content=body, headers=sign_headers(key(21), "POST", "/dns/create", body))
+        assert resp.status_code == 422
+        body = b"not json"
+        resp = await http.post("/models", content=body, headers=sign_headers(key(21), "POST", "/models", body))
+        assert resp.status_code == 400 and resp.json()["error"] == "bad_request"
+
+
+async def test_search_models_and_agents(node):
+    c = AsyncClient(node.base_url, key(31))
+    await c.post("/v1/models", {"name": "Llama 3", "model_type": "llm", "framework": "pytorch", "tags": ["chat"]})
+    await c.post("/v1/models", {"name": "Whisper", "model_type": "audio", "tags": ["speech"]})
+    await c.post("/v1/agents", {"name": "Helper", "agent_type": "assistant", "tags": ["chat"]})
+    anon = AsyncClient(node.base_url)
+    assert [m["name"] for m in (await anon.post("/v1/models/search", {"text": "llama"}, sign=False))["models"]] == ["Llama 3"]
+    assert [m["name"] for m in (await anon.post("/v1/models/search", {"type": "audio"}, sign=False))["models"]] == ["Whisper"]
+    assert [m["name"] for m in (await anon.post("/v1/models/search", {"framework": "pytorch", "tags": ["chat"]}, sign=False))["models"]] == ["Llama 3"]
+    assert (await anon.get("/v1/agents", query={"tag": "chat"}, sign=False))["count"] == 1
+    with pytest.raises(ApiError) as e:
+        await anon.post("/v1/models/search", {"colour": "red"}, sign=False)
+    assert e.value.status == 400
+
+
+async def test_write_on_one_node_is_readable_on_the_other(tmp_path):
+    async with running_node(tmp_path / "a", secret=b"\x01" * 32) as a:
+        boot = [addr for addr in a.announce_addrs() if "/127.0.0.1/" in addr]
+        async with running_node(tmp_path / "b", secret=b"\x02" * 32, bootstrap=boot) as b:
+            ca, cb = AsyncClient(a.base_url, key(41)), AsyncClient(b.base_url, key(41))
+            mid = (await ca.post("/v1/models", {"name": "replicated"}))["id"]
+            with trio.fail_after(15):
+                while True:
+                    try:
+                        got = await cb.get(f"/v1/models/{mid}")
+                        break
+                    except ApiError as exc:
+                        assert exc.status == 404
+                        await trio.sleep(0.1)
+            assert got["name"] == "replicated"
+            nodes = (await cb.get("/v1/node/list", sign=False))["nodes"]
+            assert len(nodes) == 2
+
+
+async def test_events_stream_resumes_from_an_op(node):
+    c = AsyncClient(node.base_url, key(51))
+    first = await c.post("/v1/models", {"name": "one"})
+    seen = []
+    with trio.fail_after(10):
+        async for ev in c.events(since=first["op_id"]):
+            seen.append(ev)
+            if ev["event"] == "hello":
+                await AsyncClient(node.base_url, key(51)).post("/v1/models", {"name": "two"})
+            if ev["event"] == "op" and ev["kind"] == "model":
+                break
+    assert seen[-1]["value"]["name"] == "two"
