@@ -43,7 +43,7 @@ def _type_schema(tp) -> dict:
 def fields_schema(record_cls, names) -> dict:
     hints = typing.get_type_hints(record_cls)
     props = {f.name: _type_schema(hints[f.name]) for f in dataclasses.fields(record_cls) if f.name in names}
-    return {"type": "object", "properties": props}
+    return {"type": "object", "properties": props, "additionalProperties": False}
 
 
 def write_body_schema(kind, action: str) -> dict:
@@ -51,11 +51,12 @@ def write_body_schema(kind, action: str) -> dict:
     if action in ("delete", "start", "stop", "restart"):
         return {"type": "object", "maxProperties": 0}
     if action == "authorize":
-        return {"type": "object", "required": ["address"], "properties": {
+        return {"type": "object", "required": ["address"], "additionalProperties": False, "properties": {
             "address": {"type": "string"}, "level": {"type": "string", "nullable": True,
                                                     "enum": ["manager", "operator", "read_only", None]}}}
     if action == "transfer":
-        return {"type": "object", "required": ["to"], "properties": {"to": {"type": "string"}}}
+        return {"type": "object", "required": ["to"], "additionalProperties": False,
+                "properties": {"to": {"type": "string"}}}
     names = set(kind.settable) if isinstance(kind, OwnedKind) else {"name"}
     if isinstance(kind, OwnedKind):
         names.add(kind.id_field)
