@@ -38,11 +38,12 @@ KEY = PrivateKey(b"\x5a" * 32)
 def base_url(tmp_path_factory):
     data = tmp_path_factory.mktemp("fuzz-node")
     port = free_port()
+    log_file = open(data / "node.log", "w")  # noqa: SIM115 - the node writes it until teardown
     proc = subprocess.Popen(
         [sys.executable, "-m", "formation.cli", "node", "--data-dir", str(data), "--api-port", str(port),
          "--p2p-port", str(free_port())],
         env={**os.environ, "FORMATION_PASSWORD": "fuzz"}, stdout=subprocess.DEVNULL,
-        stderr=open(data / "node.log", "w"), start_new_session=True)
+        stderr=log_file, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -62,6 +63,7 @@ def base_url(tmp_path_factory):
             proc.wait(10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        log_file.close()
     log = (data / "node.log").read_text()
     assert "Traceback" not in log, log[-3000:]
 
