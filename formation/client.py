@@ -39,8 +39,9 @@ def sign_headers(key: PrivateKey, method: str, path_query: str, body: bytes, ts:
 
 
 def _prepare(key, method: str, path: str, body: Any, query: dict | None, sign: bool):
-    if query:
-        path = path + "?" + urlencode({k: v for k, v in query.items() if v is not None})
+    query = {k: v for k, v in (query or {}).items() if v is not None}
+    if query:  # httpx sends no '?' for an empty query, so none may be signed either
+        path = path + "?" + urlencode(query)
     raw = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
     headers = {"Content-Type": "application/json"} if raw else {}
     if sign and key is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
@@ -70,6 +71,7 @@ CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v BLOB);
 """
 
 _NO_VALUE = object()
+log = logging.getLogger("formation.crdt.store")
 
 
 def _join(ids: Iterable[bytes]) -> bytes:
@@ -376,8 +378,14 @@ class Store:
                 op = ready.pop()
                 try:
                     self._deliver(op, batch)
-                except Invalid as exc:
+                except OpError as exc:
                     self._reject(op.id, exc.code, exc.detail, res)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a rule that crashes must not crash ingest
+                    # The same code runs on every node, so this rejection is deterministic too;
+                    # the log line is how the bug gets found.
+                    log.exception("rule of kind %r raised on op %s", op.kind, op.id.hex()[:16])
+                    self._reject(op.id, "internal", f"{type(exc).__name__} while validating", res)
                     continue
                 res.accepted.append(op.id)
                 for waiter in self._waiting.pop(op.id, ()):

@@ -193,3 +193,13 @@ async def test_events_stream_resumes_from_an_op(node):
             if ev["event"] == "op" and ev["kind"] == "model":
                 break
     assert seen[-1]["value"]["name"] == "two"
+
+
+async def test_odd_headers_are_401_not_500_and_signed_searches_repeat(node):
+    odd = ("GET /v1/account/list \u00b2 " + "0" * 64).encode("latin-1")  # a header of raw bytes
+    r = await _raw(node, "GET", "/v1/account/list", b"", {"X-Message": odd, "X-Signature": "00" * 65})
+    assert r.status_code == 401 and r.json()["error"] == "bad_message"
+    c = AsyncClient(node.base_url, key(61))
+    for _ in range(2):  # same second, same body: a read, not a replayed write
+        assert (await c.post("/v1/models/search", {"text": "x"}))["count"] == 0
+    assert (await c.get("/v1/models", query={"type": None}))["count"] == 0

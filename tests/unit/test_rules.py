@@ -156,3 +156,14 @@ def test_unknown_route_and_bad_message(node):
         node.relay(u, "POST", "/teleport", {})
     with pytest.raises(Invalid, match="signed message must be"):
         node.store.write_request(node.key, "hello", b"", u.key.personal_sign(b"hello"), now_ms=5)
+
+
+def test_unicode_digits_in_a_signed_timestamp_are_rejected_not_a_crash():
+    from formation.crdt.keys import PrivateKey
+    from formation.crdt.op import make_op
+
+    u = User()
+    msg = "POST /models \u00b2 " + "0" * 64
+    op = make_op(PrivateKey(), "model", "x", deps=[], hlc=1, request=(msg, b"", u.key.personal_sign(msg.encode())))
+    res = Store().ingest([op.wire])
+    assert [r.code for r in res.rejected] == ["bad_request"]

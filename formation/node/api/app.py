@@ -82,6 +82,7 @@ class Endpoint:
     ok: int = 200
     tags: list[str] = field(default_factory=list)
     stream: bool = False
+    write: bool = False  # a signed write: each signature is good for one request
 
 
 # ---- handlers ---------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ async def events(call: Call):
 
 
 async def _resolve_since(call: Call, since: str) -> int:
-    if since.isdigit():
+    if re.fullmatch(r"[0-9]{1,12}", since):
         return int(since)
     try:
         op_id = bytes.fromhex(since)
@@ -303,7 +304,7 @@ def endpoints() -> list[Endpoint]:
         ok = 202 if (kind, action) in ASYNC_ACTIONS else 201 if action == "create" else 200
         eps.append(Endpoint(method, pattern, f"{action} {kind} (signed write)", "required",
                             make_write(kind, action), body=write_body_schema(k, action), ok=ok,
-                            tags=[kind]))
+                            tags=[kind], write=True))
     return eps
 
 
@@ -321,7 +322,8 @@ def create_app(runtime) -> QuartTrio:
             signed = None
             if ep.auth == "required" or (ep.auth == "optional" and has_signature(request.headers)):
                 try:
-                    signed = verify(request.method, path_query, body, request.headers, time.time(), guard)
+                    signed = verify(request.method, path_query, body, request.headers, time.time(), guard,
+                                    one_use=ep.write)
                 except AuthError as exc:
                     return _error(401, exc.reason, exc.detail)
             try:

@@ -1,16 +1,18 @@
 """Signed requests (DESIGN.md §2): X-Message, X-Signature, X-Recovery-Id.
 
-X-Address (optional) names the signer, so a tampered message is reported as such. X-Message must be exactly `"<METHOD> <PATH?QUERY> <unix-seconds> <sha256-hex(body)>"` for the
+X-Message must be exactly `"<METHOD> <PATH?QUERY> <unix-seconds> <sha256-hex(body)>"` for the
 request that carries it; X-Signature is the EIP-191 signature of that string (65 bytes hex, with
 or without 0x; v as 0/1 or 27/28), X-Recovery-Id optional when v is present. Refused, each with
 its own reason: a missing header, a message that does not match this request, a timestamp
 outside ±120 s, a signature already used inside that window, a bad or mismatched signature.
-There is no "localhost is admin" shortcut: every caller signs.
+X-Address (optional) names the signer, so a tampered message is reported as such rather than
+recovering to some other address. There is no "localhost is admin" shortcut: every caller signs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 from formation.crdt.intents import canonical_message
@@ -23,9 +25,9 @@ from formation.crdt.keys import (
 )
 
 WINDOW_SECONDS = 120
-# A replayed signed GET can only re-read, within the window, what its signer may read; refusing
-# them would make every client that polls (same second, same message, same RFC 6979 signature)
-# fail. Every other method is one use per signature.
+# A replayed signed read (GET, or a POST search) can only re-read, within the window, what its
+# signer may read; refusing them would make every client that polls (same second, same message,
+# same RFC 6979 signature) fail. Every write is one use per signature.
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 _HALF_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141 // 2
 
@@ -64,7 +66,8 @@ def has_signature(headers) -> bool:
     return "X-Signature" in headers or "X-Message" in headers
 
 
-def verify(method: str, path_query: str, body: bytes, headers, now: float, guard: ReplayGuard) -> Signed:
+def verify(method: str, path_query: str, body: bytes, headers, now: float, guard: ReplayGuard,
+           *, one_use: bool = True) -> Signed:
     message = headers.get("X-Message")
     sig_text = headers.get("X-Signature")
     if not message:
@@ -72,7 +75,7 @@ def verify(method: str, path_query: str, body: bytes, headers, now: float, guard
     if not sig_text:
         raise AuthError("missing_header", "X-Signature header is missing")
     parts = message.split(" ")
-    if len(parts) != 4 or not parts[2].isdigit():
+    if len(parts) != 4 or not re.fullmatch(r"[0-9]{1,12}", parts[2]):
         raise AuthError("bad_message", "X-Message must be '<METHOD> <PATH?QUERY> <unix-seconds> <sha256-hex(body)>'")
     ts = int(parts[2])
     expected = canonical_message(method, path_query, ts, body)
@@ -83,7 +86,7 @@ def verify(method: str, path_query: str, body: bytes, headers, now: float, guard
     if parts[3] != hashlib.sha256(body).hexdigest():
         raise AuthError("body_mismatch", "the body's SHA-256 is not the one in X-Message")
     if message != expected:
-        raise AuthError("bad_message", f"X-Address (optional) names the signer, so a tampered message is reported as such. X-Message must be exactly {expected!r}")
+        raise AuthError("bad_message", f"X-Message must be exactly {expected!r}")
     if abs(now - ts) > WINDOW_SECONDS:
         raise AuthError("stale", f"timestamp {ts} is more than {WINDOW_SECONDS} s from the node's clock ({int(now)})")
     rid_text = headers.get("X-Recovery-Id")
@@ -112,6 +115,6 @@ def verify(method: str, path_query: str, body: bytes, headers, now: float, guard
             raise AuthError("bad_address", f"X-Address: {exc}") from None
         if claimed_raw != signer:
             raise AuthError("signer_mismatch", "the signature was not made by X-Address over this X-Message")
-    if method.upper() not in SAFE_METHODS:
+    if one_use and method.upper() not in SAFE_METHODS:
         guard.check_and_remember(sig[:64], now)
     return Signed(format_address(signer), message, sig)
