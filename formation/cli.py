@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from formation import client_cli
 from formation.crdt.keys import PrivateKey, to_checksum
 from formation.node.config import Config, ConfigError, load_config, with_tcp_port
 from formation.node.keystore import (
@@ -99,6 +100,71 @@ def cmd_key_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Stop(BaseException):
+    """Raised by the SIGINT/SIGTERM handler of `form dev fog`."""
+
+
+def cmd_dev_fog(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    import signal
+    import tempfile
+    import time
+
+    from formation.node.devfog import DevFog, DevFogError
+    from formation.node.keystore import PASSWORD_ENV
+
+    temporary = args.base_dir is None
+    base = Path(tempfile.mkdtemp(prefix="formation-fog-")) if temporary else Path(args.base_dir)
+    fog = DevFog(args.nodes, base, password=os.environ.get(PASSWORD_ENV) or "dev",
+                 base_port=args.base_port)
+
+    def on_signal(signum, frame):
+        raise _Stop(signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            _note(f"starting {args.nodes} node(s) in {base} ...")
+            fog.start()
+            fog.wait_ready(args.timeout)
+        except DevFogError as exc:
+            raise NodeError(str(exc)) from None
+        rows = fog.table()
+        header = ("node", "address", "peer id", "p2p port", "api port", "data dir", "log file")
+        cells = [(str(r["node"]), r["address"], r["peer_id"], str(r["p2p_port"]),
+                  str(r["api_port"]), r["data_dir"], r["log"]) for r in rows]
+        widths = [max(len(h), *(len(c[k]) for c in cells)) for k, h in enumerate(header)]
+        print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
+        for c in cells:
+            print("  ".join(x.ljust(w) for x, w in zip(c, widths, strict=True)).rstrip())
+        sys.stdout.flush()
+        _note(f"join this fog with: form node --bootstrap {rows[0]['multiaddr']}")
+        _note("running; Ctrl-C (SIGINT) or SIGTERM stops every node")
+        reported: set[int] = set()
+        while True:
+            time.sleep(1)
+            for node in fog.nodes:
+                if node.index not in reported and not node.running:
+                    reported.add(node.index)
+                    _note(f"node {node.index} exited with status {node.proc.returncode}; "
+                          f"see {node.log_path}")
+    except _Stop:
+        pass
+    finally:
+        for s in old:  # a second Ctrl-C must not interrupt the shutdown half-way
+            signal.signal(s, signal.SIG_IGN)
+        _note("stopping the fog ...")
+        fog.close()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if temporary and not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+        elif fog.nodes:
+            _note(f"data and logs kept in {base}")
+    return EXIT_OK
+
+
 def _key_config(args: argparse.Namespace) -> Config:
     if args.data_dir is None:
         return load_config(args.config, {})
@@ -172,6 +238,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -239,6 +315,35 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--data-dir", metavar="DIR", required=True, help="data directory")
     imp.add_argument("--json", action="store_true", help="print one JSON object")
     imp.set_defaults(func=cmd_key_import)
+
+    dev = commands.add_parser("dev", help="development tools",
+                              description="Tools for developing Formation on one machine.")
+    dev_commands = dev.add_subparsers(dest="dev_command", metavar="COMMAND")
+    dev.set_defaults(func=None, parser=dev)
+    fog = dev_commands.add_parser(
+        "fog", help="run a local fog of several nodes on 127.0.0.1",
+        description="Start N `form node` processes on 127.0.0.1, each with its own data "
+                    "directory, ports and log (BASE_DIR/node-i, BASE_DIR/node-i.log); node 0 "
+                    "first, the others joining through it. Prints a table of the nodes, then "
+                    "runs until Ctrl-C (SIGINT) or SIGTERM and stops every node cleanly. The "
+                    "keystores' password is FORMATION_PASSWORD, or 'dev'.",
+    )
+    fog.add_argument("--nodes", metavar="N", type=_positive, default=3,
+                     help="number of nodes (default 3)")
+    fog.add_argument("--base-dir", metavar="DIR",
+                     help="where the nodes' data and logs go; reused if it exists (default: a "
+                          "new temporary directory, removed at exit unless --keep)")
+    fog.add_argument("--base-port", metavar="P", type=_port,
+                     help="node i listens on P+2i (libp2p) and P+2i+1 (API) "
+                          "(default: free ports)")
+    fog.add_argument("--keep", action="store_true",
+                     help="keep the temporary directory (data and logs) at exit")
+    fog.add_argument("--timeout", metavar="SECONDS", type=float, default=120.0,
+                     help="how long to wait for every node to be up and connected (default 120)")
+    fog.set_defaults(func=cmd_dev_fog)
+
+    # the user-side commands (kit, account, model, agent, manage, dns, node status)
+    client_cli.register(commands)
 
     parser.set_defaults(func=None, parser=parser)
     return parser
