@@ -124,6 +124,7 @@ class Reconciler:
         self.need_rounds = 0
         self.ops_sent = 0
         self.ops_received = 0
+        self.ops_accepted = 0  # of those received, how many were new to us
         self.rejected = 0
 
     @property
@@ -154,6 +155,7 @@ class Reconciler:
         if isinstance(msg, Ops):
             self.ops_received += len(msg.wires)
             res = self.store.ingest(msg.wires, source=self.peer)
+            self.ops_accepted += len(res.accepted)
             self.rejected += len(res.rejected)
             if msg.more:
                 return []

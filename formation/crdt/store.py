@@ -31,7 +31,7 @@ import msgpack
 from . import codec
 from .hlc import Hlc, from_unix_seconds
 from .intents import parse_request
-from .keys import PrivateKey, parse_signature
+from .keys import PrivateKey, parse_signature, sha256
 from .kinds import Invalid, get_kind
 from .op import MAX_DEPS, Op, OpError, decode_op, make_op, user_request
 
@@ -349,7 +349,21 @@ class Store:
 
     def ingest(self, wires: Iterable[bytes], *, source: str = "local") -> IngestResult:
         """Verify, validate and durably store ops; returns after the batch is committed."""
-        return self.ingest_ops(self._decode_all(wires), source=source)
+        fresh, seen, known_bad = [], 0, []
+        for w in wires:
+            # Recognise what we already hold (or refused) before paying for its signatures:
+            # sync and gossip both deliver many duplicates.
+            oid = sha256(w) if isinstance(w, (bytes, bytearray)) else None
+            if oid is not None and (oid in self.ops or oid in self._pending):
+                seen += 1
+            elif oid is not None and oid in self._rejected:
+                known_bad.append(self._rejected[oid])
+            else:
+                fresh.append(w)
+        res = self.ingest_ops(self._decode_all(fresh), source=source)
+        res.duplicates += seen
+        res.rejected.extend(known_bad)
+        return res
 
     def _decode_all(self, wires: Iterable[bytes]) -> Iterable[Op | Rejection]:
         for wire in wires:

@@ -109,9 +109,11 @@ async def _watch(node, stream, req: dict) -> None:
     await _send(stream, {"ok": True})
     while True:
         newest = await node.changes.wait_past(seq)
-        t = time.time()
+        now = time.time()
         metas = await node.astore.call("since", seq)
-        lines = b"".join(json.dumps({"seq": m.seq, "id": m.id.hex(), "t": t}).encode() + b"\n"
+        # t: when the op's batch was committed (not when this loop woke up)
+        lines = b"".join(json.dumps({"seq": m.seq, "id": m.id.hex(),
+                                     "t": node.changes.commit_time(m.seq) or now}).encode() + b"\n"
                          for m in metas)
         await stream.send_all(lines)
         seq = max([newest] + [m.seq for m in metas])

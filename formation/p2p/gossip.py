@@ -31,8 +31,8 @@ def encode_batch(wires: list[bytes]) -> bytes:
     return codec.pack_trusted([1, wires])
 
 
-def decode_batch(data: bytes) -> list[Op]:
-    """All ops of a gossip message, verified; BatchError if any part is bad."""
+def decode_batch(data: bytes, known=None) -> list[Op]:
+    """The ops of a gossip message that are not `known`, verified; BatchError if any part is bad."""
     try:
         body = codec.unpack(data, max_bytes=MAX_BATCH_BYTES + 64 * 1024)
     except codec.CodecError as exc:
@@ -46,6 +46,8 @@ def decode_batch(data: bytes) -> list[Op]:
     for w in wires:
         if not isinstance(w, bytes) or len(w) > MAX_OP_BYTES:
             raise BatchError("a gossip batch holds op byte strings")
+        if known is not None and known(sha256(w)):
+            continue  # already held: verified when we stored it
         try:
             ops.append(decode_op(w))
         except OpError as exc:
@@ -56,8 +58,9 @@ def decode_batch(data: bytes) -> list[Op]:
 class BatchValidator:
     """Topic validator with a small cache of what it decoded, keyed by message hash."""
 
-    def __init__(self, own_peer_id: bytes, cache_size: int = 256):
+    def __init__(self, own_peer_id: bytes, cache_size: int = 256, known=None):
         self.own = own_peer_id
+        self.known = known
         self.cache: OrderedDict[bytes, list[Op]] = OrderedDict()
         self.cache_size = cache_size
         self.rejected = 0
@@ -70,7 +73,7 @@ class BatchValidator:
         if msg.from_id == self.own:
             return True  # our own batch, made from ops our store already accepted
         try:
-            ops = decode_batch(msg.data)
+            ops = decode_batch(msg.data, self.known)
         except BatchError:
             self.rejected += 1
             self.strikes[_peer_text(forwarder)] += self.proof_strikes
@@ -83,7 +86,7 @@ class BatchValidator:
     def take(self, data: bytes) -> list[Op]:
         """The ops of a validated message (decoded again if it fell out of the cache)."""
         ops = self.cache.pop(sha256(data), None)
-        return ops if ops is not None else decode_batch(data)
+        return ops if ops is not None else decode_batch(data, self.known)
 
 
 def _peer_text(peer) -> str:
@@ -93,8 +96,11 @@ def _peer_text(peer) -> str:
 class Batcher:
     """Collects op wires and hands out batches: after `delay` seconds, or sooner when full."""
 
-    def __init__(self, delay: float = 0.01):
+    def __init__(self, delay: float = 0.01, min_interval: float = 0.05):
         self.delay = delay
+        # py-libp2p's cost is per message: under a steady trickle, batch at most every 50 ms
+        self.min_interval = min_interval
+        self._last_flush = -1e9
         self._wires: list[bytes] = []
         self._bytes = 0
         self._have = trio.Event()
@@ -126,6 +132,8 @@ class Batcher:
 
     async def next_batches(self) -> list[list[bytes]]:
         await self._have.wait()
-        with trio.move_on_after(self.delay):
+        wait = max(self.delay, self._last_flush + self.min_interval - trio.current_time())
+        with trio.move_on_after(wait):
             await self._full.wait()
+        self._last_flush = trio.current_time()
         return self.take_all()

@@ -22,8 +22,10 @@ from formation.crdt.reconcile import MAX_MESSAGE_BYTES, Reconciler, decode, enco
 from .framing import read_frame, write_frame
 
 PROTOCOL = "/formation/sync/1"
-READ_TIMEOUT = 30.0
-SESSION_TIMEOUT = 900.0
+# Generous: after sending a big answer we wait for the peer's Done while it verifies and stores
+# everything we sent (100,000 ops take ~40 s on a small machine).
+READ_TIMEOUT = 300.0
+SESSION_TIMEOUT = 1800.0
 
 log = logging.getLogger("formation.p2p.sync")
 
@@ -34,6 +36,7 @@ class SyncResult:
     ok: bool
     ops_sent: int
     ops_received: int
+    ops_accepted: int
     rejected: int
     round_trips: int
     seconds: float
@@ -87,4 +90,4 @@ async def run_session(stream, astore: AsyncStore, peer: str) -> SyncResult:
             except Exception:  # the peer may already be gone; nothing left to tell it
                 pass
     return SyncResult(peer, bool(rec.peer_done and rec.sent_done), rec.ops_sent, rec.ops_received,
-                      rec.rejected, 1 + rec.need_rounds, time.monotonic() - t0)
+                      rec.ops_accepted, rec.rejected, 1 + rec.need_rounds, time.monotonic() - t0)
