@@ -23,6 +23,9 @@ class Member:
     def store(self) -> Store:
         return self.node.store
 
+    async def models(self) -> list[dict]:
+        return await self.svc.astore.run(lambda s: s.list("model"), self.store)
+
     async def relay(self, user, method, path, body=None, *, ts=1_700_000_000):
         op = await self.svc.astore.run(self.node.relay, user, method, path, body, ts=ts)
         self.svc.publish(op.wire)
@@ -59,9 +62,10 @@ async def converged(members, timeout: float = 30.0) -> float:
     start = trio.current_time()
     with trio.fail_after(timeout):
         while True:
-            hashes = {m.store.state_hash() for m in members}
-            heads = {tuple(m.store.heads()) for m in members}
-            if len(hashes) == 1 and len(heads) == 1:
+            # read under the store lock: a sync may be committing in a worker thread
+            views = [await m.svc.astore.run(lambda s: (s.state_hash(), tuple(s.heads())), m.store)
+                     for m in members]
+            if len(set(views)) == 1:
                 return trio.current_time() - start
             await trio.sleep(0.05)
 
