@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from formation import client_cli
+from formation.argtypes import int_in
 from formation.crdt.keys import PrivateKey, to_checksum
 from formation.node.config import Config, ConfigError, load_config, with_tcp_port
 from formation.node.keystore import (
@@ -228,24 +229,8 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+_port = int_in(1, 65535, "a port number")
+_positive = int_in(1, None, "a positive integer")
 
 
 def _version() -> str:

@@ -46,6 +46,7 @@ from typing import Any
 
 import httpx
 
+from formation.argtypes import int_in
 from formation.client import ApiError, Client
 from formation.crdt.intents import MAX_BODY
 from formation.crdt.keys import PrivateKey, format_address, parse_address, to_checksum
@@ -794,14 +795,7 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
-def _pos_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
-    return v
+_pos_int = int_in(0, None, "a number")
 
 
 def _paging(p: argparse.ArgumentParser) -> None:
