@@ -188,8 +188,12 @@ def test_users_writes_reach_every_node(fogs, tmp_path: Path, n: int):
     assert all(v is not None for v in values[0].values())
     for i in range(1, n):
         assert values[i] == values[0], f"node {i} resolves some model differently from node 0"
+    # Both updates were made at about the same time on different nodes: when they were truly
+    # concurrent the later signed time wins ("update 1"); when one node had already received
+    # the other update, its write supersedes it whatever its time. Either way: one of the two,
+    # the same everywhere (checked above).
     for key in keys[: 5 * n]:
-        assert values[0][key]["description"] == "update 1"  # the later signed time wins
+        assert values[0][key]["description"] in ("update 0", "update 1")
     stats = list(fog.last_converged.values())
     assert len(stats) == n
     assert len({s["state_hash"] for s in stats}) == 1 and len({tuple(s["heads"]) for s in stats}) == 1
