@@ -105,6 +105,37 @@ class _Stop(BaseException):
     """Raised by the SIGINT/SIGTERM handler of `form dev fog`."""
 
 
+def cmd_pack_validate(args: argparse.Namespace) -> int:
+    from formation.pack.formfile import FormfileError, parse
+
+    path = Path(args.formfile)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        _error(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
+        return EXIT_USAGE
+    try:
+        ff = parse(text, source=str(path))
+    except FormfileError as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "errors": [{"line": ln, "error": m} for ln, m in exc.errors]}))
+        else:
+            for line in str(exc).splitlines():
+                print(line, file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps({"ok": True, "name": ff.name, "canonical": ff.canonical()}))
+    elif args.canonical:
+        print(ff.canonical(), end="")
+    else:
+        _table([("formfile", str(path)), ("name", ff.name),
+                ("resources", f"{ff.vcpu} vCPU, {ff.memory_mb} MB, {ff.disk_gb} GB disk"),
+                ("build steps", str(len(ff.steps))), ("users", str(len(ff.users))),
+                ("expose", ", ".join(map(str, ff.expose)) or "-"),
+                ("entrypoint", " ".join(ff.entrypoint) or "-")])
+    return EXIT_OK
+
+
 def cmd_dev_fog(args: argparse.Namespace) -> int:
     import os
     import shutil
@@ -300,6 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--data-dir", metavar="DIR", required=True, help="data directory")
     imp.add_argument("--json", action="store_true", help="print one JSON object")
     imp.set_defaults(func=cmd_key_import)
+
+    pack = commands.add_parser("pack", help="Formfiles and images",
+                               description="Check Formfiles (builds and shipping are not built yet).")
+    pack_commands = pack.add_subparsers(dest="pack_command", metavar="COMMAND")
+    pack.set_defaults(func=None, parser=pack)
+    validate = pack_commands.add_parser(
+        "validate", help="parse and check a Formfile; exit 1 with every error and its line",
+        description="Parse and check a Formfile without building it. Every error is printed as "
+                    "FILE:LINE: message; exit status 1 if there is any.")
+    validate.add_argument("formfile", nargs="?", default="Formfile", help="default: ./Formfile")
+    validate.add_argument("--canonical", action="store_true", help="print the canonical form")
+    validate.add_argument("--json", action="store_true", help="print one JSON object")
+    validate.set_defaults(func=cmd_pack_validate)
 
     dev = commands.add_parser("dev", help="development tools",
                               description="Tools for developing Formation on one machine.")
