@@ -39,7 +39,7 @@ import re
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -933,38 +933,3 @@ def register(subparsers) -> None:
         node_sub = node.add_subparsers(dest="node_command", metavar="COMMAND")
     _leaf(node_sub, "status", "the node's health and the nodes of its fog", cmd_node_status, common,
           description="Ask the node (GET /health, /node/list) how it is and which nodes its fog has.")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # the house style of formation/cli.py
-        self.print_usage(sys.stderr)
-        print(f"form: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="form", description="Formation, user side.")
-    register(parser.add_subparsers(dest="command", metavar="COMMAND"))
-    parser.set_defaults(func=None, parser=parser)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """These commands alone (formation/cli.py adds them to `form`)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    if args.func is None:
-        args.parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("\nform: error: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

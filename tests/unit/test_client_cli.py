@@ -37,7 +37,7 @@ class Runner:
         self.capsys = capsys
 
     async def __call__(self, *argv: str, code: int | None = 0) -> tuple[int, str, str]:
-        rc = await trio.to_thread.run_sync(client_cli.main, list(argv))
+        rc = await trio.to_thread.run_sync(cli.main, list(argv))
         out, err = self.capsys.readouterr()
         assert "Traceback" not in out + err
         if code is not None:
