@@ -34,7 +34,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import printer, workdir  # noqa: E402
 from formation.crdt.intents import canonical_message  # noqa: E402
 from formation.crdt.keys import PrivateKey  # noqa: E402
 from formation.node.control import ControlClient  # noqa: E402
@@ -343,16 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.nodes < 1 or args.rate <= 0 or args.seconds <= 0:
         ap.error("--nodes, --rate and --seconds must be positive")
 
-    def say(*a):
-        if not args.json:
-            print(*a, flush=True)
-
-    tmp = None
-    if args.base_dir:
-        base = Path(args.base_dir)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="formation-gossip-")
-        base = Path(tmp.name)
+    say = printer(args.json)
+    base, tmp = workdir(args.base_dir, "formation-gossip-")
     rows: list[dict] = []
     try:
         say(f"starting {args.nodes} nodes in {base} ...")

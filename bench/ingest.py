@@ -32,6 +32,9 @@ from pathlib import Path
 
 import msgpack
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import printer  # noqa: E402
 from formation.crdt.hlc import from_ms
 from formation.crdt.keys import PrivateKey, eip191_hash, recover_digest, sha256
 from formation.crdt.op import make_op
@@ -136,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ops < 1 or args.authors < 1 or args.batch < 1:
         ap.error("--ops, --authors and --batch must be positive")
 
-    def say(*a):
-        if not args.json:
-            print(*a, flush=True)
+    say = printer(args.json)
 
     say(f"making {args.ops} signed ops from {args.authors} authors ...")
     t0 = time.perf_counter()

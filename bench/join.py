@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import printer, workdir  # noqa: E402
 from bench.gossip import machine_busy  # noqa: E402
 from bench.ingest import ingest_all, make_wires  # noqa: E402
 from formation.node.devfog import DevFog, DevFogError  # noqa: E402
@@ -63,16 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ops < 1 or args.authors < 1 or args.batch < 1:
         ap.error("--ops, --authors and --batch must be positive")
 
-    def say(*a):
-        if not args.json:
-            print(*a, flush=True)
-
-    tmp = None
-    if args.base_dir:
-        base = Path(args.base_dir)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="formation-join-")
-        base = Path(tmp.name)
+    say = printer(args.json)
+    base, tmp = workdir(args.base_dir, "formation-join-")
     try:
         say(f"making {args.ops} signed ops from {args.authors} authors ...")
         t0 = time.perf_counter()
