@@ -67,7 +67,8 @@ class NodeProcess:
         config.write_text(
             f'[node]\ndata_dir = "{self.workdir / "data"}"\n'
             f'[api]\nhost = "127.0.0.1"\nport = {self.api_port}\n'
-            f'[p2p]\nlisten = "/ip4/127.0.0.1/tcp/{self.p2p_port}"\n')
+            f'[p2p]\nlisten = "/ip4/127.0.0.1/tcp/{self.p2p_port}"\n'
+            '[vm]\nenabled = "false"\n')
         env = {**os.environ, "FORMATION_PASSWORD": PASSWORD}
         self.log = open(self.workdir / "node.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(

@@ -42,6 +42,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         ("--data-dir", "node.data_dir", args.data_dir),
         ("--api-port", "api.port", args.api_port),
         ("--bootstrap", "p2p.bootstrap", args.bootstrap),
+        ("--vms", "vm.enabled", args.vms),
     ):
         if value is not None:
             overrides[dotted] = value
@@ -294,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--data-dir", metavar="DIR", help=data_dir_help)
     node.add_argument("--api-port", metavar="N", type=_port,
                       help="HTTP API port (overrides [api] port)")
+    node.add_argument("--vms", choices=("auto", "true", "false"),
+                      help="run VMs: auto (if root and QEMU), true (required), false (overrides [vm] enabled)")
     node.add_argument("--p2p-port", metavar="N", type=_port,
                       help="libp2p TCP port (replaces the port in [p2p] listen)")
     node.add_argument("--bootstrap", metavar="MULTIADDR", nargs="+", action="extend",

@@ -38,6 +38,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
             "sync_interval_seconds": 10},
     "mesh": {"wireguard_port": 51820, "overlay_cidr": "10.42.0.0/16"},
     "dns": {"port": 5453},
+    "vm": {"enabled": "auto", "accel": "auto", "machine": "microvm", "bridge": "formbr0",
+           "subnet": "auto", "cache_dir": "", "build_timeout_seconds": 1800,
+           "context_limit_mb": 64},
     "store": {
         "synchronous": "FULL",
         "pending_ops_per_source": 100_000,
@@ -84,6 +87,18 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class VmConfig:
+    enabled: str  # "auto" | "true" | "false"
+    accel: str
+    machine: str
+    bridge: str
+    subnet: str  # "auto" or a CIDR
+    cache_dir: str  # "" = <data_dir>/cache
+    build_timeout_seconds: int
+    context_limit_mb: int
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     synchronous: str
     pending_ops_per_source: int
@@ -97,6 +112,7 @@ class Config:
     p2p: P2pConfig
     mesh: MeshConfig
     dns: DnsConfig
+    vm: VmConfig
     store: StoreConfig
 
     @property
@@ -118,6 +134,7 @@ _SECTIONS: dict[str, type] = {
     "p2p": P2pConfig,
     "mesh": MeshConfig,
     "dns": DnsConfig,
+    "vm": VmConfig,
     "store": StoreConfig,
 }
 
@@ -326,6 +343,21 @@ def _cidr(value: Any, _origin: _Origin) -> str:
         raise _Bad(f"expected a network like 10.42.0.0/16, got {value!r} ({exc})") from None
 
 
+def _choice(value: Any, choices: tuple[str, ...], bools: bool = False) -> str:
+    if bools and isinstance(value, bool):
+        return "true" if value else "false"
+    if not isinstance(value, str) or value not in choices:
+        raise _Bad(f"expected one of {', '.join(choices)}, got {_show(value)}")
+    return value
+
+
+def _ifname(value: Any, _origin: _Origin) -> str:
+    value = _string(value)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", value):
+        raise _Bad(f"expected a network interface name (at most 15 letters, digits, '_', '.', '-'), got {value!r}")
+    return value
+
+
 def _synchronous(value: Any, _origin: _Origin) -> str:
     if not isinstance(value, str) or value.upper() not in SYNCHRONOUS_MODES:
         raise _Bad(f"expected one of {', '.join(SYNCHRONOUS_MODES)}, got {_show(value)}")
@@ -434,6 +466,14 @@ _CHECKERS: dict[str, _Checker] = {
     "mesh.wireguard_port": _port,
     "mesh.overlay_cidr": _cidr,
     "dns.port": _port,
+    "vm.enabled": lambda v, _o: _choice(v, ("auto", "true", "false"), bools=True),
+    "vm.accel": lambda v, _o: _choice(v, ("auto", "kvm", "tcg")),
+    "vm.machine": lambda v, _o: _choice(v, ("microvm", "q35")),
+    "vm.bridge": _ifname,
+    "vm.subnet": lambda v, o: v if v == "auto" else _cidr(v, o),
+    "vm.cache_dir": lambda v, o: "" if v == "" else _path(v, o),
+    "vm.build_timeout_seconds": _positive,
+    "vm.context_limit_mb": _positive,
     "store.synchronous": _synchronous,
     "store.pending_ops_per_source": _positive,
     "store.pending_bytes_per_source": _positive,

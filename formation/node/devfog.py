@@ -200,6 +200,7 @@ class DevFog:
             "p2p.listen": f"/ip4/{HOST}/tcp/{node.p2p_port}",
             "api.host": HOST,
             "api.port": node.api_port,
+            "vm.enabled": "false",  # a dev fog of many nodes on one host runs no VMs unless asked
         }
         values.update(self.settings)
         sections: dict[str, list[str]] = {}

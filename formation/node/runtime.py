@@ -42,6 +42,15 @@ class NodeRuntime:
             bootstrap=list(config.p2p.bootstrap),
             sync_interval=float(config.p2p.sync_interval_seconds),
         ))
+        from .vmhost import VmHost
+
+        # VMs: None until the host is set up (kit fetched, bridge up), or for good if this node
+        # cannot run them; vm_disabled_reason says which, for the API and `form node status`
+        self.vm_host, self.vm_disabled_reason = VmHost.check(config, self.address)
+        if self.vm_host is not None:
+            self.vm_disabled_reason = "VMs are starting (guest kernel kit, bridge)"
+        self.builds = None
+        self.scheduler = None
         self.changes: Changes | None = None
         self.api_urls: list[str] = []
         self.started_at = now_ms()
@@ -62,6 +71,8 @@ class NodeRuntime:
                 nursery.start_soon(self._heartbeat)
                 await nursery.start(serve_control, self, self.config.data_dir / "control.sock")
                 self.api_urls = await nursery.start(self._serve_api)
+                if self.vm_host is not None:
+                    nursery.start_soon(self._run_vms)
                 log.info("node %s up: peer %s, listening on %s", to_checksum(self.key.address),
                          self.peer_id, ", ".join(self.p2p.addrs()))
                 task_status.started(self)
@@ -80,6 +91,25 @@ class NodeRuntime:
         cfg.accesslog = None
         cfg.errorlog = logging.getLogger("formation.api")
         await serve(create_app(self), cfg, shutdown_trigger=trio.sleep_forever, task_status=task_status)
+
+    async def _run_vms(self) -> None:
+        from .builds import BuildService
+        from .scheduler import Scheduler
+        from .vmhost import VmUnavailable
+
+        try:
+            await self.vm_host.setup()
+        except (VmUnavailable, OSError) as exc:
+            self.vm_disabled_reason = f"VMs are off: {exc}"
+            log.error("%s", self.vm_disabled_reason)
+            return
+        builds = BuildService(self.config.data_dir, self.vm_host.builder())
+        scheduler = Scheduler(self, self.vm_host, builds)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(builds.run)
+            await nursery.start(scheduler.run)
+            self.builds, self.scheduler = builds, scheduler
+            self.vm_disabled_reason = ""
 
     # ---- writes --------------------------------------------------------------------------
 

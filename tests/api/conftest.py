@@ -24,7 +24,7 @@ def free_port() -> int:
 async def running_node(tmp_path, *, secret: bytes = b"\x0a" * 32, bootstrap=()):
     tmp_path.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cfg = load_config(None, {"node.data_dir": str(tmp_path), "api.port": port,
+    cfg = load_config(None, {"node.data_dir": str(tmp_path), "vm.enabled": "false", "api.port": port,
                              "p2p.listen": f"/ip4/127.0.0.1/tcp/{free_port()}",
                              "p2p.bootstrap": list(bootstrap)})
     rt = NodeRuntime(cfg, PrivateKey(secret), Store(str(tmp_path / "state.db")))

@@ -1,0 +1,188 @@
+"""The node's image builds: accepted at once, run one at a time, their state and log on disk.
+
+A build's id is the id of the image it makes (content address), so submitting the same inputs
+twice gives the same id: a finished one is a cache hit, a running one is joined. State lives in
+builds/<id>/status.json and the log in builds/<id>/build.log, so both survive a node restart; a
+build that was running when the node stopped is marked failed ("interrupted") at the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from formation.pack.builder import Builder, BuildFailure, Plan, find_image
+
+log = logging.getLogger("formation.builds")
+QUEUE = 64  # builds waiting; more is refused (busy) rather than held in memory without bound
+
+
+class BuildRefused(Exception):
+    """The inputs are wrong (bad Formfile, context, COPY source); nothing was queued."""
+
+    def __init__(self, failure: BuildFailure):
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+class BuildService:
+    def __init__(self, data_dir: Path, builder: Builder):
+        self.builds_dir = data_dir / "builds"
+        self.work_dir = data_dir / "work"
+        self.builder = builder
+        self._send, self._receive = trio.open_memory_channel[tuple[Plan, Path]](QUEUE)
+        self._waiters: dict[str, trio.Event] = {}
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.builds_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.work_dir, ignore_errors=True)  # leftovers of builds cut short
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        for status_file in self.builds_dir.glob("*/status.json"):
+            st = _read(status_file)
+            if st and st.get("state") in ("queued", "building"):
+                st.update(state="failed", finished_at=int(time.time()),
+                          error={"message": "interrupted: the node stopped during the build; "
+                                            "submit it again"})
+                _write(status_file, st)
+        task_status.started()
+        async for plan, work in self._receive:
+            try:
+                await self._build(plan, work)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+                self._waiters.pop(plan.image_id, trio.Event()).set()
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    async def submit(self, formfile_text: str, context_tar: bytes | None, owner: str) -> dict:
+        """Check the inputs and queue the build; its status (a cache hit is already done)."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=self.work_dir, prefix="submit-"))
+        try:
+            plan = await trio.to_thread.run_sync(self.builder.prepare, formfile_text, context_tar, work)
+        except BuildFailure as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            raise BuildRefused(exc) from None
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        bid = plan.image_id
+        status = self.status(bid)
+        if status and status["state"] in ("queued", "building", "done") and \
+                (status["state"] != "done" or find_image(self.builder.images_dir, bid)):
+            shutil.rmtree(work, ignore_errors=True)
+            if owner not in status["owners"]:
+                status["owners"].append(owner)
+                _write(self._status_path(bid), status)
+            return status
+        status = {"build_id": bid, "name": plan.formfile.name, "state": "queued",
+                  "owners": [owner], "submitted_at": int(time.time()), "phase": "queued",
+                  "step": 0, "steps": 0, "error": None, "image": None}
+        if find_image(self.builder.images_dir, bid):
+            status.update(state="done", phase="cached", image=find_image(self.builder.images_dir, bid).manifest)
+        (self.builds_dir / bid).mkdir(parents=True, exist_ok=True)
+        _write(self._status_path(bid), status)
+        if status["state"] == "done":
+            shutil.rmtree(work, ignore_errors=True)
+            return status
+        self._waiters[bid] = trio.Event()
+        try:
+            self._send.send_nowait((plan, work))
+        except trio.WouldBlock:
+            shutil.rmtree(work, ignore_errors=True)
+            status.update(state="failed", error={"message": "the node's build queue is full; try later"})
+            _write(self._status_path(bid), status)
+        return status
+
+    def status(self, build_id: str) -> dict | None:
+        if not _safe_id(build_id):
+            return None
+        return _read(self._status_path(build_id))
+
+    def log_path(self, build_id: str) -> Path | None:
+        if not _safe_id(build_id):
+            return None
+        path = self.builds_dir / build_id / "build.log"
+        return path if path.exists() else None
+
+    def list(self) -> list[dict]:
+        out = [_read(p) for p in self.builds_dir.glob("*/status.json")]
+        return sorted((s for s in out if s), key=lambda s: s.get("submitted_at", 0), reverse=True)
+
+    async def wait(self, build_id: str) -> dict | None:
+        event = self._waiters.get(build_id)
+        if event is not None:
+            await event.wait()
+        return self.status(build_id)
+
+    # ---- the work ----------------------------------------------------------------------------
+
+    def _status_path(self, build_id: str) -> Path:
+        return self.builds_dir / build_id / "status.json"
+
+    async def _build(self, plan: Plan, work: Path) -> None:
+        bid = plan.image_id
+        path = self._status_path(bid)
+        status = _read(path) or {}
+        status.update(state="building", started_at=int(time.time()), phase="starting")
+        _write(path, status)
+        log_file = (self.builds_dir / bid / "build.log").open("a", encoding="utf-8", errors="replace")
+        last_write = [0.0]
+
+        def log_line(line: str) -> None:
+            log_file.write(line + "\n")
+            log_file.flush()
+
+        def progress(event: dict) -> None:
+            status.update({k: v for k, v in event.items() if k in ("phase", "step", "steps", "line",
+                                                                   "instruction", "packages")})
+            now = time.monotonic()
+            if event.get("phase") != "step" or now - last_write[0] > 0.2:
+                last_write[0] = now
+                _write(path, status)
+
+        log.info("build %s (%s) started", bid[:12], plan.formfile.name)
+        try:
+            image = await self.builder.build(plan, work, log=log_line, progress=progress)
+        except BuildFailure as exc:
+            log_line(f"BUILD FAILED: {exc}")
+            status.update(state="failed", error=exc.to_dict(), finished_at=int(time.time()))
+            log.warning("build %s failed: %s", bid[:12], exc.message)
+        except Exception as exc:  # noqa: BLE001 - a broken build must not take the node down
+            log.exception("build %s crashed", bid[:12])
+            log_line(f"BUILD FAILED: internal error: {exc!r}")
+            status.update(state="failed", error={"message": f"internal error: {exc!r}"},
+                          finished_at=int(time.time()))
+        else:
+            status.update(state="done", phase="done", image=image.manifest, finished_at=int(time.time()))
+            log.info("build %s done in %s s", bid[:12], image.manifest.get("build_seconds"))
+        finally:
+            log_file.close()
+            _write(path, status)
+
+
+def _safe_id(build_id: str) -> bool:
+    return isinstance(build_id, str) and 0 < len(build_id) <= 128 and \
+        all(c.isalnum() or c in "._:-" for c in build_id) and build_id.isascii() and ".." not in build_id
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write(path: Path, value: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)

@@ -1,0 +1,301 @@
+"""The reconcile loop: make this node's QEMU processes match the shared state, and say so.
+
+Desired: every instance whose placement (rendezvous hashing over live nodes, placement.py)
+names this node, with its desired_state and generation. Actual: the VMs on disk and whether
+their QEMU lives. Each pass, for each instance, one idempotent step towards desired:
+build the image if it is missing and can be built here, boot, restart after a crash or a
+`restart` (generation bump), stop, delete what is no longer ours. After a node restart the VMs
+on disk are adopted (QEMU runs daemonized, so they outlive the node) or, if no longer wanted,
+removed with their tap and overlay. Every change of a replica's state is written as a signed
+instance_status op of this node (pending, building, booting, running, stopped, failed + reason).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import trio
+
+from formation.pack.builder import find_image
+from formation.vm import network
+from formation.vm.driver import VmError
+
+from .builds import BuildRefused, BuildService
+from .placement import place
+from .vmhost import VmHost, VmUnavailable
+
+log = logging.getLogger("formation.scheduler")
+PASS_INTERVAL = 2.0
+MIN_PASS_GAP = 0.3
+STOP_TIMEOUT = 20.0
+READY_MARKER = "FORMATION-GUEST entrypoint-start"
+NO_ENTRYPOINT_MARKER = "FORMATION-GUEST ready"
+BOOT_MARKER = "FORMATION-GUEST-INIT"
+
+
+@dataclass
+class Replica:
+    """What this node remembers of its replica of an instance (kept in instances/<id>.json)."""
+
+    instance_id: str
+    ip: str
+    generation: int = 0
+    want_running: bool = False  # we started it and did not stop it: its death is a crash
+    restarts: int = 0
+    reported: dict = field(default_factory=dict)  # the last instance_status value written
+
+
+class Scheduler:
+    def __init__(self, runtime, vms: VmHost, builds: BuildService):
+        self.runtime = runtime
+        self.vms = vms
+        self.builds = builds
+        self.driver = vms.driver
+        self.dir = runtime.config.data_dir / "instances"
+        self.replicas: dict[str, Replica] = {}
+        self._wake = trio.Event()
+        self.passes = 0
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._load()
+        self._token = trio.lowlevel.current_trio_token()
+        self.runtime.store.on_commit.append(self._on_commit)
+        try:
+            task_status.started()
+            while True:
+                self._wake = trio.Event()
+                try:
+                    await self.reconcile()
+                except Exception:  # noqa: BLE001 - one bad pass must not end scheduling
+                    log.exception("reconcile pass failed")
+                self.passes += 1
+                await trio.sleep(MIN_PASS_GAP)  # a burst of commits makes one pass, not many
+                with trio.move_on_after(PASS_INTERVAL):
+                    await self._wake.wait()
+        finally:
+            self.runtime.store.on_commit.remove(self._on_commit)
+
+    def _on_commit(self, _last_seq: int) -> None:
+        # the store calls this from its worker thread
+        self._token.run_sync_soon(self._wake.set)
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def reconcile(self) -> None:
+        instances = await self.runtime.astore.call("list", "instance", limit=1_000_000)
+        nodes = await self.runtime.astore.call("list", "node", limit=1_000_000)
+        now = int(time.time() * 1000)
+        me = self.runtime.address
+        desired = {i["instance_id"]: i for i in instances if me in place(i, nodes, now_ms=now)}
+        for iid, inst in desired.items():
+            try:
+                await self._step(inst)
+            except (VmError, VmUnavailable, OSError) as exc:
+                log.warning("instance %s: %s", iid, exc)
+                await self._report(iid, "failed", str(exc)[:2000])
+        for vm_id in self.driver.list():
+            if vm_id not in desired and not vm_id.startswith("build-"):
+                await self._remove(vm_id)
+        for iid in list(self.replicas):
+            if iid not in desired:
+                await self._remove(iid)
+
+    # ---- one instance ------------------------------------------------------------------------
+
+    async def _step(self, inst: dict) -> None:
+        iid = inst["instance_id"]
+        rep = self.replicas.get(iid)
+        if rep is None:
+            taken = {r.ip for r in self.replicas.values()}
+            rep = self.replicas[iid] = Replica(iid, self.vms.pick_ip(iid, taken), inst["generation"])
+            self._save(rep)
+        alive = self.driver.is_alive(iid)
+
+        if inst["desired_state"] == "stopped":
+            if alive:
+                rep.want_running = False
+                self._save(rep)
+                how = await self.driver.stop(iid, STOP_TIMEOUT)
+                log.info("instance %s stopped (%s)", iid, how)
+            await self._report(iid, "stopped", "stopped by its owner")
+            return
+
+        image = await self._image(inst, rep)
+        if image is None:
+            return
+        if alive and rep.generation != inst["generation"]:
+            log.info("instance %s: restart (generation %d -> %d)", iid, rep.generation, inst["generation"])
+            rep.want_running = False
+            await self.driver.stop(iid, STOP_TIMEOUT)
+            alive = False
+        if not alive:
+            reason = ""
+            if rep.want_running and rep.generation == inst["generation"]:
+                rep.restarts += 1
+                reason = f"restarted after its VM exited ({rep.restarts} time{'s' * (rep.restarts > 1)})"
+                log.warning("instance %s: VM exited; restarting (%d)", iid, rep.restarts)
+            await self._boot(inst, rep, image)
+            await self._report(iid, "booting", reason)
+            return
+        await self._check_ready(inst, rep)
+
+    async def _image(self, inst: dict, rep: Replica) -> Path | None:
+        """The image to boot, or None after reporting why there is none yet."""
+        iid, bid = inst["instance_id"], inst.get("build_id")
+        if bid:
+            found = find_image(self.vms.images_dir, bid)
+            if found:
+                return found.path
+            status = self.builds.status(bid)
+            if status and status["state"] in ("queued", "building"):
+                step = f" (step {status.get('step')}/{status.get('steps')})" if status.get("steps") else ""
+                await self._report(iid, "building", f"building image {bid[:12]}{step}")
+                return None
+            if status and status["state"] == "failed":
+                await self._report(iid, "failed", "build failed: " + (status.get("error") or {}).get("message", "?"))
+                return None
+        if inst.get("formfile"):
+            # the node builds what it lacks from the Formfile alone (an empty build context);
+            # a build that needs a context is built where the context was uploaded
+            try:
+                status = await self.builds.submit(inst["formfile"], None, inst["owner"])
+            except BuildRefused as exc:
+                await self._report(iid, "failed", f"cannot build the instance's Formfile: {exc}")
+                return None
+            if bid and status["build_id"] != bid:
+                await self._report(iid, "pending", f"image {bid[:12]} is not on this node and needs its "
+                                   "build context; build it here with `form pack build`")
+                return None
+            if status["state"] == "done":
+                return find_image(self.vms.images_dir, status["build_id"]).path
+            if status["state"] == "failed":
+                await self._report(iid, "failed", "build failed: " + (status.get("error") or {}).get("message", "?"))
+                return None
+            await self._report(iid, "building", f"building image {status['build_id'][:12]}")
+            return None
+        await self._report(iid, "pending", f"image {bid[:12] if bid else '?'} is not on this node")
+        return None
+
+    async def _boot(self, inst: dict, rep: Replica, image: Path) -> None:
+        iid = inst["instance_id"]
+        res = inst.get("resources") or {}
+        spec = self.vms.spec_for(iid, rep.ip, vcpus=res.get("vcpus", 1),
+                                 memory_mb=res.get("memory_mb", 512), image=image,
+                                 hostname=_hostname(inst.get("name") or iid))
+        if (self.driver.vm_dir(iid) / "spec.json").exists() and self.driver.spec(iid) != spec:
+            await self.driver.delete(iid)  # another image or size: start from a fresh overlay
+        await self.driver.create(spec)
+        rep.generation = inst["generation"]
+        rep.want_running = True
+        self._save(rep)
+        await self.driver.boot(iid)
+        log.info("instance %s booting at %s", iid, rep.ip)
+
+    async def _check_ready(self, inst: dict, rep: Replica) -> None:
+        iid = inst["instance_id"]
+        reported = rep.reported.get("state")
+        if reported == "running":
+            return
+        # only this boot's output counts: each boot starts with the initramfs' marker
+        log_text = self.driver.console_log(iid, tail_bytes=256 * 1024).rpartition(BOOT_MARKER)[2]
+        if NO_ENTRYPOINT_MARKER in log_text:
+            await self._report(iid, "running", "no entrypoint")
+            return
+        if READY_MARKER not in log_text:
+            return
+        ports = _exposed(inst)
+        if ports and not await _answers(rep.ip, ports[0]):
+            return
+        restarts = f"restarted {rep.restarts} time{'s' * (rep.restarts > 1)} after its VM exited"
+        await self._report(iid, "running", restarts if rep.restarts else "")
+
+    async def _remove(self, iid: str) -> None:
+        log.info("instance %s is not (or no longer) placed here: removing its VM", iid)
+        await self.driver.delete(iid)
+        await network.delete_link(network.tap_name(iid))
+        rep = self.replicas.pop(iid, None)
+        (self.dir / f"{iid}.json").unlink(missing_ok=True)
+        if rep is not None and rep.reported:
+            key = f"{iid}@{self.runtime.address}"
+            if await self.runtime.astore.call("get", "instance_status", key) is not None:
+                await self.runtime.write("instance_status", key, None)
+
+    # ---- status ops --------------------------------------------------------------------------
+
+    async def _report(self, iid: str, state: str, reason: str) -> None:
+        rep = self.replicas.get(iid)
+        if rep is None:
+            return
+        if rep.reported.get("state") == state and rep.reported.get("reason") == reason:
+            return
+        value = {"instance_id": iid, "node": self.runtime.address, "state": state, "reason": reason,
+                 "ip": rep.ip if state in ("booting", "running") else None,
+                 "generation": rep.generation, "updated_at": int(time.time() * 1000)}
+        await self.runtime.write("instance_status", f"{iid}@{self.runtime.address}", value)
+        rep.reported = {"state": state, "reason": reason}
+        self._save(rep)
+        log.info("instance %s: %s%s", iid, state, f" ({reason})" if reason else "")
+
+    # ---- what the API asks ---------------------------------------------------------------------
+
+    def console_log(self, instance_id: str, tail_bytes: int | None = None) -> str | None:
+        if instance_id not in self.replicas:
+            return None
+        try:
+            return self.driver.console_log(instance_id, tail_bytes=tail_bytes)
+        except (VmError, OSError, ValueError):
+            return ""
+
+    def local_ip(self, instance_id: str) -> str | None:
+        rep = self.replicas.get(instance_id)
+        return rep.ip if rep else None
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        for path in self.dir.glob("*.json"):
+            try:
+                rep = Replica(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError):
+                log.warning("ignoring unreadable %s", path)
+                continue
+            self.replicas[rep.instance_id] = rep
+
+    def _save(self, rep: Replica) -> None:
+        tmp = self.dir / f".{rep.instance_id}.json.tmp"
+        tmp.write_text(json.dumps(asdict(rep)))
+        os.replace(tmp, self.dir / f"{rep.instance_id}.json")
+
+
+def _hostname(name: str) -> str:
+    out = "".join(c if c.isalnum() or c == "-" else "-" for c in name.lower()).strip("-")
+    return out[:63] or "instance"
+
+
+def _exposed(inst: dict) -> list[int]:
+    from formation.pack.formfile import FormfileError, parse
+
+    try:
+        return list(parse(inst["formfile"]).expose) if inst.get("formfile") else []
+    except FormfileError:
+        return []
+
+
+async def _answers(ip: str, port: int) -> bool:
+    with trio.move_on_after(1.0):
+        try:
+            stream = await trio.open_tcp_stream(ip, port)
+        except OSError:
+            return False
+        await stream.aclose()
+        return True
+    return False

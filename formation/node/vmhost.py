@@ -1,0 +1,132 @@
+"""The node's VM side: whether it can run VMs, the guest boot kit, its bridge and subnet, the
+QEMU driver, and the build machine the image builder boots its steps in.
+
+VMs need root (taps, a bridge) and QEMU. With `vm.enabled = "auto"` a node lacking either still
+runs (state, gossip, API) and says why it runs no VMs; with "true" that is an error at start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from formation.pack.builder import Builder
+from formation.vm import network
+from formation.vm.driver import QemuDriver, VmSpec
+from formation.vm.kit import BootKit, KitError, ensure_kit
+
+from .config import Config
+
+log = logging.getLogger("formation.vm")
+
+
+class VmUnavailable(Exception):
+    pass
+
+
+def auto_subnet(address: str) -> str:
+    """A /24 in 10.200.0.0-10.249.255.0 chosen by the node's address, so that nodes of one fog
+    (whose VM subnets formnet will route) rarely collide without any coordination."""
+    h = hashlib.sha256(address.lower().encode()).digest()
+    return f"10.{200 + h[0] % 50}.{h[1]}.0/24"
+
+
+def requirements_problem() -> str:
+    if os.geteuid() != 0:
+        return "the node is not running as root (VM taps and the bridge need it)"
+    for tool in ("qemu-system-x86_64", "qemu-img", "ip"):
+        if not shutil.which(tool):
+            return f"{tool} is not installed"
+    return ""
+
+
+class VmHost:
+    def __init__(self, config: Config, address: str):
+        vm = config.vm
+        self.config = config
+        self.data_dir = config.data_dir
+        self.cache_dir = Path(vm.cache_dir) if vm.cache_dir else config.data_dir / "cache"
+        self.images_dir = self.data_dir / "images"
+        self.subnet = ipaddress.ip_network(auto_subnet(address) if vm.subnet == "auto" else vm.subnet)
+        self.gateway = next(self.subnet.hosts())
+        self.bridge = vm.bridge
+        self.machine = vm.machine
+        self.driver = QemuDriver(self.data_dir / "vms", None if vm.accel == "auto" else vm.accel)
+        self.kit: BootKit | None = None
+
+    @classmethod
+    def check(cls, config: Config, address: str) -> tuple[VmHost | None, str]:
+        """The VM host, or None and why VMs are off on this node."""
+        setting = config.vm.enabled
+        if setting == "false":
+            return None, "VMs are disabled in the configuration (vm.enabled = false)"
+        problem = requirements_problem()
+        if problem:
+            if setting == "true":
+                raise VmUnavailable(f"vm.enabled = true but {problem}")
+            return None, problem
+        try:
+            return cls(config, address), ""
+        except Exception as exc:  # noqa: BLE001 - e.g. kvm asked for and unusable
+            if setting == "true":
+                raise VmUnavailable(str(exc)) from None
+            return None, str(exc)
+
+    async def setup(self, progress: Callable[[str], None] = log.info) -> None:
+        """Kit (downloaded and made once), bridge up with the gateway address."""
+        try:
+            self.kit = await trio.to_thread.run_sync(ensure_kit, self.cache_dir / "kit", progress)
+        except KitError as exc:
+            raise VmUnavailable(str(exc)) from None
+        await network.ensure_bridge(self.bridge, f"{self.gateway}/{self.subnet.prefixlen}")
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        log.info("VMs on: accel %s, %s, bridge %s %s/%d, kernel %s", self.driver.accel, self.machine,
+                 self.bridge, self.gateway, self.subnet.prefixlen, self.kit.kernel_version)
+
+    def builder(self) -> Builder:
+        vm = self.config.vm
+        return Builder(self.images_dir, self.cache_dir, self.build_machine,
+                       context_limit=vm.context_limit_mb * 1024 * 1024,
+                       timeout=float(vm.build_timeout_seconds))
+
+    async def build_machine(self, image: Path, *, vcpus: int, memory_mb: int, timeout: float,
+                            on_line: Callable[[str], None]) -> None:
+        """The builder's VM: boots `image` writable in build mode, no network."""
+        assert self.kit is not None
+        vm_id = f"build-{secrets.token_hex(6)}"
+        spec = VmSpec(vm_id=vm_id, kernel=self.kit.kernel, initrd=self.kit.initrd, image=image,
+                      vcpus=vcpus, memory_mb=memory_mb, mode="build", writable_image=True,
+                      machine=self.machine)
+        try:
+            await self.driver.run_to_exit(spec, timeout, on_line)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.driver.delete(vm_id)
+
+    def spec_for(self, instance_id: str, ip: str, *, vcpus: int, memory_mb: int, image: Path,
+                 hostname: str) -> VmSpec:
+        assert self.kit is not None
+        return VmSpec(vm_id=instance_id, kernel=self.kit.kernel, initrd=self.kit.initrd, image=image,
+                      vcpus=vcpus, memory_mb=memory_mb, tap=network.tap_name(instance_id),
+                      mac=network.mac_for(instance_id), ip_cidr=f"{ip}/{self.subnet.prefixlen}",
+                      gateway=str(self.gateway), hostname=hostname, machine=self.machine,
+                      bridge=self.bridge)
+
+    def pick_ip(self, instance_id: str, taken: set[str]) -> str:
+        """An address for a new VM: a probe sequence from the instance id's hash, skipping the
+        gateway and addresses other local VMs hold."""
+        hosts = list(self.subnet.hosts())[1:]  # the first is the gateway
+        start = int.from_bytes(hashlib.sha256(instance_id.encode()).digest()[:4], "big") % len(hosts)
+        for i in range(len(hosts)):
+            ip = str(hosts[(start + i) % len(hosts)])
+            if ip not in taken:
+                return ip
+        raise VmUnavailable(f"no free address left in {self.subnet}")
