@@ -10,6 +10,8 @@ This module imports nothing of formation, so any layer may use it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 from dataclasses import dataclass
@@ -96,6 +98,18 @@ class AptTree:
         cache, as `apt-get install --download-only` would; returns the .debs it holds after."""
         self._apt("apt-get", "install", "-y", "--download-only", *packages)
         return sorted((self.root / "var/cache/apt/archives").glob("*.deb"))
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive flock on `path` (blocking): nodes sharing a cache folder make each thing once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def unpack(deb: Path, dest: Path) -> None:

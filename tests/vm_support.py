@@ -79,3 +79,19 @@ def http_post(ns: str, url: str, body: str, timeout: float = 3.0) -> str | None:
     except subprocess.TimeoutExpired:
         return None
     return proc.stdout if proc.returncode == 0 else None
+
+
+def build_machine(driver, kit: BootKit):
+    """A BuildMachine over the real driver, as the node makes it (formation/node/vmhost.py)."""
+    from formation.vm.driver import VmSpec
+
+    async def machine(image, *, vcpus, memory_mb, timeout, on_line):
+        vm_id = f"build-{secrets.token_hex(4)}"
+        spec = VmSpec(vm_id=vm_id, kernel=kit.kernel, initrd=kit.initrd, image=image, vcpus=vcpus,
+                      memory_mb=memory_mb, mode="build", writable_image=True)
+        try:
+            await driver.run_to_exit(spec, timeout, on_line)
+        finally:
+            await driver.delete(vm_id)
+
+    return machine

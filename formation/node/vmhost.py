@@ -54,7 +54,8 @@ class VmHost:
         self.config = config
         self.data_dir = config.data_dir
         self.cache_dir = Path(vm.cache_dir) if vm.cache_dir else config.data_dir / "cache"
-        self.images_dir = self.data_dir / "images"
+        # images are immutable and content-addressed: nodes sharing a cache share them
+        self.images_dir = self.cache_dir / "images"
         self.subnet = ipaddress.ip_network(auto_subnet(address) if vm.subnet == "auto" else vm.subnet)
         self.gateway = next(self.subnet.hosts())
         self.bridge = vm.bridge

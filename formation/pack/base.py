@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from formation.debian import MIRROR, SUITE, AptError, AptTree, sources_list
+from formation.debian import MIRROR, SUITE, AptError, AptTree, file_lock, sources_list
 
 BASE_VERSION = 1
 VARIANT = "minbase"
@@ -50,6 +50,14 @@ def ensure_base(cache_dir: Path, progress: Callable[[str], None] = lambda _m: No
     home = cache_dir / f"base-{base_id}"
     if (home / "base.json").exists():
         return Base(base_id, home / "rootfs")
+    with file_lock(cache_dir / ".lock"):
+        return _make_base(cache_dir, home, base_id, progress, suite, mirror)
+
+
+def _make_base(cache_dir: Path, home: Path, base_id: str, progress: Callable[[str], None],
+               suite: str, mirror: str) -> Base:
+    if (home / "base.json").exists():  # made by another node while we waited for the lock
+        return Base(base_id, home / "rootfs")
     if os.geteuid() != 0:
         raise BaseError("making the Debian base image needs root (debootstrap)")
     if not shutil.which("debootstrap"):
@@ -63,11 +71,16 @@ def ensure_base(cache_dir: Path, progress: Callable[[str], None] = lambda _m: No
                suite, str(rootfs), mirror]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         tail: list[str] = []
+        retrieved = 0
         assert proc.stdout is not None
         for line in proc.stdout:
             tail = (tail + [line.rstrip()])[-20:]
-            if line.startswith("I: Retrieving") or line.startswith("I: Installing core") or line.startswith("I: Base system installed"):
-                progress(line.strip()[3:])
+            if line.startswith("I: Retrieving"):
+                retrieved += 1
+                if retrieved % 25 == 0:
+                    progress(f"debootstrap: {retrieved} packages retrieved")
+            elif line.startswith(("I: Installing core", "I: Installing base", "I: Base system installed")):
+                progress("debootstrap: " + line.strip()[3:])
         if proc.wait() != 0:
             raise BaseError("debootstrap failed:\n" + "\n".join(tail))
         (rootfs / "etc/apt/sources.list").write_text(sources_list(suite, mirror))

@@ -182,19 +182,24 @@ class Builder:
         if steps:
             await self._run_steps(ff, steps, image, log, progress)
         out_dir = self.images_dir / iid
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(parents=True)
-        image.rename(out_dir / "image.raw")
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        # finished in a private folder, then renamed: a reader (or another node sharing the
+        # cache) sees a whole image or none
+        staging = Path(tempfile.mkdtemp(dir=self.images_dir, prefix=f".{iid[:12]}-"))
+        image.rename(staging / "image.raw")
         manifest = {
             "image_id": iid, "name": ff.name, "description": ff.description,
             "formfile": redacted(ff), "context_digest": digest, "base_id": base.base_id,
             "builder_version": BUILDER_VERSION, "vcpus": ff.vcpu, "memory_mb": ff.memory_mb,
             "disk_gb": ff.disk_gb, "expose": list(ff.expose), "entrypoint": list(ff.entrypoint),
             "built_at": int(time.time()), "build_seconds": round(time.monotonic() - started, 1),
-            "size_bytes": (out_dir / "image.raw").stat().st_blocks * 512,
+            "size_bytes": (staging / "image.raw").stat().st_blocks * 512,
         }
-        (out_dir / "manifest.json.tmp").write_text(json.dumps(manifest, indent=1))
-        (out_dir / "manifest.json.tmp").rename(out_dir / "manifest.json")
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        try:
+            staging.rename(out_dir)
+        except OSError:  # built meanwhile by another node sharing the cache: same content
+            shutil.rmtree(staging, ignore_errors=True)
         progress({"phase": "done", "image_id": iid, "seconds": manifest["build_seconds"]})
         log(f"image {iid} built in {manifest['build_seconds']} s")
         return Image(iid, out_dir / "image.raw", manifest, cached=False)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from formation.debian import AptError, AptTree, unpack
+from formation.debian import AptError, AptTree, file_lock, unpack
 
 GUEST_DIR = Path(__file__).with_name("guest")
 KERNEL_META = "linux-image-cloud-amd64"
@@ -58,7 +58,11 @@ def _init_hash() -> str:
 
 def ensure_kit(cache_dir: Path, progress: Callable[[str], None] = lambda _m: None) -> BootKit:
     """The kit in `cache_dir`, made first if missing (about 10 s, 40 MB of downloads). Blocking."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(cache_dir / ".lock"):
+        return _ensure_kit(cache_dir, progress)
+
+
+def _ensure_kit(cache_dir: Path, progress: Callable[[str], None]) -> BootKit:
     apt_root = cache_dir / "apt"
     tree = AptTree.init(apt_root)
     lists = apt_root / "var/lib/apt/lists"
