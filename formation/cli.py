@@ -335,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--json", action="store_true", help="print one JSON object")
     imp.set_defaults(func=cmd_key_import)
 
-    pack = commands.add_parser("pack", help="Formfiles and images",
-                               description="Check Formfiles (builds and shipping are not built yet).")
+    pack = commands.add_parser("pack", help="Formfiles, image builds and deploying them",
+                               description="Check Formfiles, build images on a node, follow builds "
+                                           "and ship them as instances.")
     pack_commands = pack.add_subparsers(dest="pack_command", metavar="COMMAND")
     pack.set_defaults(func=None, parser=pack)
     validate = pack_commands.add_parser(
@@ -347,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--canonical", action="store_true", help="print the canonical form")
     validate.add_argument("--json", action="store_true", help="print one JSON object")
     validate.set_defaults(func=cmd_pack_validate)
+    client_cli.register_pack(pack_commands)  # build, status, logs, ship: requests to a node
 
     dev = commands.add_parser("dev", help="development tools",
                               description="Tools for developing Formation on one machine.")

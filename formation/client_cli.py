@@ -4,9 +4,11 @@
     form account create|get|update|delete        the wallet's account on the fog
     form model  register|get|list|search|update|delete|authorize|transfer
     form agent  (the same as model)
-    form manage list|get|authorize|transfer|delete|start|stop|restart   instances
+    form manage list|get|authorize|transfer|delete|start|stop|restart|get-ip|logs   instances
     form dns    add|update|remove|list
     form node status                             the node and the nodes of its fog
+    form pack   build|status|logs|ship           images built on a node, deployed as instances
+                                                 (`form pack validate` is in formation/cli.py)
 
 Every request is signed with the wallet's key (formation.client). Settings live in
 CONFIG_DIR/config.toml (CONFIG_DIR: --config-dir, else $FORM_CONFIG_DIR, else ~/.config/form):
@@ -22,7 +24,8 @@ table), --config-dir DIR. Exit codes: 0 ok; 1 the node refused or failed (its er
 printed); 2 usage or bad input (flags, files, config, wallet, password); 3 the node cannot be
 reached. Failures are one line "form: error: ..." on stderr, never a traceback.
 
-`register(subparsers)` adds the commands to the `form` parser of formation/cli.py. Each command
+`register(subparsers)` adds the commands to the `form` parser of formation/cli.py, and
+`register_pack(subparsers)` adds build, status, logs and ship below its `form pack`. Each command
 function (`cmd_*`) returns an exit code or raises CliError; the parser's `func` for a command is
 wrapped so that it prints a CliError in the house style and returns its code.
 """
@@ -30,6 +33,7 @@ wrapped so that it prints a CliError in the house style and returns its code.
 from __future__ import annotations
 
 import argparse
+import base64
 import functools
 import getpass
 import ipaddress
@@ -47,10 +51,13 @@ from typing import Any
 import httpx
 
 from formation.argtypes import int_in
-from formation.client import ApiError, Client
+from formation.client import ApiError, Client, sign_headers
 from formation.crdt.intents import MAX_BODY
 from formation.crdt.keys import PrivateKey, format_address, parse_address, to_checksum
 from formation.node.keystore import PASSWORD_ENV, KeystoreError, create_keystore, load_keystore
+from formation.pack import context as pack_context
+from formation.pack.formfile import Formfile, FormfileError
+from formation.pack.formfile import parse as parse_formfile
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -153,44 +160,71 @@ class Context:
     # -- the node
 
     def call(self, method: str, path: str, body: Any = None, *, query: dict | None = None,
-             key: PrivateKey | None = None, sign: bool = True) -> Any:
+             key: PrivateKey | None = None, sign: bool = True, timeout: float | None = None) -> Any:
         """One request; `sign` with the wallet's key (or `key`); node errors become CliError."""
         if sign and key is None:
             key = self.key()
         if self._http is None:
             self._http = Client(self.node_url, None, timeout=TIMEOUT_SECONDS)
         self._http.key = key if sign else None
+        self._http.http.timeout = httpx.Timeout(timeout or TIMEOUT_SECONDS)
         # formation.client signs "path?" when every query value is None, but httpx sends "path"
         # (path_mismatch at the node): pass only the values that are set, or no query at all.
         query = {k: v for k, v in (query or {}).items() if v is not None} or None
         try:
             result = self._http.request(method, path, body, query=query, sign=sign and key is not None)
         except ApiError as exc:
-            detail = f": {exc.detail}" if exc.detail else ""
-            verb = "failed" if exc.status >= 500 else "refused"
-            raise CliError(f"the node {verb}: {exc.error}{detail} (HTTP {exc.status} from "
-                           f"{method} {path})", EXIT_REFUSED) from None
-        except httpx.TimeoutException:
-            raise CliError(f"the node at {self.node_url} did not answer within {TIMEOUT_SECONDS:g} s; "
-                           "check that it is not overloaded or stuck (its log says more)",
-                           EXIT_UNREACHABLE) from None
-        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
-            raise CliError(f"bad node URL {self.node_url!r}: {exc}", EXIT_USAGE) from None
-        except httpx.TransportError as exc:
-            raise CliError(
-                f"cannot reach the node at {self.node_url} ({_reason(exc)}); check that `form node` "
-                f"is running there and that its API listens on that address and port; the URL comes "
-                f"from --node, else node in {self.config_path}, else {DEFAULT_NODE}",
-                EXIT_UNREACHABLE) from None
+            raise node_refused(exc.status, exc.error, exc.detail, method, path) from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise self._transport_error(exc, timeout or TIMEOUT_SECONDS) from None
         if not isinstance(result, dict):
             raise CliError(f"{self.node_url} answered {method} {path} without a JSON object; is it "
                            "a Formation node's API?", EXIT_REFUSED)
         return result
 
+    def post_doc(self, path: str, body: dict, *, timeout: float) -> tuple[int, dict]:
+        """A signed POST whose answer is wanted whole, error or not: (HTTP status, JSON object)."""
+        raw = json.dumps(body, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json", **sign_headers(self.key(), "POST", path, raw)}
+        if self._http is None:
+            self._http = Client(self.node_url, None, timeout=TIMEOUT_SECONDS)
+        try:
+            resp = self._http.http.post(path, content=raw, headers=headers, timeout=timeout)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise self._transport_error(exc, timeout) from None
+        try:
+            doc = resp.json()
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise CliError(f"{self.node_url} answered POST {path} with HTTP {resp.status_code} and no "
+                           "JSON object; is it a Formation node's API?", EXIT_REFUSED)
+        return resp.status_code, doc
+
+    def _transport_error(self, exc: Exception, timeout: float) -> CliError:
+        if isinstance(exc, httpx.TimeoutException):
+            return CliError(f"the node at {self.node_url} did not answer within {timeout:g} s; "
+                            "check that it is not overloaded or stuck (its log says more)",
+                            EXIT_UNREACHABLE)
+        if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
+            return CliError(f"bad node URL {self.node_url!r}: {exc}", EXIT_USAGE)
+        return CliError(
+            f"cannot reach the node at {self.node_url} ({_reason(exc)}); check that `form node` "
+            f"is running there and that its API listens on that address and port; the URL comes "
+            f"from --node, else node in {self.config_path}, else {DEFAULT_NODE}",
+            EXIT_UNREACHABLE)
+
     def close(self) -> None:
         if self._http is not None:
             self._http.close()
             self._http = None
+
+
+def node_refused(status: int, error: str, detail: str, method: str, path: str) -> CliError:
+    detail = f": {detail}" if detail else ""
+    verb = "failed" if status >= 500 else "refused"
+    return CliError(f"the node {verb}: {error}{detail} (HTTP {status} from {method} {path})",
+                    EXIT_REFUSED)
 
 
 def context(args: argparse.Namespace) -> Context:
@@ -660,6 +694,347 @@ def cmd_manage_action(args: argparse.Namespace) -> int:
     return report_write(ctx, res, f"{verb} of instance {rid} accepted; its nodes apply it shortly")
 
 
+# ---- instances: addresses and consoles -----------------------------------------------------------
+
+
+def cmd_manage_get_ip(args: argparse.Namespace) -> int:
+    rid = check_id(args.id, "instance id")
+    ctx = context(args)
+    res = ctx.call("GET", f"{INSTANCE_BASE}/{rid}/ips")
+    return _show_list(ctx, res, "replicas", [
+        ("NODE", lambda s: s.get("node")), ("STATE", lambda s: s.get("state")),
+        ("IP", lambda s: s.get("ip"))], f"no node reports a replica of instance {rid} yet")
+
+
+def cmd_manage_logs(args: argparse.Namespace) -> int:
+    rid = check_id(args.id, "instance id")
+    ctx = context(args)
+    res = ctx.call("GET", f"{INSTANCE_BASE}/{rid}/logs", query={"tail": args.tail})
+    if ctx.json:
+        print_json(res)
+    else:
+        _write_text(sys.stdout, res.get("log") or "")
+    return EXIT_OK
+
+
+# ---- images (form pack build|status|logs|ship) -------------------------------------------------
+
+PACK_BASE = "/v1/pack"
+CONTEXT_LIMIT = pack_context.DEFAULT_LIMIT  # bytes of packed context a node takes
+POLL_SECONDS = 0.5  # between two looks at a running build
+SHIP_POLL_SECONDS = 1.0  # between two looks at a new instance's replicas
+UPLOAD_TIMEOUT = 300.0  # seconds for POST /pack/build: the context may be tens of MiB
+FORMFILE_RECORD_LIMIT = 32 * 1024  # the instance record keeps the Formfile up to this many characters
+BUILD_DONE = ("done", "failed")
+_STEP_RX = re.compile(r"--- step (\d+)/(\d+) \(line (\d+)\): (.*)")
+
+
+class Source:
+    """The Formfile (checked here, before anything is packed or sent) and its context folder."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.folder = Path(args.dir)
+        if not self.folder.is_dir():
+            raise CliError(f"{self.folder}: no such folder (the build context, where the Formfile's "
+                           "COPY sources are)", EXIT_USAGE)
+        self.path = Path(args.formfile) if args.formfile else self.folder / "Formfile"
+        try:
+            self.text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise CliError(f"no Formfile at {self.path}; write one there (`form pack validate` checks "
+                           "it) or name it with --formfile", EXIT_USAGE) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise CliError(f"cannot read {self.path}: {reason or exc}", EXIT_USAGE) from None
+        try:
+            self.formfile: Formfile = parse_formfile(self.text, source=str(self.path))
+        except FormfileError as exc:
+            for line in str(exc).splitlines():
+                print(line, file=sys.stderr)
+            n = len(exc.errors)
+            raise CliError(f"{self.path} has {n} error{'s' if n != 1 else ''} (above); nothing was sent",
+                           EXIT_USAGE) from None
+        self.lines = self.text.splitlines()
+
+    def line(self, no: int) -> str:
+        return self.lines[no - 1].strip() if 0 < no <= len(self.lines) else ""
+
+    def packed_context(self) -> str:
+        """The folder as a tar.gz in base64, within the node's limit."""
+        try:
+            tar = pack_context.pack_dir(self.folder, CONTEXT_LIMIT)
+        except pack_context.ContextError as exc:
+            raise CliError(f"{exc}; leave big files out of the folder (build steps have no network: packages come from INSTALL)"
+                           if "limit" in str(exc) else str(exc), EXIT_USAGE) from None
+        if len(tar) > CONTEXT_LIMIT:
+            raise CliError(f"the build context {self.folder.resolve()} is {_size(len(tar))} packed, "
+                           f"over the limit of {_size(CONTEXT_LIMIT)}", EXIT_USAGE)
+        return base64.b64encode(tar).decode()
+
+
+def _size(n: int) -> str:
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} bytes"
+    return f"{n / (1024 * 1024):.1f} MiB".replace(".0 MiB", " MiB")
+
+
+def _write_text(stream, text: str) -> None:
+    stream.write(text if not text or text.endswith("\n") else text + "\n")
+    stream.flush()
+
+
+def _build_failure(status: dict, src: Source | None, *, tail_shown: bool = False) -> CliError:
+    """The error of a failed (or refused) build: where in the Formfile, why, the output's tail
+    (unless the log, which ends with it, was just shown)."""
+    err = status.get("error") or status.get("failure") or {}
+    message = (err.get("message") or "no reason given").strip()
+    first, *more = message.splitlines()
+    for line in more:
+        print(f"form:   {line}", file=sys.stderr)
+    tail = err.get("output_tail") or []
+    if tail and not tail_shown:
+        print("form: the step's last output:", file=sys.stderr)
+        for line in tail:
+            print(f"  | {line}", file=sys.stderr)
+    where = ""
+    if err.get("line"):
+        where = f" at {src.path if src else 'Formfile'}:{err['line']}"
+        text = src.line(err["line"]) if src else ""
+        where += f" ({text})" if text else f" ({err.get('instruction')})" if err.get("instruction") else ""
+    bid = status.get("build_id")
+    what = f"build {bid[:16]}" if bid else "the build"
+    verb = "failed" if bid else "was refused"
+    return CliError(f"{what} {verb}{where}: {first}", EXIT_REFUSED)
+
+
+def submit_build(ctx: Context, src: Source, *, quiet: bool) -> dict:
+    ctx.key()  # a missing wallet or password is reported before the context is packed
+    body = {"formfile": src.text, "context": src.packed_context()}
+    if not quiet:
+        note(f"sending {src.path} and the build context {src.folder.resolve()} "
+             f"({_size(len(body['context']) * 3 // 4)}) to {ctx.node_url}")
+    path = f"{PACK_BASE}/build"
+    code, doc = ctx.post_doc(path, body, timeout=UPLOAD_TIMEOUT)
+    if code == 401 and doc.get("error") == "replay":
+        # the same build submitted twice in one second has the same signature (one use each):
+        # sign again in the next second
+        time.sleep(1.05 - time.time() % 1)
+        code, doc = ctx.post_doc(path, body, timeout=UPLOAD_TIMEOUT)
+    if code == 400 and doc.get("error") == "build_refused":
+        raise _build_failure({"failure": doc.get("failure") or {"message": doc.get("detail")}}, src)
+    if code >= 400:
+        raise node_refused(code, str(doc.get("error", "http_error")), str(doc.get("detail", "")), "POST", path)
+    if not quiet and doc.get("state") == "done":
+        note(f"build {doc.get('build_id', '')[:16]}: built before, nothing to do (cache hit)")
+    return doc
+
+
+def _log_chunk(ctx: Context, bid: str, offset: int) -> tuple[str, int, str]:
+    res = ctx.call("GET", f"{PACK_BASE}/builds/{bid}/logs", query={"offset": offset})
+    return res.get("log") or "", int(res.get("offset", offset)), res.get("state", "")
+
+
+def _show_build_log(text: str, src: Source | None) -> None:
+    for line in text.splitlines():
+        m = _STEP_RX.fullmatch(line)
+        if m:
+            n, total, no, title = m.groups()
+            shown = (src.line(int(no)) if src else "") or title
+            line = f"[{n}/{total}] line {no}: {shown}" if no != "0" else f"[{n}/{total}] {title}"
+        print(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def follow_build(ctx: Context, status: dict, src: Source | None, *, quiet: bool) -> dict:
+    """Poll a build until it ends, its log (steps as "[3/7] line 12: RUN ...") on stderr."""
+    bid = status["build_id"]
+    offset, phase = 0, None
+    while True:
+        status = ctx.call("GET", f"{PACK_BASE}/builds/{bid}")
+        if not quiet:
+            if status.get("phase") != phase and status.get("phase") not in ("step", "done", "cached", None):
+                phase = status["phase"]
+                extra = f": {' '.join(status['packages'])}" if phase == "downloading" and status.get("packages") else ""
+                note(f"build {bid[:16]}: {phase}{extra}")
+            while True:  # everything logged so far (1 MiB per answer)
+                text, offset, _ = _log_chunk(ctx, bid, offset)
+                _show_build_log(text, src)
+                if not text:
+                    break
+        if status.get("state") in BUILD_DONE:
+            return status
+        time.sleep(POLL_SECONDS)
+
+
+def _build_fields(st: dict) -> list[tuple[str, Any]]:
+    image = st.get("image") or {}
+    step = f"{st.get('step')}/{st.get('steps')}" if st.get("steps") else "-"
+    pairs = [("build", st.get("build_id")), ("name", st.get("name")), ("state", st.get("state")),
+             ("phase", st.get("phase")), ("step", step)]
+    if st.get("line") and st.get("state") != "done":
+        pairs.append(("line", f"{st['line']} ({st.get('instruction')})"))
+    for k in ("submitted_at", "started_at", "finished_at"):
+        if st.get(k):
+            pairs.append((k.replace("_at", ""), _iso(st[k])))
+    if image:
+        pairs.append(("resources", f"{image.get('vcpus')} vCPU, {image.get('memory_mb')} MB, "
+                                   f"{image.get('disk_gb')} GB disk"))
+        if image.get("expose"):
+            pairs.append(("expose", image["expose"]))
+        if image.get("size_bytes"):
+            pairs.append(("image size", _size(int(image["size_bytes"]))))
+    if st.get("error"):
+        pairs.append(("error", (st["error"].get("message") or "").splitlines()[0] if st["error"].get("message") else "-"))
+    return pairs
+
+
+def cmd_pack_build(args: argparse.Namespace) -> int:
+    src = Source(args)
+    ctx = context(args)
+    st = submit_build(ctx, src, quiet=args.quiet)
+    if args.wait and st.get("state") not in BUILD_DONE:
+        st = follow_build(ctx, st, src, quiet=args.quiet)
+    if ctx.json:
+        print_json(st)
+    elif st.get("state") != "failed":
+        print_fields(_build_fields(st))
+    if st.get("state") == "failed":
+        raise _build_failure(st, src, tail_shown=args.wait and not args.quiet)
+    if not args.wait and not ctx.json:
+        note(f"follow it with `form pack logs {st.get('build_id')} --follow`")
+    return EXIT_OK
+
+
+BUILD_COLUMNS = [
+    ("BUILD", lambda s: (s.get("build_id") or "-")[:16]), ("NAME", lambda s: s.get("name")),
+    ("STATE", lambda s: s.get("state")),
+    ("STEP", lambda s: f"{s.get('step')}/{s.get('steps')}" if s.get("steps") else "-"),
+    ("SUBMITTED", lambda s: _iso(s["submitted_at"]) if s.get("submitted_at") else "-"),
+    ("ERROR", lambda s: ((s.get("error") or {}).get("message") or "-").splitlines()[0][:60]),
+]
+
+
+def cmd_pack_status(args: argparse.Namespace) -> int:
+    ctx = context(args)
+    if args.build_id is None:
+        res = ctx.call("GET", f"{PACK_BASE}/builds")
+        return _show_list(ctx, res, "builds", BUILD_COLUMNS, "no builds of yours on this node")
+    bid = check_id(args.build_id, "build id")
+    st = ctx.call("GET", f"{PACK_BASE}/builds/{bid}")
+    if ctx.json:
+        print_json(st)
+    else:
+        print_fields(_build_fields(st))
+        tail = (st.get("error") or {}).get("output_tail") or []
+        if tail:
+            print()
+            print("\n".join(f"  | {line}" for line in tail))
+    return EXIT_OK
+
+
+def cmd_pack_logs(args: argparse.Namespace) -> int:
+    bid = check_id(args.build_id, "build id")
+    ctx = context(args)
+    offset, parts, state = 0, [], ""
+    while True:
+        text, offset, state = _log_chunk(ctx, bid, offset)
+        if ctx.json:
+            parts.append(text)
+        elif text:
+            _write_text(sys.stdout, text)
+        if not text:
+            if not args.follow or state in BUILD_DONE:
+                break
+            time.sleep(POLL_SECONDS)
+    if ctx.json:
+        print_json({"build_id": bid, "log": "".join(parts), "offset": offset, "state": state})
+    return EXIT_OK
+
+
+def _wait_running(ctx: Context, iid: str, timeout: float, *, quiet: bool) -> tuple[dict, str | None]:
+    """Poll the instance until a replica runs: (instance, None), or (instance, why it failed)."""
+    seen: dict[str, tuple] = {}
+    deadline = time.monotonic() + timeout
+    while True:
+        inst = ctx.call("GET", f"{INSTANCE_BASE}/{iid}/get")
+        statuses = inst.get("replicas_status") or []
+        for s in statuses:
+            now = (s.get("state"), s.get("reason"), s.get("ip"))
+            if seen.get(s.get("node")) != now:
+                seen[s.get("node")] = now
+                if not quiet:
+                    reason = f": {s['reason']}" if s.get("reason") else ""
+                    ip = f" at {s['ip']}" if s.get("ip") and s.get("state") == "running" else ""
+                    note(f"replica on {short(s.get('node'))}: {s.get('state')}{ip}{reason}")
+        if any(s.get("state") == "running" for s in statuses):
+            return inst, None
+        failed = [s for s in statuses if s.get("state") == "failed"]
+        if failed:
+            s = failed[0]
+            return inst, f"the replica of instance {iid} on {s.get('node')} failed: {s.get('reason') or 'no reason given'}"
+        if time.monotonic() > deadline:
+            states = ", ".join(f"{short(s.get('node'))} {s.get('state')}" for s in statuses) or "no replica reported"
+            return inst, (f"no replica of instance {iid} runs after {timeout:g} s ({states}); it stays "
+                          f"deployed: follow it with `form manage get {iid}`")
+        time.sleep(SHIP_POLL_SECONDS)
+
+
+def cmd_pack_ship(args: argparse.Namespace) -> int:
+    src = Source(args)
+    ff = src.formfile
+    name = args.name or ff.name
+    if len(src.text) > FORMFILE_RECORD_LIMIT:
+        raise CliError(f"{src.path} is {len(src.text)} characters; an instance keeps at most "
+                       f"{FORMFILE_RECORD_LIMIT}", EXIT_USAGE)
+    ctx = context(args)
+    build = None
+    if args.build_id:
+        bid = check_id(args.build_id, "build id")
+    else:
+        build = submit_build(ctx, src, quiet=args.quiet)
+        if build.get("state") not in BUILD_DONE:
+            build = follow_build(ctx, build, src, quiet=args.quiet)
+        if build.get("state") == "failed":
+            if ctx.json:
+                print_json({"build_id": build.get("build_id"), "build": build, "instance_id": None})
+            raise _build_failure(build, src, tail_shown=not args.quiet)
+        bid = build["build_id"]
+        if not args.quiet:
+            note(f"built {bid}")
+    resources: dict[str, Any] = {"vcpus": ff.vcpu, "memory_mb": ff.memory_mb, "disk_gb": ff.disk_gb}
+    if ff.gpus:
+        model, count = ff.gpus[0]
+        resources["gpu"] = {"count": count, "model": model}
+    res = ctx.call("POST", f"{INSTANCE_BASE}/create", {
+        "name": name, "build_id": bid, "formfile": src.text, "replicas": args.replicas,
+        "resources": resources})
+    iid = res.get("id")
+    doc: dict[str, Any] = {"instance_id": iid, "build_id": bid, "op_id": res.get("op_id"),
+                           "build": build, "instance": None}
+    if not ctx.json:
+        print(iid, flush=True)
+    if not args.wait:
+        if ctx.json:
+            print_json(doc)
+        elif not args.quiet:
+            note(f"instance {iid} created; follow it with `form manage get {iid}`")
+        return EXIT_OK
+    if not args.quiet:
+        note(f"instance {iid} created; waiting for a replica to run (Ctrl-C stops the waiting, "
+             "not the instance)")
+    inst, failure = _wait_running(ctx, iid, args.timeout, quiet=args.quiet)
+    doc["instance"] = inst
+    if ctx.json:
+        print_json(doc)
+    if failure:
+        raise CliError(failure, EXIT_REFUSED)
+    if not args.quiet and not ctx.json:
+        ips = [s.get("ip") for s in inst.get("replicas_status") or [] if s.get("state") == "running" and s.get("ip")]
+        note(f"instance {iid} is running" + (f" at {', '.join(ips)}" if ips else "")
+             + f"; its console: form manage logs {iid}")
+    return EXIT_OK
+
+
 # ---- dns ---------------------------------------------------------------------------------------
 
 DNS_COLUMNS = [
@@ -898,6 +1273,17 @@ def register(subparsers) -> None:
     p = _leaf(man, "transfer", "give an instance to another address (owner only)", cmd_manage_transfer, common)
     p.add_argument("id", metavar="ID")
     p.add_argument("address", metavar="ADDRESS")
+    p = _leaf(man, "get-ip", "the IP address of each replica of an instance", cmd_manage_get_ip, common,
+              description="Each replica of an instance: the node that hosts it, its state and its IP "
+                          "address (GET /instance/ID/ips).")
+    p.add_argument("id", metavar="ID")
+    p = _leaf(man, "logs", "the console of an instance's replica on the node you ask", cmd_manage_logs,
+              common, description="The console output (boot, entrypoint) of the replica of an instance "
+                                  "that runs on the node you ask; if it runs elsewhere, the error names "
+                                  "the nodes that host it (ask one of them with --node).")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--tail", metavar="BYTES", type=int_in(1, 8 * 1024 * 1024, "a number of bytes"),
+                   help="the last BYTES of the console (node default 65536, at most 8 MiB)")
     for action, help_ in (("delete", "delete an instance (owner only)"),
                           ("start", "start an instance's replicas (operator or above)"),
                           ("stop", "stop an instance's replicas (operator or above)"),
@@ -933,3 +1319,42 @@ def register(subparsers) -> None:
         node_sub = node.add_subparsers(dest="node_command", metavar="COMMAND")
     _leaf(node_sub, "status", "the node's health and the nodes of its fog", cmd_node_status, common,
           description="Ask the node (GET /health, /node/list) how it is and which nodes its fog has.")
+
+
+def register_pack(pack_subparsers) -> None:
+    """Add build, status, logs and ship to `form pack` (its parser is made in formation/cli.py)."""
+    common = _common()
+
+    def source(p: argparse.ArgumentParser, wait_help: str) -> None:
+        p.add_argument("dir", metavar="DIR", nargs="?", default=".",
+                       help="the build context: the folder COPY reads from, sent packed (default .)")
+        p.add_argument("--formfile", metavar="PATH", help="the Formfile (default DIR/Formfile)")
+        p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help=wait_help)
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+    p = _leaf(pack_subparsers, "build", "build an image from a Formfile on the node", cmd_pack_build,
+              common, description="Check DIR/Formfile, pack DIR (the build context, at most "
+                                  f"{CONTEXT_LIMIT // (1024 * 1024)} MiB) and build an image on the node "
+                                  "(POST /pack/build). By default follows the build: its steps and log "
+                                  "on stderr, then the build id and state. Exit 1 if the build fails, "
+                                  "with the Formfile line and the step's last output.")
+    source(p, "follow the build to its end (default; --no-wait returns once it is queued)")
+    p = _leaf(pack_subparsers, "status", "your builds on the node, or one build", cmd_pack_status, common)
+    p.add_argument("build_id", metavar="BUILD_ID", nargs="?", help="one build (default: a table of all)")
+    p = _leaf(pack_subparsers, "logs", "a build's log", cmd_pack_logs, common)
+    p.add_argument("build_id", metavar="BUILD_ID")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the build ends")
+    p = _leaf(pack_subparsers, "ship", "build (unless --build-id) and deploy an instance of it",
+              cmd_pack_ship, common,
+              description="Build DIR as `form pack build` does (or take --build-id), then create an "
+                          "instance of it with the Formfile's name and resources (POST "
+                          "/instance/create) and print its id. By default waits until a replica "
+                          "runs, printing each replica's state changes; exit 1 if one fails.")
+    source(p, "wait for the build and then for a running replica (default; --no-wait returns "
+              "once the instance is created)")
+    p.add_argument("--replicas", metavar="N", type=int_in(1, 64, "a number of replicas"), default=1,
+                   help="how many nodes run it (default 1)")
+    p.add_argument("--name", metavar="NAME", help="the instance's name (default: the Formfile's NAME)")
+    p.add_argument("--build-id", metavar="ID", help="deploy this build instead of building DIR")
+    p.add_argument("--timeout", metavar="SECONDS", type=int_in(1, None, "a number of seconds"), default=1800,
+                   help="how long --wait waits for a running replica (default 1800)")

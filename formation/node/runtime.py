@@ -179,7 +179,16 @@ class NodeRuntime:
             "connected": self.p2p.connected(),
             **state,
             "p2p": asdict(self.p2p.stats),
+            "vms": self.vm_status(),
         }
+
+    def vm_status(self) -> dict:
+        if self.vm_host is None or self.scheduler is None:
+            return {"enabled": False, "reason": self.vm_disabled_reason}
+        h = self.vm_host
+        return {"enabled": True, "reason": "", "accel": h.driver.accel, "machine": h.machine,
+                "bridge": h.bridge, "subnet": str(h.subnet), "replicas": len(self.scheduler.replicas),
+                "kernel": h.kit.kernel_version if h.kit else None}
 
 
 def _local_ipv4s() -> list[str]:

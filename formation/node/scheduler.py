@@ -47,12 +47,16 @@ class Replica:
     generation: int = 0
     want_running: bool = False  # we started it and did not stop it: its death is a crash
     restarts: int = 0
+    build_id: str | None = None  # the image this node builds for it (instances without a build_id)
+    build_generation: int = 0
     reported: dict = field(default_factory=dict)  # the last instance_status value written
 
 
 class Scheduler:
-    def __init__(self, runtime, vms: VmHost, builds: BuildService):
+    def __init__(self, runtime, vms: VmHost, builds: BuildService, *, stale_ms: int | None = None):
         self.runtime = runtime
+        # a node is dead for placement after three missed heartbeats
+        self.stale_ms = stale_ms or 3 * runtime.config.node.heartbeat_seconds * 1000
         self.vms = vms
         self.builds = builds
         self.driver = vms.driver
@@ -95,19 +99,20 @@ class Scheduler:
         nodes = await self.runtime.astore.call("list", "node", limit=1_000_000)
         now = int(time.time() * 1000)
         me = self.runtime.address
-        desired = {i["instance_id"]: i for i in instances if me in place(i, nodes, now_ms=now)}
+        desired = {i["instance_id"]: i for i in instances
+                   if me in place(i, nodes, now_ms=now, stale_ms=self.stale_ms)}
         for iid, inst in desired.items():
             try:
                 await self._step(inst)
             except (VmError, VmUnavailable, OSError) as exc:
                 log.warning("instance %s: %s", iid, exc)
                 await self._report(iid, "failed", str(exc)[:2000])
-        for vm_id in self.driver.list():
-            if vm_id not in desired and not vm_id.startswith("build-"):
-                await self._remove(vm_id)
-        for iid in list(self.replicas):
-            if iid not in desired:
+        gone = {v for v in self.driver.list() if not v.startswith("build-")} | set(self.replicas)
+        for iid in sorted(gone - set(desired)):
+            try:
                 await self._remove(iid)
+            except (VmError, network.NetworkError, OSError) as exc:
+                log.warning("instance %s: removing it failed (next pass tries again): %s", iid, exc)
 
     # ---- one instance ------------------------------------------------------------------------
 
@@ -161,24 +166,33 @@ class Scheduler:
                 await self._report(iid, "building", f"building image {bid[:12]}{step}")
                 return None
             if status and status["state"] == "failed":
-                await self._report(iid, "failed", "build failed: " + (status.get("error") or {}).get("message", "?"))
+                await self._report(iid, "failed", _build_error(status))
                 return None
         if inst.get("formfile"):
             # the node builds what it lacks from the Formfile alone (an empty build context);
-            # a build that needs a context is built where the context was uploaded
-            try:
-                status = await self.builds.submit(inst["formfile"], None, inst["owner"])
-            except BuildRefused as exc:
-                await self._report(iid, "failed", f"cannot build the instance's Formfile: {exc}")
-                return None
+            # a build that needs a context is built where the context was uploaded. A failed
+            # build is tried again only after a restart of the instance (a new generation).
+            status = self.builds.status(rep.build_id) if rep.build_id else None
+            if status is None or (status["state"] == "failed" and rep.build_generation != inst["generation"]):
+                try:
+                    status = await self.builds.submit(inst["formfile"], None, inst["owner"])
+                except BuildRefused as exc:
+                    await self._report(iid, "failed", f"cannot build the instance's Formfile: {exc}")
+                    return None
+                rep.build_id, rep.build_generation = status["build_id"], inst["generation"]
+                self._save(rep)
             if bid and status["build_id"] != bid:
                 await self._report(iid, "pending", f"image {bid[:12]} is not on this node and needs its "
                                    "build context; build it here with `form pack build`")
                 return None
             if status["state"] == "done":
-                return find_image(self.vms.images_dir, status["build_id"]).path
+                found = find_image(self.vms.images_dir, status["build_id"])
+                if found:
+                    return found.path
+                rep.build_id = None  # the image was removed meanwhile: build again
+                return None
             if status["state"] == "failed":
-                await self._report(iid, "failed", "build failed: " + (status.get("error") or {}).get("message", "?"))
+                await self._report(iid, "failed", _build_error(status))
                 return None
             await self._report(iid, "building", f"building image {status['build_id'][:12]}")
             return None
@@ -220,8 +234,7 @@ class Scheduler:
 
     async def _remove(self, iid: str) -> None:
         log.info("instance %s is not (or no longer) placed here: removing its VM", iid)
-        await self.driver.delete(iid)
-        await network.delete_link(network.tap_name(iid))
+        await self.driver.delete(iid)  # the VM, its overlay and its tap
         rep = self.replicas.pop(iid, None)
         (self.dir / f"{iid}.json").unlink(missing_ok=True)
         if rep is not None and rep.reported:
@@ -274,6 +287,14 @@ class Scheduler:
         tmp = self.dir / f".{rep.instance_id}.json.tmp"
         tmp.write_text(json.dumps(asdict(rep)))
         os.replace(tmp, self.dir / f"{rep.instance_id}.json")
+
+
+def _build_error(status: dict) -> str:
+    err = status.get("error") or {}
+    where = f" at line {err['line']}" if err.get("line") else ""
+    tail = err.get("output_tail") or []
+    last = f" (last output: {tail[-1][:200]})" if tail else ""
+    return f"build {status['build_id'][:12]} failed{where}: {err.get('message', '?')}{last}"
 
 
 def _hostname(name: str) -> str:

@@ -83,6 +83,8 @@ class Endpoint:
     tags: list[str] = field(default_factory=list)
     stream: bool = False
     write: bool = False  # a signed write: each signature is good for one request
+    responses: dict[int, dict] = field(default_factory=dict)  # OpenAPI answers beyond the usual
+    query: dict[str, dict] = field(default_factory=dict)  # OpenAPI query parameters: name -> schema
 
 
 # ---- handlers ---------------------------------------------------------------------------------
@@ -305,12 +307,18 @@ def endpoints() -> list[Endpoint]:
         eps.append(Endpoint(method, pattern, f"{action} {kind} (signed write)", "required",
                             make_write(kind, action), body=write_body_schema(k, action), ok=ok,
                             tags=[kind], write=True))
-    return eps
+    from .workloads import endpoints as workload_endpoints  # it builds on this module
+
+    return eps + workload_endpoints()
 
 
 def create_app(runtime) -> QuartTrio:
     app = QuartTrio("formation")
-    app.config["MAX_CONTENT_LENGTH"] = 2 * MAX_BODY
+    from .workloads import MAX_UPLOAD
+
+    # the largest body is a build's context (POST /pack/build); every write route still checks
+    # its own MAX_BODY
+    app.config["MAX_CONTENT_LENGTH"] = max(2 * MAX_BODY, MAX_UPLOAD)
     guard = ReplayGuard()
     table = endpoints()
 
@@ -330,6 +338,8 @@ def create_app(runtime) -> QuartTrio:
                 result, status = await ep.handler(Call(runtime, signed, params, body))
             except ApiError as exc:
                 return _error(exc.status, exc.error, exc.detail)
+            if isinstance(result, Response):  # the handler made its own answer (a proxy)
+                return result
             if ep.stream:
                 return Response(result, status=status, mimetype="application/x-ndjson")
             return Response(json.dumps(result), status=status, mimetype="application/json")
@@ -399,10 +409,12 @@ def openapi(table: list[Endpoint]) -> dict:
             params += [{"name": n, "in": "query", "required": False, "schema": s} for n, s in QUERY.items()]
         if ep.path == "/events":
             params.append({"name": "since", "in": "query", "required": False, "schema": {"type": "string"}})
+        params += [{"name": n, "in": "query", "required": False, "schema": s} for n, s in ep.query.items()]
         responses = {str(ep.ok): {"description": "OK", "content": {
             "application/x-ndjson" if ep.stream else "application/json": {"schema": {"type": "object"} if not ep.stream else {"type": "string"}}}}}
         for code in (400, 401, 403, 404, 409, 413, 422):
             responses[str(code)] = {"description": "error", "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+        responses.update({str(code): doc for code, doc in ep.responses.items()})
         op = {"operationId": f"{ep.method.lower()}_{ep.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
               "summary": ep.summary, "tags": ep.tags, "parameters": params, "responses": responses}
         if ep.body is not None:

@@ -1,0 +1,248 @@
+"""Schedulers of three in-process nodes (real libp2p on 127.0.0.1) over fake VM hosts: every node
+computes the same placement from the shared state, so exactly the chosen nodes boot an
+instance's replicas and report them, with no coordinator; a delete removes them everywhere."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+import trio
+
+from formation.crdt.keys import PrivateKey
+from formation.crdt.store import Store
+from formation.node.config import load_config
+from formation.node.placement import place
+from formation.node.runtime import NodeRuntime
+from formation.node.scheduler import Scheduler
+from formation.vm import network
+from tests.fake_vms import FakeBuilds, FakeVmHost
+from tests.p2p.test_node_runtime import free_port
+from tests.support import User
+
+BID = "img-" + "ab" * 30  # a build id (HASH_ID) whose image every node holds
+
+
+class FogNode:
+    def __init__(self, i: int, root, bootstrap: list[str]):
+        self.i = i
+        data = root / f"n{i}"
+        data.mkdir()
+        cfg = load_config(None, {"node.data_dir": str(data), "vm.enabled": "false",
+                                 "node.heartbeat_seconds": 1,
+                                 "p2p.listen": f"/ip4/127.0.0.1/tcp/{free_port()}",
+                                 "p2p.bootstrap": bootstrap, "api.host": "127.0.0.1",
+                                 "api.port": free_port()})
+        self.runtime = NodeRuntime(cfg, PrivateKey(bytes([0x40 + i]) * 32), Store(str(data / "state.db")))
+        self.vms = FakeVmHost(root / f"vmhost{i}", subnet=f"10.77.{i}.0/24")
+        self.vms.add_image(BID)
+        self.builds = FakeBuilds()
+        self.scheduler = Scheduler(self.runtime, self.vms, self.builds)
+        self.nursery: trio.Nursery | None = None
+
+    @property
+    def address(self) -> str:
+        return self.runtime.address
+
+    @property
+    def driver(self):
+        return self.vms.driver
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            await nursery.start(self.runtime.run)
+            task_status.started()
+
+    async def start_scheduler(self) -> None:
+        await self.nursery.start(self.scheduler.run)
+
+    def stop(self) -> None:
+        self.nursery.cancel_scope.cancel()
+
+    async def call(self, method: str, *args, **kw):
+        return await self.runtime.astore.call(method, *args, **kw)
+
+    async def statuses(self, iid: str) -> dict[str, dict]:
+        """This node's view of the instance_status records of `iid`, by reporting node."""
+        recs = await self.call("list", "instance_status", limit=10_000)
+        return {r["node"]: r for r in recs if r["instance_id"] == iid}
+
+    async def request(self, user: User, method: str, path: str, body: dict | None = None):
+        m, b, s = user.request(method, path, body, ts=int(time.time()))
+        return await self.runtime.submit_request(m, b, s)
+
+
+@contextlib.asynccontextmanager
+async def open_fog(root, n: int = 3, *, timeout: float = 20.0):
+    """n in-process nodes, each bootstrapped from the ones before it, every one knowing all n
+    node records; schedulers started once the membership is complete."""
+    nodes: list[FogNode] = []
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            boot = [a for m in nodes for a in m.runtime.p2p.addrs()]
+            node = FogNode(i, root, boot)
+            await nursery.start(node.serve)
+            nodes.append(node)
+        with trio.fail_after(timeout):
+            while True:
+                seen = [len(await m.call("list", "node")) for m in nodes]
+                if seen == [n] * n:
+                    break
+                await trio.sleep(0.1)
+        for node in nodes:
+            await node.start_scheduler()
+        try:
+            yield nodes
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def no_taps(monkeypatch):
+    """The scheduler removes a VM's tap itself (network.delete_link): record it, touch no host link."""
+    deleted: list[str] = []
+
+    async def delete_link(name: str, netns: str | None = None) -> None:
+        deleted.append(name)
+
+    monkeypatch.setattr(network, "delete_link", delete_link)
+    return deleted
+
+
+async def wait_for(what: str, check, timeout: float = 30.0, poll: float = 0.1):
+    """Poll the async `check()` until it returns something true; that value. Fails naming `what`."""
+    last = None
+    with trio.move_on_after(timeout):
+        while True:
+            last = await check()
+            if last:
+                return last
+            await trio.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+async def create_instance(node: FogNode, user: User, replicas: int) -> str:
+    op = await node.request(user, "POST", "/v1/instance/create",
+                            {"name": "web", "build_id": BID, "replicas": replicas})
+    assert op.kind == "instance"
+    return op.key
+
+
+async def placed(node: FogNode, iid: str) -> list[str]:
+    inst = await node.call("get", "instance", iid)
+    nodes = await node.call("list", "node", limit=10_000)
+    return place(inst, nodes, now_ms=int(time.time() * 1000))
+
+
+def booted_on(fog: list[FogNode], iid: str) -> set[str]:
+    return {n.address for n in fog if n.driver.is_alive(iid)}
+
+
+async def all_report_running(fog: list[FogNode], iid: str, hosts: set[str]) -> bool:
+    for n in fog:
+        st = await n.statuses(iid)
+        if set(st) != hosts or any(r["state"] != "running" for r in st.values()):
+            return False
+    return True
+
+
+async def test_replicas_boot_on_the_placed_nodes_and_go_on_delete(tmp_path, no_taps):
+    user = User(b"\x5a" * 32)
+    start = trio.current_time()
+    async with open_fog(tmp_path) as fog:
+        t_up = trio.current_time()
+        iid = await create_instance(fog[0], user, replicas=2)
+
+        async def settled():
+            hosts = booted_on(fog, iid)
+            return len(hosts) == 2 and await all_report_running(fog, iid, hosts) and hosts
+
+        hosts = await wait_for("2 replicas booted and reported running everywhere", settled)
+        t_running = trio.current_time()
+
+        # the nodes that booted it are the ones rendezvous hashing picks, as every node sees it
+        for n in fog:
+            assert set(await placed(n, iid)) == hosts
+        chosen = [n for n in fog if n.address in hosts]
+        (other,) = [n for n in fog if n.address not in hosts]
+        for n in chosen:
+            assert n.driver.list() == [iid]
+            assert n.driver.vms[iid].boots == 1  # booted once, not restarted
+            assert set(n.scheduler.replicas) == {iid}
+            assert (n.runtime.config.data_dir / "instances" / f"{iid}.json").is_file()
+        # the third node never even created it
+        assert other.driver.events == [] and other.driver.vms == {}
+        assert other.scheduler.replicas == {}
+        # every node holds the same reports: from exactly the two hosts, each with its replica's ip
+        for n in fog:
+            st = await n.statuses(iid)
+            assert set(st) == hosts
+            for host in chosen:
+                rec = st[host.address]
+                assert rec["state"] == "running" and rec["ip"] == host.scheduler.local_ip(iid)
+                assert rec["ip"].startswith(f"10.77.{host.i}.")
+        assert all(n.builds.submitted == [] for n in fog)
+
+        # the owner deletes it (through another node than the one that relayed the create)
+        await other.request(user, "POST", f"/v1/instance/{iid}/delete")
+
+        async def gone():
+            for n in fog:
+                if n.driver.vms or n.scheduler.replicas:
+                    return False
+                if await n.call("get", "instance", iid) is not None or await n.statuses(iid):
+                    return False
+                for h in hosts:
+                    if await n.call("get", "instance_status", f"{iid}@{h}") is not None:
+                        return False
+            return True
+
+        await wait_for("the replicas and their reports gone from every node", gone)
+        t_gone = trio.current_time()
+        for n in chosen:
+            assert [e for e, _ in n.driver.events] == ["create", "boot", "delete"]
+            assert not (n.runtime.config.data_dir / "instances" / f"{iid}.json").exists()
+            assert not n.driver.vm_dir(iid).exists()
+        assert other.driver.events == []
+        assert no_taps == []  # the driver removes a VM's tap with the VM; the host is not touched
+    print(f"fog up {t_up - start:.2f} s, replicas running {t_running - t_up:.2f} s after the create, "
+          f"gone {t_gone - t_running:.2f} s after the delete")
+
+
+async def test_a_replica_moves_when_its_node_goes_stale(tmp_path, no_taps):
+    stale_ms = 3_000  # the scheduler's default: three missed heartbeats (1 s in this fog)
+    user = User(b"\x5b" * 32)
+    async with open_fog(tmp_path) as fog:
+        iid = await create_instance(fog[0], user, replicas=2)
+
+        async def settled():
+            hosts = booted_on(fog, iid)
+            return len(hosts) == 2 and await all_report_running(fog, iid, hosts) and hosts
+
+        hosts = await wait_for("2 replicas running", settled)
+        (spare,) = [n for n in fog if n.address not in hosts]
+        dead = next(n for n in fog if n.address in hosts)
+        (survivor,) = [n for n in fog if n.address in hosts and n is not dead]
+        t_stop = trio.current_time()
+        dead.stop()
+
+        async def moved():
+            if not spare.driver.is_alive(iid):
+                return False
+            for n in (spare, survivor):
+                st = await n.statuses(iid)
+                if any(st.get(h.address, {}).get("state") != "running" for h in (spare, survivor)):
+                    return False
+            return True
+
+        await wait_for("the replica moved to the spare node", moved, timeout=stale_ms / 1000 + 20)
+        t_moved = trio.current_time()
+        assert survivor.driver.vms[iid].boots == 1  # the surviving replica was left alone
+        for n in (spare, survivor):
+            nodes = await n.call("list", "node", limit=100)
+            inst = await n.call("get", "instance", iid)
+            assert set(place(inst, nodes, now_ms=int(time.time() * 1000), stale_ms=stale_ms)) == \
+                {spare.address, survivor.address}
+    print(f"replica moved {t_moved - t_stop:.2f} s after its node stopped (stale after {stale_ms} ms)")
