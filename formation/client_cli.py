@@ -521,9 +521,32 @@ def _catalog_columns(kind: str) -> list[tuple[str, Callable[[dict], Any]]]:
 def cmd_catalog_register(args: argparse.Namespace) -> int:
     kind = args.kind
     body = read_record_file(args.file, kind)
+    if getattr(args, "build_id", None):
+        body["build_id"] = args.build_id  # known only after `form pack build` / `ship`
     ctx = context(args)
     res = ctx.call("POST", CATALOG[kind]["base"], body)
     return report_write(ctx, res, f"registered {kind} {res.get('id')}")
+
+
+def cmd_agent_hire(args: argparse.Namespace) -> int:
+    """POST the JSON to a running replica of the agent (through the node) and print its answer."""
+    rid = check_id(args.id, "agent id")
+    raw = args.data
+    if raw.startswith("@"):
+        try:
+            raw = Path(raw[1:]).read_text()
+        except OSError as exc:
+            raise CliError(f"cannot read {raw[1:]}: {exc.strerror}", EXIT_USAGE) from None
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise CliError(f"--data is not JSON: {exc}", EXIT_USAGE) from None
+    ctx = context(args)
+    status, doc = ctx.post_doc(f"/v1/agents/{rid}/hire", body, timeout=args.timeout)
+    if status >= 400 and set(doc) >= {"error", "detail"}:
+        raise node_refused(status, doc["error"], doc["detail"], "POST", f"/v1/agents/{rid}/hire")
+    print_json(doc)
+    return EXIT_OK
 
 
 def cmd_catalog_get(args: argparse.Namespace) -> int:
@@ -916,6 +939,10 @@ BUILD_COLUMNS = [
 
 def cmd_pack_status(args: argparse.Namespace) -> int:
     ctx = context(args)
+    if args.build_id_flag:
+        if args.build_id and args.build_id != args.build_id_flag:
+            raise CliError("give the build id once (BUILD_ID or --build-id)", EXIT_USAGE)
+        args.build_id = args.build_id_flag
     if args.build_id is None:
         res = ctx.call("GET", f"{PACK_BASE}/builds")
         return _show_list(ctx, res, "builds", BUILD_COLUMNS, "no builds of yours on this node")
@@ -1228,6 +1255,17 @@ def register(subparsers) -> None:
                               f"description, {CATALOG[kind]['type']}, framework, tags, ...), at the "
                               f"top level or under a [{kind}] table. Prints the new id.")
         p.add_argument("file", metavar="FILE", help=f"the {kind}'s fields, .toml or .json")
+        if kind == "agent":
+            p.add_argument("--build-id", metavar="ID",
+                           help="the image its instances run (from `form pack ship`); /hire goes there")
+            p = _leaf(cat, "hire", "send a JSON request to a running instance of the agent",
+                      cmd_agent_hire, common,
+                      description="POST the JSON to the agent (port and path from its record) through "
+                                  "the node, which picks a running replica; prints the agent's answer.")
+            p.add_argument("id", metavar="ID")
+            p.add_argument("--data", metavar="JSON", default="{}", help="the request: JSON, or @FILE")
+            p.add_argument("--timeout", metavar="S", type=float, default=300.0,
+                           help="seconds to wait for the answer (default 300)")
         p = _leaf(cat, "get", f"show one {kind}", cmd_catalog_get, common, kind=kind)
         p.add_argument("id", metavar="ID")
         for name, fn, help_ in (("list", cmd_catalog_list, f"list {plural}, with filters"),
@@ -1341,6 +1379,7 @@ def register_pack(pack_subparsers) -> None:
     source(p, "follow the build to its end (default; --no-wait returns once it is queued)")
     p = _leaf(pack_subparsers, "status", "your builds on the node, or one build", cmd_pack_status, common)
     p.add_argument("build_id", metavar="BUILD_ID", nargs="?", help="one build (default: a table of all)")
+    p.add_argument("--build-id", dest="build_id_flag", metavar="ID", help="the same, as the original's flag")
     p = _leaf(pack_subparsers, "logs", "a build's log", cmd_pack_logs, common)
     p.add_argument("build_id", metavar="BUILD_ID")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the build ends")

@@ -1,0 +1,60 @@
+"""The README's workflow, command by command, against a real node with real VMs: a wallet, then
+`form pack ship examples/hello-agent` (build, deploy, wait), `form agent register --build-id`,
+`form agent hire` answered by the agent inside its VM through the node.
+
+The example installs python3 (INSTALL), which the host downloads from the Debian mirror: the image
+is built here first, outside the node's namespace (which has no route out), into the cache the
+node shares; for the node that build is then a cache hit, as a second build is for any user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from formation.pack import context as ctx
+from formation.pack.builder import Builder
+from formation.vm.driver import QemuDriver
+from tests.vm_support import CACHE, boot_kit, build_machine, needs_qemu, needs_root
+
+pytestmark = [pytest.mark.slow, needs_qemu, needs_root]
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "hello-agent"
+
+
+@pytest.fixture
+def hello_image(tmp_path):
+    """The example's image in the shared cache (built once per machine, ~2 min under TCG)."""
+    builder = Builder(CACHE / "images", CACHE, build_machine(QemuDriver(tmp_path / "vms"), boot_kit()))
+    plan = builder.prepare((EXAMPLE / "Formfile").read_text(), ctx.pack_dir(EXAMPLE), tmp_path / "w")
+    return trio.run(builder.build, plan, tmp_path)
+
+
+def form(node, cfg: Path, *args: str, timeout: float = 600) -> dict:
+    env = {**os.environ, "FORM_CONFIG_DIR": str(cfg), "FORMATION_PASSWORD": "readme"}
+    proc = subprocess.run([sys.executable, "-m", "formation.cli", *args, "--node",
+                           f"http://{node.api_ip}:3004", "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"form {' '.join(args)}: {proc.stderr}\n{node.log_text()}"
+    return json.loads(proc.stdout) if proc.stdout.strip() else {}
+
+
+def test_readme_workflow_ship_register_hire(hello_image, node, tmp_path):
+    cfg = tmp_path / "form-config"
+    form(node, cfg, "kit", "init")
+    shipped = form(node, cfg, "pack", "ship", str(EXAMPLE))
+    assert shipped["build_id"] == hello_image.image_id  # the node found it in the cache
+    assert shipped["instance"]["replicas_status"][0]["state"] == "running"
+    agent = form(node, cfg, "agent", "register", str(EXAMPLE / "agent.toml"), "--build-id", shipped["build_id"])
+    answer = form(node, cfg, "agent", "hire", agent["id"], "--data", '{"task": "say hello"}')
+    assert answer == {"greeting": "hello", "echo": {"task": "say hello"}}
+    ips = form(node, cfg, "manage", "get-ip", shipped["instance_id"])
+    assert ips["replicas"][0]["ip"].startswith("10.213.12.")
+    logs = form(node, cfg, "manage", "logs", shipped["instance_id"])
+    assert "FORMATION-GUEST entrypoint-start" in logs["log"]
