@@ -69,18 +69,6 @@ def http_get(ns: str, url: str, timeout: float = 3.0) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-def http_post(ns: str, url: str, body: str, timeout: float = 3.0) -> str | None:
-    code = (f"import urllib.request,sys\n"
-            f"r=urllib.request.Request({url!r}, data={body!r}.encode(), "
-            f"headers={{'Content-Type': 'application/json'}})\n"
-            f"sys.stdout.write(urllib.request.urlopen(r, timeout={timeout}).read().decode())")
-    try:
-        proc = in_netns(ns, "python3", "-c", code, timeout=timeout + 5)
-    except subprocess.TimeoutExpired:
-        return None
-    return proc.stdout if proc.returncode == 0 else None
-
-
 def build_machine(driver, kit: BootKit):
     """A BuildMachine over the real driver, as the node makes it (formation/node/vmhost.py)."""
     from formation.vm.driver import VmSpec
