@@ -115,6 +115,7 @@ class FakeVmHost:
         self.images_dir = root / "images"
         self.images_dir.mkdir(exist_ok=True)
         self.subnet = ipaddress.ip_network(subnet)
+        self.bridge = "fmfake-no-such"  # the scheduler's orphan-tap sweep finds no such bridge
         self.kernel, self.initrd = root / "vmlinuz", root / "initrd.img"
         self.kernel.write_bytes(b"kernel")
         self.initrd.write_bytes(b"initrd")

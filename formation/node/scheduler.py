@@ -70,6 +70,7 @@ class Scheduler:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._load()
+        await self._remove_orphan_taps()
         self._token = trio.lowlevel.current_trio_token()
         self.runtime.store.on_commit.append(self._on_commit)
         try:
@@ -241,6 +242,18 @@ class Scheduler:
             key = f"{iid}@{self.runtime.address}"
             if await self.runtime.astore.call("get", "instance_status", key) is not None:
                 await self.runtime.write("instance_status", key, None)
+
+    async def _remove_orphan_taps(self) -> None:
+        """Taps on our bridge that no VM on disk owns: left by a node killed while deleting one."""
+        owned = {network.tap_name(v) for v in self.driver.list()}
+        try:
+            ports = await network.list_links(network.TAP_PREFIX, master=self.vms.bridge)
+            for tap in ports:
+                if tap not in owned:
+                    log.info("removing orphan tap %s", tap)
+                    await network.delete_link(tap)
+        except (network.NetworkError, OSError, ValueError) as exc:
+            log.warning("could not check the bridge for orphan taps: %s", exc)
 
     # ---- status ops --------------------------------------------------------------------------
 

@@ -61,9 +61,11 @@ async def link_exists(name: str, netns: str | None = None) -> bool:
     return bool(out.strip())
 
 
-async def list_links(prefix: str = "", netns: str | None = None) -> list[str]:
-    """Names of the links that start with `prefix`: what a restarted node checks for orphans."""
-    links = json.loads(await _ip("-j", "link", "show", netns=netns) or "[]")
+async def list_links(prefix: str = "", netns: str | None = None, *, master: str | None = None) -> list[str]:
+    """Names of the links that start with `prefix` (and are ports of bridge `master`, if given):
+    what a restarted node checks for orphans."""
+    args = ("-j", "link", "show", *(("master", master) if master else ()))
+    links = json.loads(await _ip(*args, netns=netns, ok_if=("does not exist",)) or "[]")
     return sorted(link["ifname"] for link in links if link["ifname"].startswith(prefix))
 
 

@@ -62,12 +62,16 @@ def test_instance_lifecycle_with_real_vms(node):
     assert new_pid and new_pid != pid
     assert http_get(node.ns, f"http://{rep['ip']}:8000/") == "hello-instance\n"
 
-    # node restart -> the running VM is adopted: same QEMU, no second one
+    # node restart -> the running VM is adopted: same QEMU, no second one; a tap on the bridge
+    # that no VM owns (a node killed while deleting one) is removed
     node.stop()
     assert node.qemu_pid(iid) == new_pid
+    ip("-n", node.ns, "tuntap", "add", "fmtdeadbeef000", "mode", "tap")
+    ip("-n", node.ns, "link", "set", "fmtdeadbeef000", "master", "fmtbr1")
     node.start()
     time.sleep(6)  # a few reconcile passes
     assert node.qemu_pid(iid) == new_pid
+    assert "fmtdeadbeef000" not in ip("-n", node.ns, "link").stdout
     assert len(list((node.data / "vms").iterdir())) == 1
     assert http_get(node.ns, f"http://{rep['ip']}:8000/") == "hello-instance\n"
 
