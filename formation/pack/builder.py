@@ -167,7 +167,7 @@ class Builder:
             progress({"phase": "downloading", "packages": packages})
             log(f"resolving and downloading packages: {' '.join(packages)}")
             try:
-                debs = await trio.to_thread.run_sync(AptTree(root).fetch_closure, packages)
+                debs = await trio.to_thread.run_sync(_fetch, AptTree(root), packages, log)
             except AptError as exc:
                 step = next(s for s in ff.steps if s.kind == "INSTALL")
                 raise BuildFailure(f"INSTALL: {exc}", step.line, "INSTALL") from None
@@ -272,6 +272,19 @@ async def _run(cmd: list[str]) -> None:
     proc = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
     if proc.returncode != 0:
         raise BuildFailure(f"{cmd[0]} failed: {proc.stderr.decode(errors='replace').strip()[-2000:]}")
+
+
+def _fetch(tree: AptTree, packages: list[str], log: Callable[[str], None]) -> list[Path]:
+    """The packages' closure; with package lists too old for the mirror (a superseded version is
+    gone from it: 404), the lists are refreshed and the download tried again."""
+    try:
+        return tree.fetch_closure(packages)
+    except AptError as exc:
+        if "Failed to fetch" not in str(exc) and "404" not in str(exc):
+            raise
+        log("the base's package lists are out of date: fetching new ones")
+        tree.update()
+        return tree.fetch_closure(packages)
 
 
 def _tree_size(root: Path) -> int:

@@ -66,7 +66,7 @@ def _ensure_kit(cache_dir: Path, progress: Callable[[str], None]) -> BootKit:
     apt_root = cache_dir / "apt"
     tree = AptTree.init(apt_root)
     lists = apt_root / "var/lib/apt/lists"
-    fresh = any(lists.glob("*_Packages")) and time.time() - lists.stat().st_mtime < LISTS_MAX_AGE
+    fresh = any(lists.glob("*_Packages*")) and time.time() - lists.stat().st_mtime < LISTS_MAX_AGE
     try:
         if not fresh:
             progress("fetching Debian package lists")
