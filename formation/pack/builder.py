@@ -186,6 +186,7 @@ class Builder:
         # finished in a private folder, then renamed: a reader (or another node sharing the
         # cache) sees a whole image or none
         staging = Path(tempfile.mkdtemp(dir=self.images_dir, prefix=f".{iid[:12]}-"))
+        staging.chmod(0o755)
         image.rename(staging / "image.raw")
         manifest = {
             "image_id": iid, "name": ff.name, "description": ff.description,

@@ -74,8 +74,10 @@ def _ensure_kit(cache_dir: Path, progress: Callable[[str], None]) -> BootKit:
             os.utime(lists)
         version = tree.depends(KERNEL_META)[0].removeprefix("linux-image-")
     except (AptError, IndexError) as exc:
-        existing = sorted(cache_dir.glob("kit-*/kit.json"))
-        if existing:  # offline: keep using the newest kit we have
+        # offline: the newest kit made with these init scripts, else the newest of any
+        existing = sorted(cache_dir.glob("kit-*/kit.json"),
+                          key=lambda p: (p.parent.name.endswith(_init_hash()), p.stat().st_mtime))
+        if existing:
             return _load(existing[-1].parent)
         raise KitError(f"cannot find the guest kernel package {KERNEL_META}: {exc}") from None
     kit_dir = cache_dir / f"kit-{version}-{_init_hash()}"
