@@ -36,6 +36,9 @@ STOP_TIMEOUT = 20.0
 READY_MARKER = "FORMATION-GUEST entrypoint-start"
 NO_ENTRYPOINT_MARKER = "FORMATION-GUEST ready"
 BOOT_MARKER = "FORMATION-GUEST-INIT"
+EXIT_MARKER = "FORMATION-GUEST entrypoint-exit"
+CRASH_LOOP_EXITS = 3
+CONSOLE_TAIL = 64 * 1024
 
 
 @dataclass
@@ -216,16 +219,24 @@ class Scheduler:
         log.info("instance %s booting at %s", iid, rep.ip)
 
     async def _check_ready(self, inst: dict, rep: Replica) -> None:
+        """booting -> running once the entrypoint started and its first EXPOSEd port answers;
+        -> failed while the entrypoint keeps exiting (the guest goes on retrying it, so a
+        service that recovers turns running again)."""
         iid = inst["instance_id"]
-        reported = rep.reported.get("state")
-        if reported == "running":
-            return
         # only this boot's output counts: each boot starts with the initramfs' marker
-        log_text = self.driver.console_log(iid, tail_bytes=256 * 1024).rpartition(BOOT_MARKER)[2]
-        if NO_ENTRYPOINT_MARKER in log_text:
+        text = self.driver.console_log(iid, tail_bytes=CONSOLE_TAIL).rpartition(BOOT_MARKER)[2]
+        if NO_ENTRYPOINT_MARKER in text:
             await self._report(iid, "running", "no entrypoint")
             return
-        if READY_MARKER not in log_text:
+        exits = text.count(EXIT_MARKER)
+        if exits >= CRASH_LOOP_EXITS and text.rfind(EXIT_MARKER) > text.rfind(READY_MARKER):
+            status = text[text.rfind(EXIT_MARKER):].split("\n", 1)[0].rpartition("rc=")[2].strip()
+            tail = [line.strip() for line in text.splitlines()
+                    if line.strip() and "FORMATION-GUEST" not in line][-3:]
+            await self._report(iid, "failed", f"the entrypoint keeps exiting (status {status}, "
+                               f"{exits} times); last output: {' | '.join(tail)[-1500:]}")
+            return
+        if rep.reported.get("state") == "running" or READY_MARKER not in text:
             return
         ports = _exposed(inst)
         if ports and not await _answers(rep.ip, ports[0]):

@@ -90,8 +90,14 @@ def test_instance_lifecycle_with_real_vms(node):
     assert "line 2" in rep["reason"] and "RUN" in rep["reason"], rep
     assert node.proc.poll() is None
 
+    # an entrypoint that keeps exiting: failed, with its exit status and last output
+    looping = user.post("/v1/instance/create", {"name": "looping", "replicas": 1, "formfile":
+                        'NAME looping\nENTRYPOINT sh -c "echo boom-from-entrypoint; exit 3"\n'})["id"]
+    rep = wait_replica(user, looping, lambda r: r["state"] == "failed", timeout=120, log=node.log_text)
+    assert "keeps exiting (status 3" in rep["reason"] and "boom-from-entrypoint" in rep["reason"], rep
+
     # delete -> no QEMU, tap, overlay or bookkeeping left; the status records are withdrawn
-    for i in (iid, bad):
+    for i in (iid, bad, looping):
         user.post(f"/v1/instance/{i}/delete")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (node.qemu_pid(iid) or list((node.data / "vms").iterdir())):
