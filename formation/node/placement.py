@@ -19,6 +19,15 @@ from collections.abc import Iterable
 DEFAULT_STALE_MS = 90_000  # three missed 30 s heartbeats
 
 
+def stale_after_ms(heartbeat_seconds: int) -> int:
+    """When a node counts as dead: three missed heartbeats."""
+    return 3 * heartbeat_seconds * 1000
+
+
+def is_live(node: dict | None, now_ms: int, stale_ms: int) -> bool:
+    return node is not None and now_ms - node.get("heartbeat", 0) <= stale_ms
+
+
 def fits(node: dict, resources: dict) -> bool:
     cap = node.get("capacity") or {}
     gpu = (resources.get("gpu") or {}).get("count", 0)
@@ -35,8 +44,7 @@ def score(instance_id: str, address: str) -> int:
 def place(instance: dict, nodes: Iterable[dict], *, now_ms: int, stale_ms: int = DEFAULT_STALE_MS) -> list[str]:
     """Addresses of the nodes that should run `instance`'s replicas, best first."""
     resources = instance.get("resources") or {}
-    live = [n for n in nodes
-            if now_ms - n.get("heartbeat", 0) <= stale_ms and fits(n, resources)]
+    live = [n for n in nodes if is_live(n, now_ms, stale_ms) and fits(n, resources)]
     ranked = sorted(live, key=lambda n: (score(instance["instance_id"], n["address"]), n["address"]),
                     reverse=True)
     return [n["address"] for n in ranked[: instance.get("replicas", 1)]]

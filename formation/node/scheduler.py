@@ -26,7 +26,7 @@ from formation.vm import network
 from formation.vm.driver import VmError
 
 from .builds import BuildRefused, BuildService
-from .placement import place
+from .placement import place, stale_after_ms
 from .vmhost import VmHost, VmUnavailable
 
 log = logging.getLogger("formation.scheduler")
@@ -58,8 +58,7 @@ class Replica:
 class Scheduler:
     def __init__(self, runtime, vms: VmHost, builds: BuildService, *, stale_ms: int | None = None):
         self.runtime = runtime
-        # a node is dead for placement after three missed heartbeats
-        self.stale_ms = stale_ms or 3 * runtime.config.node.heartbeat_seconds * 1000
+        self.stale_ms = stale_ms or stale_after_ms(runtime.config.node.heartbeat_seconds)
         self.vms = vms
         self.builds = builds
         self.driver = vms.driver

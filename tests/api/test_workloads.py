@@ -287,6 +287,11 @@ async def test_instance_logs_and_ips(vnode):
     assert sorted((r["node"], r["state"], r["ip"]) for r in ips["replicas"]) == sorted([
         (vnode.address, "running", "10.1.0.5"), (addr(other_node), "booting", None)])
     assert {r["reason"] for r in ips["replicas"]} == {"", "copying the image"}
+    # a node without a fresh heartbeat (here: none at all) is flagged: its last word may be stale
+    assert {r["node"]: r["node_alive"] for r in ips["replicas"]} == {vnode.address: True,
+                                                                     addr(other_node): False}
+    got = await owner.get(f"/v1/instance/{here}/get")
+    assert {r["node"]: r["node_alive"] for r in got["replicas_status"]}[addr(other_node)] is False
 
     for path in (f"/v1/instance/{here}/logs", f"/v1/instance/{here}/ips"):
         with pytest.raises(ApiError) as e:
@@ -364,6 +369,9 @@ async def test_hire_proxies_to_a_running_replica(vnode):
         assert r.status_code == 400
 
 
+GHOST_BUILD = "f" * 64
+
+
 async def test_hire_failures(vnode):
     owner, mallory = AsyncClient(vnode.base_url, key(13)), AsyncClient(vnode.base_url, key(14))
     with pytest.raises(ApiError) as e:
@@ -385,6 +393,13 @@ async def test_hire_failures(vnode):
     with pytest.raises(ApiError) as e:
         await owner.post(f"/v1/agents/{aid}/hire", {})
     assert e.value.status == 502 and e.value.error == "agent_unreachable"
+    # a replica "running" on a node that stopped sending heartbeats is not tried
+    ghost = (await owner.post("/v1/instance/create", {"name": "ghost", "build_id": GHOST_BUILD}))["id"]
+    ghost_agent = (await owner.post("/v1/agents", {"name": "ghost", "build_id": GHOST_BUILD}))["id"]
+    await _status_of(vnode, key(98), ghost, "running", "127.0.0.1")
+    with pytest.raises(ApiError) as e:
+        await owner.post(f"/v1/agents/{ghost_agent}/hire", {})
+    assert e.value.status == 503 and "stopped sending heartbeats" in e.value.detail
     # an agent naming someone else's build does not reach their instances
     other = (await mallory.post("/v1/agents", {"name": "copycat", "build_id": BUILD, "port": dead}))["id"]
     with pytest.raises(ApiError) as e:

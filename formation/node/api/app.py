@@ -24,6 +24,7 @@ from formation.crdt.intents import MAX_BODY, write_routes
 from formation.crdt.kinds import get_kind
 from formation.crdt.op import OpError
 
+from ..placement import is_live, stale_after_ms
 from . import views
 from .auth import AuthError, ReplayGuard, Signed, has_signature, verify
 from .schemas import ERROR_SCHEMA, SEARCH_SCHEMA, record_schema, write_body_schema
@@ -159,9 +160,21 @@ async def account_list(call: Call):
     return {"accounts": [value] if value else [], "count": 1 if value else 0}, 200
 
 
+async def replica_statuses(call: Call, instance_id: str) -> list[dict]:
+    """The replicas' instance_status records, by node, each with `node_alive`: only its node may
+    withdraw a record, so a dead node's last word stays in the state; readers must know."""
+    rows = await call.runtime.astore.call("list", "instance_status", text=instance_id, limit=1000)
+    stale = stale_after_ms(call.runtime.config.node.heartbeat_seconds)
+    now = int(time.time() * 1000)
+    out = []
+    for r in sorted((r for r in rows if r["instance_id"] == instance_id), key=lambda r: r["node"]):
+        node = await call.runtime.astore.call("get", "node", r["node"])
+        out.append({**r, "node_alive": is_live(node, now, stale)})
+    return out
+
+
 async def _with_replicas(call: Call, inst: dict) -> dict:
-    statuses = await call.runtime.astore.call("list", "instance_status", text=inst["instance_id"], limit=1000)
-    return {**inst, "replicas_status": [s for s in statuses if s["instance_id"] == inst["instance_id"]]}
+    return {**inst, "replicas_status": await replica_statuses(call, inst["instance_id"])}
 
 
 async def instance_get(call: Call):

@@ -31,7 +31,7 @@ from formation.node.builds import BuildRefused
 from formation.pack import context as pack_context
 
 from . import views
-from .app import ApiError, Call, Endpoint, _int_arg, _visible_or_404
+from .app import ApiError, Call, Endpoint, _int_arg, _visible_or_404, replica_statuses
 from .schemas import ERROR_SCHEMA
 
 log = logging.getLogger("formation.api")
@@ -199,8 +199,7 @@ async def pack_build_logs(call: Call):
 
 
 async def _statuses(call: Call, instance_id: str) -> list[dict]:
-    rows = await call.runtime.astore.call("list", "instance_status", text=instance_id, limit=1000)
-    return sorted((r for r in rows if r["instance_id"] == instance_id), key=lambda r: r["node"])
+    return await replica_statuses(call, instance_id)
 
 
 async def _where(call: Call, statuses: list[dict]) -> list[dict]:
@@ -243,8 +242,8 @@ async def instance_logs(call: Call):
 async def instance_ips(call: Call):
     iid = call.params["id"]
     await _visible_or_404(call, "instance", iid)
-    replicas = [{"node": s["node"], "state": s["state"], "ip": s.get("ip"), "reason": s.get("reason", "")}
-                for s in await _statuses(call, iid)]
+    replicas = [{"node": s["node"], "state": s["state"], "ip": s.get("ip"), "reason": s.get("reason", ""),
+                 "node_alive": s["node_alive"]} for s in await _statuses(call, iid)]
     return {"instance_id": iid, "replicas": replicas}, 200
 
 
@@ -266,11 +265,11 @@ async def _targets(call: Call, agent: dict) -> list[tuple[dict, str]]:
     for inst in instances:
         statuses = await _statuses(call, inst["instance_id"])
         states += [f"{inst['instance_id']}@{s['node']}: {s['state']}" + (f" ({s['reason']})" if s.get("reason") else "")
-                   for s in statuses]
+                   + ("" if s["node_alive"] else " [its node stopped sending heartbeats]") for s in statuses]
         if not statuses:
             states.append(f"{inst['instance_id']}: no replica reported yet (desired {inst['desired_state']})")
         for s in statuses:
-            if s["state"] != "running":
+            if s["state"] != "running" or not s["node_alive"]:
                 continue
             ip = s.get("ip")
             if s["node"] == call.runtime.address and scheduler is not None:
