@@ -73,10 +73,10 @@ def build_machine(driver, kit: BootKit):
     """A BuildMachine over the real driver, as the node makes it (formation/node/vmhost.py)."""
     from formation.vm.driver import VmSpec
 
-    async def machine(image, *, vcpus, memory_mb, timeout, on_line):
+    async def machine(image, *, vcpus, memory_mb, timeout, on_line, network=False):
         vm_id = f"build-{secrets.token_hex(4)}"
         spec = VmSpec(vm_id=vm_id, kernel=kit.kernel, initrd=kit.initrd, image=image, vcpus=vcpus,
-                      memory_mb=memory_mb, mode="build", writable_image=True)
+                      memory_mb=memory_mb, mode="build", writable_image=True, user_net=network)
         try:
             await driver.run_to_exit(spec, timeout, on_line)
         finally:

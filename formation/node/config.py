@@ -39,7 +39,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "mesh": {"wireguard_port": 51820, "overlay_cidr": "10.42.0.0/16"},
     "dns": {"port": 5453},
     "vm": {"enabled": "auto", "accel": "auto", "machine": "microvm", "bridge": "formbr0",
-           "subnet": "auto", "cache_dir": "", "build_timeout_seconds": 1800,
+           "subnet": "auto", "cache_dir": "", "build_timeout_seconds": 1800, "build_network": False,
            "context_limit_mb": 64},
     "store": {
         "synchronous": "FULL",
@@ -95,6 +95,7 @@ class VmConfig:
     subnet: str  # "auto" or a CIDR
     cache_dir: str  # "" = <data_dir>/cache
     build_timeout_seconds: int
+    build_network: bool
     context_limit_mb: int
 
 
@@ -473,6 +474,7 @@ _CHECKERS: dict[str, _Checker] = {
     "vm.subnet": lambda v, o: v if v == "auto" else _cidr(v, o),
     "vm.cache_dir": lambda v, o: "" if v == "" else _path(v, o),
     "vm.build_timeout_seconds": _positive,
+    "vm.build_network": _bool,
     "vm.context_limit_mb": _positive,
     "store.synchronous": _synchronous,
     "store.pending_ops_per_source": _positive,

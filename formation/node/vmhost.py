@@ -96,16 +96,17 @@ class VmHost:
         vm = self.config.vm
         return Builder(self.images_dir, self.cache_dir, self.build_machine,
                        context_limit=vm.context_limit_mb * 1024 * 1024,
-                       timeout=float(vm.build_timeout_seconds))
+                       timeout=float(vm.build_timeout_seconds), network=vm.build_network)
 
     async def build_machine(self, image: Path, *, vcpus: int, memory_mb: int, timeout: float,
-                            on_line: Callable[[str], None]) -> None:
-        """The builder's VM: boots `image` writable in build mode, no network."""
+                            on_line: Callable[[str], None], network: bool = False) -> None:
+        """The builder's VM: boots `image` writable in build mode; no network unless asked, and
+        then only QEMU's user-mode NAT (outbound connections, nothing reaches in)."""
         assert self.kit is not None
         vm_id = f"build-{secrets.token_hex(6)}"
         spec = VmSpec(vm_id=vm_id, kernel=self.kit.kernel, initrd=self.kit.initrd, image=image,
                       vcpus=vcpus, memory_mb=memory_mb, mode="build", writable_image=True,
-                      machine=self.machine)
+                      machine=self.machine, user_net=network)
         try:
             await self.driver.run_to_exit(spec, timeout, on_line)
         finally:

@@ -42,11 +42,12 @@ BUILD_MEMORY_MB = 1024  # apt and dpkg in 512 MB under TCG are slow to the point
 class BuildMachine(Protocol):
     """Boots `image` (writable) in build mode and returns when the VM has ended.
 
-    Each line of the VM's console goes to `on_line` as it arrives. Raises on timeout.
+    Each line of the VM's console goes to `on_line` as it arrives. Raises on timeout. With
+    `network`, the VM can open outbound connections (else it has no network at all).
     """
 
     def __call__(self, image: Path, *, vcpus: int, memory_mb: int, timeout: float,
-                 on_line: Callable[[str], None]) -> Awaitable[None]: ...
+                 on_line: Callable[[str], None], network: bool) -> Awaitable[None]: ...
 
 
 @dataclass
@@ -118,8 +119,12 @@ class Builder:
     blocking); `build` makes it (slow: a VM). The Debian base is made on first use."""
 
     def __init__(self, images_dir: Path, cache_dir: Path, machine: BuildMachine, *,
-                 context_limit: int = ctx.DEFAULT_LIMIT, timeout: float = 1800.0):
+                 context_limit: int = ctx.DEFAULT_LIMIT, timeout: float = 1800.0,
+                 network: bool = False):
         self.images_dir = images_dir
+        # whether RUN steps may reach the network; off, the build is sealed (and its image
+        # depends on its inputs only), which is why the id does not cover it
+        self.network = network
         self.cache_dir = cache_dir
         self.machine = machine
         self.context_limit = context_limit
@@ -240,7 +245,7 @@ class Builder:
 
         try:
             await self.machine(image, vcpus=ff.vcpu, memory_mb=max(ff.memory_mb, BUILD_MEMORY_MB),
-                               timeout=self.timeout, on_line=on_line)
+                               timeout=self.timeout, on_line=on_line, network=self.network)
         except Exception as exc:  # the driver's own error (timeout, QEMU refused)
             raise BuildFailure(f"the build VM failed: {exc}", current[0] and current[0].line,
                                current[0] and current[0].instruction, output[-OUTPUT_TAIL_LINES:]) from None

@@ -48,6 +48,9 @@ QMP_TIMEOUT = 10.0
 POLL = 0.05
 
 
+USER_NET_GUEST, USER_NET_HOST, USER_NET_DNS = "10.0.2.15/24", "10.0.2.2", "10.0.2.3"
+
+
 class VmError(Exception):
     pass
 
@@ -72,6 +75,9 @@ class VmSpec:
     writable_image: bool = False  # build VMs write into the image itself (no overlay)
     # with a bridge, boot creates the tap on it; either way the tap is this VM's: delete removes it
     bridge: str | None = None
+    # QEMU's user-mode network (NAT through the QEMU process; the host is 10.0.2.2): outbound
+    # only, no tap, no root; what a build VM gets when builds may use the network
+    user_net: bool = False
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
@@ -95,6 +101,8 @@ class VmSpec:
                 raise ValueError(f"bad {name} {value!r}")
         if self.bridge is not None and self.tap is None:
             raise ValueError("a bridge needs a tap")
+        if self.user_net and self.tap is not None:
+            raise ValueError("a VM has a tap or the user-mode network, not both")
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -245,6 +253,8 @@ class QemuDriver:
         vm_dir = self.vm_dir(spec.vm_id)
         microvm = spec.machine == "microvm"
         append = ["console=ttyS0", "reboot=t", "quiet", "panic=-1", f"fm.mode={spec.mode}"]
+        if spec.user_net:  # QEMU's fixed user-mode addresses
+            append += [f"fm.ip={USER_NET_GUEST}", f"fm.gw={USER_NET_HOST}", f"fm.dns={USER_NET_DNS}"]
         for key, value in (("ip", spec.ip_cidr), ("gw", spec.gateway),
                            ("hostname", spec.hostname)):
             if value:
@@ -283,6 +293,9 @@ class QemuDriver:
             mac = spec.mac or network.mac_for(spec.vm_id)
             cmd += ["-netdev", f"tap,id=n0,ifname={spec.tap},script=no,downscript=no",
                     "-device", f"virtio-net-{dev},netdev=n0,mac={mac}"]
+        elif spec.user_net:
+            cmd += ["-netdev", "user,id=n0", "-device",
+                    f"virtio-net-{dev},netdev=n0,mac={spec.mac or network.mac_for(spec.vm_id)}"]
         if spec.netns:
             cmd = ["ip", "netns", "exec", spec.netns, *cmd]
         return cmd

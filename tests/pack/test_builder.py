@@ -218,3 +218,47 @@ async def test_build_boot_serve_pause_resume_stop_and_cache_hit(tmp_path):
             await driver.delete("web")
         assert driver.list() == []
         assert "fmtweb0" not in ip("-n", ns, "link").stdout
+
+
+async def _serve_once_text(text: bytes, task_status=trio.TASK_STATUS_IGNORED):
+    async def handle(stream):
+        with trio.move_on_after(10):
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                data += chunk
+            await stream.send_all(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text))
+        await stream.aclose()
+
+    await trio.serve_tcp(handle, 0, host="127.0.0.1", task_status=task_status)
+
+
+@pytest.mark.slow
+@needs_qemu
+@needs_root
+async def test_build_network_is_off_unless_enabled(tmp_path):
+    """RUN steps reach the network only with [vm] build_network; the host's loopback (10.0.2.2 in
+    QEMU's user-mode network) stands in for the outside world."""
+    kit = boot_kit()
+    driver = QemuDriver(tmp_path / "vms")
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(_serve_once_text, b"fetched-over-the-network\n")
+        port = listeners[0].socket.getsockname()[1]
+        # bash's /dev/tcp (busybox-static's wget cannot resolve through the image's glibc)
+        fetch = (f"RUN bash -c 'exec 3<>/dev/tcp/10.0.2.2/{port} && printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3"
+                 f" && cat <&3' > /fetched.txt && cat /fetched.txt\n")
+
+        sealed = builder(tmp_path, build_machine(driver, kit))
+        with pytest.raises(BuildFailure) as exc:
+            await sealed.build(sealed.prepare("NAME sealed\n" + fetch, None, tmp_path / "w1"), tmp_path)
+        assert exc.value.line == 2 and exc.value.instruction == "RUN"
+        assert "unreachable" in " ".join(exc.value.output_tail), exc.value.output_tail
+
+        open_ = builder(tmp_path, build_machine(driver, kit), network=True)
+        log: list[str] = []
+        image = await open_.build(open_.prepare("NAME open\n" + fetch, None, tmp_path / "w2"), tmp_path,
+                                  log=log.append)
+        assert "fetched-over-the-network" in log and image.path.is_file()
+        nursery.cancel_scope.cancel()
