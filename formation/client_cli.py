@@ -1137,6 +1137,15 @@ def cmd_dns_list(args: argparse.Namespace) -> int:
 # ---- node status -------------------------------------------------------------------------------
 
 
+def _vms_line(vms: dict | None) -> str:
+    if not vms:
+        return "-"
+    if not vms.get("enabled"):
+        return f"off: {vms.get('reason') or 'disabled'}"
+    return (f"on: {vms.get('accel')}, {vms.get('machine')}, bridge {vms.get('bridge')} "
+            f"{vms.get('subnet')}, {vms.get('replicas')} replica(s)")
+
+
 def cmd_node_status(args: argparse.Namespace) -> int:
     ctx = context(args)
     health = ctx.call("GET", "/v1/health", sign=False)
@@ -1147,7 +1156,7 @@ def cmd_node_status(args: argparse.Namespace) -> int:
     print_fields([("node", ctx.node_url), ("status", health.get("status")),
                   ("address", health.get("address")), ("peer id", health.get("peer_id")),
                   ("version", health.get("version")), ("ops", health.get("ops")),
-                  ("peers", health.get("peers"))])
+                  ("peers", health.get("peers")), ("vms", _vms_line(health.get("vms")))])
     print()
     me = str(health.get("address", "")).lower()
     rows = sorted(nodes.get("nodes") or [], key=lambda n: (n.get("address") != me, n.get("address", "")))

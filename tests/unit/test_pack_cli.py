@@ -159,8 +159,9 @@ async def _report(rt, states: list[tuple[str, str | None, str]], delay: float = 
 async def test_ship_builds_deploys_and_waits(form, cfg, tmp_path, app_dir):
     async with vm_node(tmp_path / "vm") as rt, trio.open_nursery() as nursery:
         await form("kit", "init", "--node", rt.base_url)
+        # each state lasts 0.6 s: the CLI (polling every 0.05 s) sees every one even on a busy machine
         nursery.start_soon(_report, rt, [("building", None, ""), ("booting", None, "starting QEMU"),
-                                         ("running", "10.7.0.2", "")])
+                                         ("running", "10.7.0.2", "")], 0.6)
         _, out, err = await form("pack", "ship", str(app_dir), "--replicas", "1")
         iid = out.strip()
         inst = (await rt.astore.call("list", "instance", limit=10))[0]
