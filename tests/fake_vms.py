@@ -146,14 +146,28 @@ class FakeVmHost:
 
 
 class FakeBuilds:
-    """A build service with no builds: status() knows none, submit() is not expected."""
+    """A build service that builds instantly: submit() puts the image into `vms` when the inputs
+    are the ones `expected` names (build id -> context bytes), and records every call."""
 
-    def __init__(self):
+    def __init__(self, vms: FakeVmHost | None = None, expected: dict[str, bytes] | None = None):
+        self.vms = vms
+        self.expected = expected or {}
+        self.contexts: dict[str, bytes] = {}  # contexts uploaded to this node, by build id
         self.submitted: list[tuple] = []
 
     def status(self, build_id: str) -> dict | None:
         return None
 
+    def context_bytes(self, build_id: str) -> bytes | None:
+        return self.contexts.get(build_id)
+
+    async def image_id_of(self, formfile: str, context: bytes | None) -> str:
+        return "formfile-alone-" + "0" * 40  # no instance of these tests builds without a context
+
     async def submit(self, formfile: str, context: bytes | None, owner: str) -> dict:
         self.submitted.append((formfile, context, owner))
-        raise AssertionError("the scheduler asked for a build; this test gives it an image")
+        for bid, wanted in self.expected.items():
+            if context == wanted and self.vms is not None:
+                self.vms.add_image(bid)
+                return {"build_id": bid, "state": "done"}
+        raise AssertionError(f"unexpected build: context {context!r}")

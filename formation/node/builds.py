@@ -21,6 +21,7 @@ import trio
 from formation.pack.builder import Builder, BuildFailure, Plan, find_image
 
 log = logging.getLogger("formation.builds")
+CONTEXT_FILE = "context.tar.gz"
 QUEUE = 64  # builds waiting; more is refused (busy) rather than held in memory without bound
 
 
@@ -90,6 +91,9 @@ class BuildService:
         if find_image(self.builder.images_dir, bid):
             status.update(state="done", phase="cached", image=find_image(self.builder.images_dir, bid).manifest)
         (self.builds_dir / bid).mkdir(parents=True, exist_ok=True)
+        if context_tar:
+            # kept so that other nodes placed for an instance of it can build it too (p2p blobs)
+            _write_bytes(self.builds_dir / bid / CONTEXT_FILE, context_tar)
         _write(self._status_path(bid), status)
         if status["state"] == "done":
             shutil.rmtree(work, ignore_errors=True)
@@ -102,6 +106,27 @@ class BuildService:
             status.update(state="failed", error={"message": "the node's build queue is full; try later"})
             _write(self._status_path(bid), status)
         return status
+
+    async def image_id_of(self, formfile_text: str, context_tar: bytes | None) -> str:
+        """The image id a build of these inputs would make, without building (BuildRefused)."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=self.work_dir, prefix="plan-"))
+        try:
+            plan = await trio.to_thread.run_sync(self.builder.prepare, formfile_text, context_tar, work)
+        except BuildFailure as exc:
+            raise BuildRefused(exc) from None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return plan.image_id
+
+    def context_bytes(self, build_id: str) -> bytes | None:
+        """The build context uploaded for `build_id` on this node, if any."""
+        if not _safe_id(build_id):
+            return None
+        try:
+            return (self.builds_dir / build_id / CONTEXT_FILE).read_bytes()
+        except OSError:
+            return None
 
     def status(self, build_id: str) -> dict | None:
         if not _safe_id(build_id):
@@ -180,6 +205,12 @@ def _read(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _write(path: Path, value: dict) -> None:

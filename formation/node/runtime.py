@@ -105,6 +105,13 @@ class NodeRuntime:
             return
         builds = BuildService(self.config.data_dir, self.vm_host.builder())
         scheduler = Scheduler(self, self.vm_host, builds)
+
+        async def provide(name: str) -> bytes | None:
+            # build contexts, for nodes placed for an instance whose context was uploaded here
+            kind, _, key = name.partition("/")
+            return await trio.to_thread.run_sync(builds.context_bytes, key) if kind == "context" else None
+
+        self.p2p.blob_provider = provide
         async with trio.open_nursery() as nursery:
             await nursery.start(builds.run)
             await nursery.start(scheduler.run)

@@ -32,6 +32,7 @@ from .vmhost import VmHost, VmUnavailable
 log = logging.getLogger("formation.scheduler")
 PASS_INTERVAL = 2.0
 MIN_PASS_GAP = 0.3
+CONTEXT_RETRY = 15.0  # seconds between two rounds of asking peers for a missing build context
 STOP_TIMEOUT = 20.0
 READY_MARKER = "FORMATION-GUEST entrypoint-start"
 NO_ENTRYPOINT_MARKER = "FORMATION-GUEST ready"
@@ -53,6 +54,7 @@ class Replica:
     build_id: str | None = None  # the image this node builds for it (instances without a build_id)
     build_generation: int = 0
     reported: dict = field(default_factory=dict)  # the last instance_status value written
+    next_fetch: float = 0.0  # monotonic time before which peers are not asked for a context again
 
 
 class Scheduler:
@@ -171,36 +173,63 @@ class Scheduler:
             if status and status["state"] == "failed":
                 await self._report(iid, "failed", _build_error(status))
                 return None
-        if inst.get("formfile"):
-            # the node builds what it lacks from the Formfile alone (an empty build context);
-            # a build that needs a context is built where the context was uploaded. A failed
-            # build is tried again only after a restart of the instance (a new generation).
-            status = self.builds.status(rep.build_id) if rep.build_id else None
-            if status is None or (status["state"] == "failed" and rep.build_generation != inst["generation"]):
-                try:
-                    status = await self.builds.submit(inst["formfile"], None, inst["owner"])
-                except BuildRefused as exc:
-                    await self._report(iid, "failed", f"cannot build the instance's Formfile: {exc}")
-                    return None
-                rep.build_id, rep.build_generation = status["build_id"], inst["generation"]
-                self._save(rep)
-            if bid and status["build_id"] != bid:
-                await self._report(iid, "pending", f"image {bid[:12]} is not on this node and needs its "
-                                   "build context; build it here with `form pack build`")
-                return None
-            if status["state"] == "done":
-                found = find_image(self.vms.images_dir, status["build_id"])
-                if found:
-                    return found.path
-                rep.build_id = None  # the image was removed meanwhile: build again
-                return None
-            if status["state"] == "failed":
-                await self._report(iid, "failed", _build_error(status))
-                return None
-            await self._report(iid, "building", f"building image {status['build_id'][:12]}")
+        if not inst.get("formfile"):
+            await self._report(iid, "pending", f"image {bid[:12] if bid else '?'} is not on this node, "
+                               "and the instance has no Formfile to build it from")
             return None
-        await self._report(iid, "pending", f"image {bid[:12] if bid else '?'} is not on this node")
+        # Build it here: from the Formfile alone, or with the build context fetched from the node
+        # it was uploaded to. A failed build is tried again only after a restart (new generation).
+        status = self.builds.status(rep.build_id) if rep.build_id else None
+        if status is None or (status["state"] == "failed" and rep.build_generation != inst["generation"]):
+            try:
+                found_context, context = await self._context_for(inst, rep)
+                if not found_context:
+                    return None
+                status = await self.builds.submit(inst["formfile"], context, inst["owner"])
+            except BuildRefused as exc:
+                await self._report(iid, "failed", f"cannot build the instance's Formfile: {exc}")
+                return None
+            rep.build_id, rep.build_generation = status["build_id"], inst["generation"]
+            self._save(rep)
+        if bid and status["build_id"] != bid:
+            await self._report(iid, "failed", f"the instance's Formfile and build context make image "
+                               f"{status['build_id'][:12]} here, not {bid[:12]} (another Debian base?)")
+            return None
+        if status["state"] == "done":
+            found = find_image(self.vms.images_dir, status["build_id"])
+            if found:
+                return found.path
+            rep.build_id = None  # the image was removed meanwhile: build again
+            return None
+        if status["state"] == "failed":
+            await self._report(iid, "failed", _build_error(status))
+            return None
+        await self._report(iid, "building", f"building image {status['build_id'][:12]}")
         return None
+
+    async def _context_for(self, inst: dict, rep: Replica) -> tuple[bool, bytes | None]:
+        """(True, context) to build the instance's image here: None when the Formfile alone makes
+        it, else the context fetched from a peer. (False, None) after reporting why not yet."""
+        iid, bid = inst["instance_id"], inst.get("build_id")
+        if bid and time.monotonic() < rep.next_fetch:  # asked around lately, in vain
+            return False, None
+        if not bid or await self.builds.image_id_of(inst["formfile"], None) == bid:
+            return True, None
+        # uploaded here (and its build since removed)
+        local = await trio.to_thread.run_sync(self.builds.context_bytes, bid)
+        if local is not None:
+            return True, local
+        p2p = self.runtime.p2p
+        limit = self.runtime.config.vm.context_limit_mb * 1024 * 1024
+        for peer in p2p.connected():
+            context = await p2p.fetch_blob(peer, f"context/{bid}", limit)
+            if context is not None:
+                log.info("instance %s: build context of %s fetched from %s", iid, bid[:12], peer[-8:])
+                return True, context
+        rep.next_fetch = time.monotonic() + CONTEXT_RETRY
+        await self._report(iid, "pending", f"image {bid[:12]} is not on this node and no connected "
+                           "node has its build context yet")
+        return False, None
 
     async def _boot(self, inst: dict, rep: Replica, image: Path) -> None:
         iid = inst["instance_id"]
@@ -308,7 +337,7 @@ class Scheduler:
 
     def _save(self, rep: Replica) -> None:
         tmp = self.dir / f".{rep.instance_id}.json.tmp"
-        tmp.write_text(json.dumps(asdict(rep)))
+        tmp.write_text(json.dumps({k: v for k, v in asdict(rep).items() if k != "next_fetch"}))
         os.replace(tmp, self.dir / f"{rep.instance_id}.json")
 
 

@@ -21,7 +21,7 @@ import trio
 from formation.crdt.async_store import AsyncStore
 from formation.crdt.keys import PrivateKey
 
-from . import sync
+from . import blobs, sync
 from .gossip import TOPIC, Batcher, BatchValidator, encode_batch
 
 log = logging.getLogger("formation.p2p")
@@ -103,6 +103,8 @@ class P2PService:
         self.blocked: set[str] = set()  # peers we neither dial nor keep (partition tests, bans)
         self.banned: set[str] = set()
         self.on_sync: list[Callable[[sync.SyncResult], None]] = []
+        # what this node hands out on /formation/blob/1 (set by the node; None serves nothing)
+        self.blob_provider: blobs.Provider | None = None
         self._syncing: set[str] = set()
         self._known: dict[str, list[str]] = {}  # peer id -> multiaddrs to dial it at
         self._next_dial: dict[str, float] = {}
@@ -211,6 +213,7 @@ class P2PService:
                 self.pubsub.set_topic_validator(TOPIC, self.validator, False)
                 sub = await self.pubsub.subscribe(TOPIC)
                 self.host.set_stream_handler(sync.PROTOCOL, self._serve_sync)
+                self.host.set_stream_handler(blobs.PROTOCOL, self._serve_blob)
                 try:
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
@@ -291,6 +294,33 @@ class P2PService:
             log.info("sync served to %s failed: %s", peer[-8:], _why(exc))
             return
         self._count(result)
+
+    async def _serve_blob(self, stream) -> None:
+        peer = stream.muxed_conn.peer_id.to_string()
+        if peer in self.blocked or self.blob_provider is None:
+            await stream.reset()
+            return
+        try:
+            await blobs.serve(stream, self.blob_provider)
+        except Exception as exc:  # noqa: BLE001 - a failed answer only ends this stream
+            log.info("blob served to %s failed: %s", peer[-8:], _why(exc))
+
+    async def fetch_blob(self, peer: str, name: str, limit: int) -> bytes | None:
+        """The blob `name` from a connected peer; None if it has none or could not answer."""
+        from libp2p.peer.id import ID
+
+        if peer in self.blocked:
+            return None
+        try:
+            stream = await self.host.new_stream(ID.from_base58(peer), [blobs.PROTOCOL])
+            try:
+                return await blobs.fetch(stream, name, limit)
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await stream.close()
+        except Exception as exc:  # noqa: BLE001 - any failure: this peer cannot give it
+            log.info("fetching %s from %s failed: %s", name, peer[-8:], _why(exc))
+            return None
 
     def _count(self, result: sync.SyncResult) -> None:
         if result.rejected:

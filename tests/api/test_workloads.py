@@ -163,6 +163,11 @@ async def test_build_is_accepted_and_readable_by_its_owners_only(vnode):
     gate.set()
     done = await wait_build(alice, bid)
     assert done["state"] == "done" and done["image"]["vcpus"] == 2 and done["steps"] == 2
+    # the context is kept for the other nodes placed for instances of it (p2p blobs)
+    kept = vnode.builds.context_bytes(bid)
+    with tarfile.open(fileobj=io.BytesIO(kept)) as tar:
+        assert tar.extractfile("app.txt").read() == b"hi"
+    assert vnode.builds.context_bytes("../" + bid) is None
     # the log, from an offset
     first = await alice.get(f"/v1/pack/builds/{bid}/logs")
     assert "--- step 1/2 (line 4): app.txt /srv/app.txt" in first["log"] and first["state"] == "done"

@@ -123,9 +123,9 @@ async def wait_for(what: str, check, timeout: float = 30.0, poll: float = 0.1):
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
-async def create_instance(node: FogNode, user: User, replicas: int) -> str:
+async def create_instance(node: FogNode, user: User, replicas: int, **fields) -> str:
     op = await node.request(user, "POST", "/v1/instance/create",
-                            {"name": "web", "build_id": BID, "replicas": replicas})
+                            {"name": "web", "build_id": BID, "replicas": replicas, **fields})
     assert op.kind == "instance"
     return op.key
 
@@ -246,3 +246,40 @@ async def test_a_replica_moves_when_its_node_goes_stale(tmp_path, no_taps):
             assert set(place(inst, nodes, now_ms=int(time.time() * 1000), stale_ms=stale_ms)) == \
                 {spare.address, survivor.address}
     print(f"replica moved {t_moved - t_stop:.2f} s after its node stopped (stale after {stale_ms} ms)")
+
+
+CTX_BID = "img-" + "cd" * 30
+CONTEXT = b"the build context tar.gz (fake bytes)"
+CTX_FORMFILE = "NAME web\nCOPY app /app\nENTRYPOINT [\"/app/run\"]\n"
+
+
+async def test_placed_nodes_fetch_the_build_context_from_the_node_it_was_uploaded_to(tmp_path, no_taps):
+    """Only node 0 holds the context of CTX_BID (uploaded there) and no node has its image: every
+    node placed for the instance fetches the context over /formation/blob/1 and builds it."""
+    user = User(b"\x5c" * 32)
+    async with open_fog(tmp_path) as fog:
+        for n in fog:
+            n.builds.vms, n.builds.expected = n.vms, {CTX_BID: CONTEXT}
+
+            async def provide(name, builds=n.builds):
+                kind, _, key = name.partition("/")
+                return builds.context_bytes(key) if kind == "context" else None
+
+            n.runtime.p2p.blob_provider = provide
+        fog[0].builds.contexts[CTX_BID] = CONTEXT
+        iid = await create_instance(fog[1], user, replicas=3, build_id=CTX_BID, formfile=CTX_FORMFILE)
+
+        async def all_running():
+            hosts = booted_on(fog, iid)
+            return len(hosts) == 3 and await all_report_running(fog, iid, hosts)
+
+        await wait_for("3 replicas built from the fetched context and running", all_running)
+        for n in fog:
+            assert n.builds.submitted == [(CTX_FORMFILE, CONTEXT, user.address)], n.i
+        # a name nobody serves, and a peer that serves nothing: None, no error
+        peer0 = fog[0].runtime.peer_id
+        assert await fog[1].runtime.p2p.fetch_blob(peer0, "context/" + "ee" * 32, 1 << 20) is None
+        fog[2].runtime.p2p.blob_provider = None
+        assert await fog[1].runtime.p2p.fetch_blob(fog[2].runtime.peer_id, f"context/{CTX_BID}", 1 << 20) is None
+        # over the fetcher's limit: refused
+        assert await fog[1].runtime.p2p.fetch_blob(peer0, f"context/{CTX_BID}", 8) is None
