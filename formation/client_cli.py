@@ -740,6 +740,23 @@ def cmd_manage_logs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_manage_metrics(args: argparse.Namespace) -> int:
+    rid = check_id(args.id, "instance id")
+    ctx = context(args)
+    res = ctx.call("GET", f"{INSTANCE_BASE}/{rid}/metrics")
+    if ctx.json:
+        print_json(res)
+        return EXIT_OK
+    rss = res.get("rss_bytes")
+    print_fields([("instance", res.get("instance_id")), ("node", res.get("node")),
+                  ("vm", res.get("vm_state")), ("ip", res.get("ip")),
+                  ("cpu", f"{res['cpu_seconds']} s" if res.get("cpu_seconds") is not None else "-"),
+                  ("memory", f"{rss // (1 << 20)} MiB" if rss is not None else "-"),
+                  ("uptime", f"{res['uptime_s']} s" if res.get("uptime_s") is not None else "-"),
+                  ("restarts", res.get("restarts"))])
+    return EXIT_OK
+
+
 # ---- images (form pack build|status|logs|ship) -------------------------------------------------
 
 PACK_BASE = "/v1/pack"
@@ -1323,6 +1340,9 @@ def register(subparsers) -> None:
     p = _leaf(man, "get-ip", "the IP address of each replica of an instance", cmd_manage_get_ip, common,
               description="Each replica of an instance: the node that hosts it, its state and its IP "
                           "address (GET /instance/ID/ips).")
+    p.add_argument("id", metavar="ID")
+    p = _leaf(man, "metrics", "VM state, CPU time and memory of an instance's replica on the node you ask",
+              cmd_manage_metrics, common)
     p.add_argument("id", metavar="ID")
     p = _leaf(man, "logs", "the console of an instance's replica on the node you ask", cmd_manage_logs,
               common, description="The console output (boot, entrypoint) of the replica of an instance "

@@ -12,6 +12,7 @@ instance_status op of this node (pending, building, booting, running, stopped, f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -319,6 +320,21 @@ class Scheduler:
             return self.driver.console_log(instance_id, tail_bytes=tail_bytes)
         except (VmError, OSError, ValueError):
             return ""
+
+    async def metrics(self, instance_id: str) -> dict | None:
+        """What the host sees of this node's replica: VM state and what its QEMU costs."""
+        rep = self.replicas.get(instance_id)
+        if rep is None:
+            return None
+        status = await self.driver.status(instance_id)
+        out = {"vm_state": status.state, "ip": rep.ip, "restarts": rep.restarts,
+               "cpu_seconds": None, "rss_bytes": None, "uptime_s": None}
+        if status.state in ("running", "paused"):
+            with contextlib.suppress(VmError):
+                m = await self.driver.metrics(instance_id)
+                out.update(cpu_seconds=round(m.cpu_seconds, 2), rss_bytes=m.rss_bytes,
+                           uptime_s=round(m.uptime_s, 1))
+        return out
 
     def local_ip(self, instance_id: str) -> str | None:
         rep = self.replicas.get(instance_id)

@@ -87,6 +87,12 @@ class FakeScheduler:
     def local_ip(self, instance_id: str) -> str | None:
         return self.ips.get(instance_id)
 
+    async def metrics(self, instance_id: str) -> dict | None:
+        if instance_id not in self.consoles:
+            return None
+        return {"vm_state": "running", "ip": self.ips.get(instance_id), "restarts": 0,
+                "cpu_seconds": 1.5, "rss_bytes": 200 << 20, "uptime_s": 12.0}
+
 
 @contextlib.asynccontextmanager
 async def vm_node(tmp_path: Path, **builder_kw):
@@ -287,6 +293,12 @@ async def test_instance_logs_and_ips(vnode):
         await owner.get(f"/v1/instance/{here}/logs", query={"tail": 0})
     assert e.value.status == 400
 
+    metrics = await owner.get(f"/v1/instance/{here}/metrics")
+    assert metrics["node"] == vnode.address and metrics["vm_state"] == "running" and metrics["cpu_seconds"] == 1.5
+    with pytest.raises(ApiError) as e:
+        await owner.get(f"/v1/instance/{away}/metrics")
+    assert e.value.status == 404 and addr(other_node) in e.value.detail
+
     ips = await owner.get(f"/v1/instance/{here}/ips")
     assert ips["instance_id"] == here
     assert sorted((r["node"], r["state"], r["ip"]) for r in ips["replicas"]) == sorted([
@@ -298,7 +310,7 @@ async def test_instance_logs_and_ips(vnode):
     got = await owner.get(f"/v1/instance/{here}/get")
     assert {r["node"]: r["node_alive"] for r in got["replicas_status"]}[addr(other_node)] is False
 
-    for path in (f"/v1/instance/{here}/logs", f"/v1/instance/{here}/ips"):
+    for path in (f"/v1/instance/{here}/logs", f"/v1/instance/{here}/ips", f"/v1/instance/{here}/metrics"):
         with pytest.raises(ApiError) as e:
             await stranger.get(path)
         assert e.value.status == 403

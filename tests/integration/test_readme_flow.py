@@ -56,5 +56,6 @@ def test_readme_workflow_ship_register_hire(hello_image, node, tmp_path):
     assert answer == {"greeting": "hello", "echo": {"task": "say hello"}}
     ips = form(node, cfg, "manage", "get-ip", shipped["instance_id"])
     assert ips["replicas"][0]["ip"].startswith("10.213.12.")
+    assert form(node, cfg, "manage", "metrics", shipped["instance_id"])["vm_state"] == "running"
     logs = form(node, cfg, "manage", "logs", shipped["instance_id"])
     assert "FORMATION-GUEST entrypoint-start" in logs["log"]

@@ -52,6 +52,8 @@ def test_instance_lifecycle_with_real_vms(node):
     rep = wait_replica(user, iid, lambda r: r["state"] == "running", log=node.log_text)
     assert rep["ip"].startswith("10.213.12.")
     assert http_get(node.ns, f"http://{rep['ip']}:8000/") == "hello-instance\n"
+    m = user.get(f"/v1/instance/{iid}/metrics")
+    assert m["vm_state"] == "running" and m["cpu_seconds"] > 0 and m["rss_bytes"] > 50 << 20, m
 
     # QEMU killed -> restarted, and the status says so
     pid = node.qemu_pid(iid)

@@ -214,6 +214,25 @@ async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
+async def _not_here(call: Call, iid: str, what: str) -> tuple[dict, int]:
+    """404 for a replica this node does not run, saying which nodes do."""
+    hosts = await _where(call, await _statuses(call, iid))
+    others = [h for h in hosts if h["node"] != call.runtime.address]
+    mine = [h for h in hosts if h["node"] == call.runtime.address]
+    if others:
+        where = "; its replicas are on " + ", ".join(
+            f"{h['node']} ({h['state']}" + (f", API {h['api_url']}" if h["api_url"] else "") + ")"
+            for h in others) + ": ask that node's API"
+    elif mine:
+        where = f"; this node reports its replica {mine[0]['state']} but has no {what} of it"
+    else:
+        where = "; no node reports a replica of it yet"
+    if getattr(call.runtime, "scheduler", None) is None:
+        where += " (this node runs no VMs)"
+    return {"error": "not_found", "detail": f"no replica of instance {iid} on this node{where}",
+            "nodes": hosts}, 404
+
+
 async def instance_logs(call: Call):
     iid = call.params["id"]
     await _visible_or_404(call, "instance", iid)
@@ -221,22 +240,18 @@ async def instance_logs(call: Call):
     scheduler = getattr(call.runtime, "scheduler", None)
     text = None if scheduler is None else await _maybe_await(scheduler.console_log(iid, tail))
     if text is None:
-        hosts = await _where(call, await _statuses(call, iid))
-        others = [h for h in hosts if h["node"] != call.runtime.address]
-        mine = [h for h in hosts if h["node"] == call.runtime.address]
-        if others:
-            where = "; its replicas are on " + ", ".join(
-                f"{h['node']} ({h['state']}" + (f", API {h['api_url']}" if h["api_url"] else "") + ")"
-                for h in others) + ": ask that node's API"
-        elif mine:
-            where = f"; this node reports its replica {mine[0]['state']} but has no console of it"
-        else:
-            where = "; no node reports a replica of it yet"
-        if scheduler is None:
-            where += " (this node runs no VMs)"
-        return {"error": "not_found", "detail": f"no replica of instance {iid} on this node{where}",
-                "nodes": hosts}, 404
+        return await _not_here(call, iid, "console")
     return {"instance_id": iid, "node": call.runtime.address, "log": text}, 200
+
+
+async def instance_metrics(call: Call):
+    iid = call.params["id"]
+    await _visible_or_404(call, "instance", iid)
+    scheduler = getattr(call.runtime, "scheduler", None)
+    metrics = None if scheduler is None else await _maybe_await(scheduler.metrics(iid))
+    if metrics is None:
+        return await _not_here(call, iid, "VM")
+    return {"instance_id": iid, "node": call.runtime.address, **metrics}, 200
 
 
 async def instance_ips(call: Call):
@@ -379,6 +394,8 @@ def endpoints() -> list[Endpoint]:
                  query={"tail": {"type": "integer", "minimum": 1, "maximum": MAX_TAIL}}),
         Endpoint("GET", "/instance/{id}/ips", "Each replica's node, state and IP address", "required",
                  instance_ips, tags=["instances"]),
+        Endpoint("GET", "/instance/{id}/metrics", "This node's replica of an instance: VM state, CPU "
+                 "seconds, memory, uptime, restarts", "required", instance_metrics, tags=["instances"]),
         Endpoint("POST", "/agents/{id}/hire", "Call an agent: the body goes to a running replica, "
                  "its answer comes back", "required", agent_hire, body=HIRE_SCHEMA, tags=["agents"],
                  responses={200: {"description": "the agent's answer, as it gave it",
