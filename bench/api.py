@@ -37,6 +37,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import terminate  # noqa: E402
 from formation.client import ApiError, AsyncClient, sign_headers  # noqa: E402
 from formation.crdt.keys import PrivateKey, format_address  # noqa: E402
 from formation.node.api.auth import ReplayGuard, verify  # noqa: E402
@@ -100,17 +101,9 @@ class NodeProcess:
 
     def stop(self) -> float:
         """SIGTERM, then SIGKILL after 30 s; returns the seconds the node took to exit."""
-        if self.proc is None or self.proc.poll() is not None:
-            return 0.0
-        t0 = time.monotonic()
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        took = terminate(self.proc)
         self.log.close()
-        return time.monotonic() - t0
+        return took
 
 
 # ---- the clients -----------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -22,3 +24,17 @@ def workdir(base_dir: str | None, prefix: str) -> tuple[Path, tempfile.Temporary
         return Path(base_dir), None
     tmp = tempfile.TemporaryDirectory(prefix=prefix)
     return Path(tmp.name), tmp
+
+
+def terminate(proc: subprocess.Popen | None, grace: float = 30.0) -> float:
+    """SIGTERM, then SIGKILL after `grace` seconds; the seconds the process took to exit."""
+    if proc is None or proc.poll() is not None:
+        return 0.0
+    t0 = time.monotonic()
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return time.monotonic() - t0

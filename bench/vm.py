@@ -52,7 +52,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import printer  # noqa: E402
+from bench.common import printer, terminate  # noqa: E402
 from formation.client import ApiError, Client  # noqa: E402
 from formation.crdt.keys import PrivateKey  # noqa: E402
 from formation.node.control import ControlClient  # noqa: E402
@@ -310,13 +310,7 @@ class NodeInNetns:
 
     def stop(self) -> None:
         """The node (SIGTERM, then SIGKILL), its QEMU processes, the namespace and the veth."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         if self.log is not None:
             self.log.close()
             self.log = None
