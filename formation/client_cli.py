@@ -1184,7 +1184,8 @@ def cmd_node_status(args: argparse.Namespace) -> int:
         ("VCPUS", lambda n: cap(n, "vcpus")),
         ("MEMORY", lambda n: f"{cap(n, 'memory_mb') // 1024} GiB" if cap(n, "memory_mb") else "-"),
         ("DISK", lambda n: f"{cap(n, 'disk_gb')} GB" if cap(n, "disk_gb") is not None else "-"),
-        ("KVM", lambda n: cap(n, "kvm")), ("SEEN", lambda n: ago(n.get("heartbeat"))),
+        ("KVM", lambda n: cap(n, "kvm")), ("VMS", lambda n: cap(n, "vms")),
+        ("SEEN", lambda n: ago(n.get("heartbeat"))),
         ("ADDRS", lambda n: len(n.get("multiaddrs") or [])),
     ], "no nodes known yet")
     return EXIT_OK

@@ -7,8 +7,8 @@ joins, only the replicas whose ranking changes move.
 
 "Live" reads the caller's clock (a node's heartbeat older than `stale_ms`), so two nodes whose
 clocks disagree can briefly disagree about a node at the edge of the timeout; the reconcile loop
-settles it on its next pass. Capacity is checked against each node's advertised capacity, not
-yet against what other instances already use there.
+settles it on its next pass. Memory and GPUs are booked against each node's advertised capacity
+in the instances' creation order (place_all), so a node is not overcommitted.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def is_live(node: dict | None, now_ms: int, stale_ms: int) -> bool:
 def fits(node: dict, resources: dict) -> bool:
     cap = node.get("capacity") or {}
     gpu = (resources.get("gpu") or {}).get("count", 0)
-    return (cap.get("vcpus", 0) >= resources.get("vcpus", 1)
+    return (cap.get("vms", True) is not False  # a node that runs no VMs says so
+            and cap.get("vcpus", 0) >= resources.get("vcpus", 1)
             and cap.get("memory_mb", 0) >= resources.get("memory_mb", 0)
             and cap.get("disk_gb", 0) >= resources.get("disk_gb", 0)
             and cap.get("gpus", 0) >= gpu)
@@ -42,9 +43,31 @@ def score(instance_id: str, address: str) -> int:
 
 
 def place(instance: dict, nodes: Iterable[dict], *, now_ms: int, stale_ms: int = DEFAULT_STALE_MS) -> list[str]:
-    """Addresses of the nodes that should run `instance`'s replicas, best first."""
-    resources = instance.get("resources") or {}
-    live = [n for n in nodes if is_live(n, now_ms, stale_ms) and fits(n, resources)]
-    ranked = sorted(live, key=lambda n: (score(instance["instance_id"], n["address"]), n["address"]),
-                    reverse=True)
-    return [n["address"] for n in ranked[: instance.get("replicas", 1)]]
+    """Addresses of the nodes that should run `instance`'s replicas, best first, if it were the
+    only instance."""
+    return place_all([instance], nodes, now_ms=now_ms, stale_ms=stale_ms)[instance["instance_id"]]
+
+
+def place_all(instances: Iterable[dict], nodes: Iterable[dict], *, now_ms: int,
+              stale_ms: int = DEFAULT_STALE_MS) -> dict[str, list[str]]:
+    """Every instance's replicas. Memory and GPUs are not overcommitted: instances take what is
+    left on each node in creation order (oldest first, then id), so a new instance never moves
+    an older one; a stopped instance keeps its room, so starting it again lands where it was.
+    vCPUs and disk are checked per instance only (vCPUs are shared, overlays are thin)."""
+    live = [n for n in nodes if is_live(n, now_ms, stale_ms)]
+    left = {n["address"]: [(n.get("capacity") or {}).get("memory_mb", 0),
+                           (n.get("capacity") or {}).get("gpus", 0)] for n in live}
+    out: dict[str, list[str]] = {}
+    for inst in sorted(instances, key=lambda i: (i.get("created_at", 0), i["instance_id"])):
+        resources = inst.get("resources") or {}
+        memory = resources.get("memory_mb", 0)
+        gpus = (resources.get("gpu") or {}).get("count", 0)
+        fit = [n for n in live if fits(n, resources)
+               and left[n["address"]][0] >= memory and left[n["address"]][1] >= gpus]
+        ranked = sorted(fit, key=lambda n: (score(inst["instance_id"], n["address"]), n["address"]),
+                        reverse=True)[: inst.get("replicas", 1)]
+        for n in ranked:
+            left[n["address"]][0] -= memory
+            left[n["address"]][1] -= gpus
+        out[inst["instance_id"]] = [n["address"] for n in ranked]
+    return out

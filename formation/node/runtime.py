@@ -47,6 +47,8 @@ class NodeRuntime:
         # VMs: None until the host is set up (kit fetched, bridge up), or for good if this node
         # cannot run them; vm_disabled_reason says which, for the API and `form node status`
         self.vm_host, self.vm_disabled_reason = VmHost.check(config, self.address)
+        # advertised in the node record: placement puts replicas only on nodes that run VMs
+        self.runs_vms = self.vm_host is not None
         if self.vm_host is not None:
             self.vm_disabled_reason = "VMs are starting (guest kernel kit, bridge)"
         self.builds = None
@@ -102,6 +104,8 @@ class NodeRuntime:
         except (VmUnavailable, OSError) as exc:
             self.vm_disabled_reason = f"VMs are off: {exc}"
             log.error("%s", self.vm_disabled_reason)
+            self.runs_vms = False
+            await self.register()
             return
         builds = BuildService(self.config.data_dir, self.vm_host.builder())
         scheduler = Scheduler(self, self.vm_host, builds)
@@ -155,7 +159,7 @@ class NodeRuntime:
         return {
             "address": self.address,
             "multiaddrs": self.announce_addrs(),
-            "capacity": capacity.detect(self.config.data_dir),
+            "capacity": {**capacity.detect(self.config.data_dir), "vms": self.runs_vms},
             "version": VERSION,
             "started_at": self.started_at,
             "heartbeat": now_ms(),

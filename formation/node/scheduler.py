@@ -27,7 +27,7 @@ from formation.vm import network
 from formation.vm.driver import VmError
 
 from .builds import BuildRefused, BuildService
-from .placement import place, stale_after_ms
+from .placement import place_all, stale_after_ms
 from .vmhost import VmHost, VmUnavailable
 
 log = logging.getLogger("formation.scheduler")
@@ -105,8 +105,8 @@ class Scheduler:
         nodes = await self.runtime.astore.call("list", "node", limit=1_000_000)
         now = int(time.time() * 1000)
         me = self.runtime.address
-        desired = {i["instance_id"]: i for i in instances
-                   if me in place(i, nodes, now_ms=now, stale_ms=self.stale_ms)}
+        placements = place_all(instances, nodes, now_ms=now, stale_ms=self.stale_ms)
+        desired = {i["instance_id"]: i for i in instances if me in placements[i["instance_id"]]}
         for iid, inst in desired.items():
             try:
                 await self._step(inst)

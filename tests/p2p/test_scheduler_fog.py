@@ -35,6 +35,7 @@ class FogNode:
                                  "p2p.bootstrap": bootstrap, "api.host": "127.0.0.1",
                                  "api.port": free_port()})
         self.runtime = NodeRuntime(cfg, PrivateKey(bytes([0x40 + i]) * 32), Store(str(data / "state.db")))
+        self.runtime.runs_vms = True  # its VMs are the fake's
         self.vms = FakeVmHost(root / f"vmhost{i}", subnet=f"10.77.{i}.0/24")
         self.vms.add_image(BID)
         self.builds = FakeBuilds()

@@ -2,7 +2,7 @@
 
 import random
 
-from formation.node.placement import place
+from formation.node.placement import place, place_all
 
 NOW = 10_000_000
 
@@ -47,3 +47,30 @@ def test_capacity_and_gpu_filter():
     assert set(place(inst(1, replicas=3, vcpus=8), nodes, now_ms=NOW)) == {nodes[1]["address"], nodes[2]["address"]}
     assert place(inst(2, replicas=2, gpu={"count": 1}), nodes, now_ms=NOW) == [nodes[2]["address"]]
     assert place(inst(3, replicas=1, memory_mb=10**6), nodes, now_ms=NOW) == []
+
+
+def test_memory_and_gpus_are_booked_in_creation_order():
+    nodes = [node(i, mem=2048) for i in range(3)]
+    insts = [dict(inst(k, replicas=1, memory_mb=1024), created_at=100 + k) for k in range(7)]
+    placed = place_all(insts, nodes, now_ms=NOW)
+    per_node = [sum(1 for k in range(6) if placed[f"inst-{k}"] == [n["address"]]) for n in nodes]
+    assert per_node == [2, 2, 2]  # six fit, two per node, whatever their hashes prefer
+    assert placed["inst-6"] == []  # the seventh finds no node with 1 GiB left
+    # a newer instance never moves an older one; the record order does not matter either
+    more = place_all(list(reversed(insts)) + [dict(inst(9, replicas=1), created_at=999)], nodes, now_ms=NOW)
+    assert all(more[f"inst-{k}"] == placed[f"inst-{k}"] for k in range(7))
+    # when a node dies its instances take what the others have left (none here)
+    nodes[0]["heartbeat"] = NOW - 10**6
+    after = place_all(insts, nodes, now_ms=NOW)
+    assert sum(1 for k in range(7) if after[f"inst-{k}"]) == 4
+    # GPUs: one per node with one GPU
+    gpu_nodes = [node(i, gpus=1) for i in range(2)]
+    g = place_all([dict(inst(k, replicas=1, gpu={"count": 1}), created_at=k) for k in range(3)], gpu_nodes, now_ms=NOW)
+    assert sorted(len(v) for v in g.values()) == [0, 1, 1]
+
+
+def test_nodes_that_run_no_vms_get_no_replicas():
+    nodes = [node(0), node(1), node(2)]
+    nodes[1]["capacity"]["vms"] = False
+    nodes[2]["capacity"]["vms"] = True
+    assert set(place(inst(1, replicas=3), nodes, now_ms=NOW)) == {nodes[0]["address"], nodes[2]["address"]}

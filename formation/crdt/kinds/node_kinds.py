@@ -32,6 +32,7 @@ class Capacity(Record):
     disk_gb: int = field(integer(0, 2**30))
     gpus: int = field(integer(0, 64), default=0)
     kvm: bool = field(boolean, default=False)
+    vms: bool = field(boolean, default=True)  # false: the node runs no VMs (placement skips it)
 
 
 MULTIADDR = text(512, min_len=2, pattern=r"/[A-Za-z0-9/._:%-]+", what="a multiaddr like /ip4/1.2.3.4/tcp/53333")
