@@ -48,6 +48,7 @@ QMP_TIMEOUT = 10.0
 POLL = 0.05
 
 
+CONSOLE_KEEP = 256 * 1024  # bytes of console log kept across boots
 USER_NET_GUEST, USER_NET_HOST, USER_NET_DNS = "10.0.2.15/24", "10.0.2.2", "10.0.2.3"
 
 
@@ -275,7 +276,8 @@ class QemuDriver:
             "-m", str(spec.memory_mb), "-smp", str(spec.vcpus),
             "-kernel", str(spec.kernel.resolve()), "-initrd", str(spec.initrd.resolve()),
             "-append", " ".join(append),
-            "-chardev", f"file,id=con0,path={_opt(vm_dir / 'console.log')}",
+            # appended across boots: the output before a crash stays readable after the restart
+            "-chardev", f"file,id=con0,path={_opt(vm_dir / 'console.log')},append=on",
             "-serial", "chardev:con0",
             "-D", str(vm_dir / "qemu.log"),
             # relative: QEMU starts in vm_dir, and an absolute path could exceed the 108 bytes
@@ -304,6 +306,13 @@ class QemuDriver:
         # stale files of the last run would answer for the new one
         for name in ("qmp.sock", "qemu.pid", "qemu.log", "launch.err"):
             (vm_dir / name).unlink(missing_ok=True)
+        console = vm_dir / "console.log"
+        with contextlib.suppress(OSError):
+            if console.stat().st_size > CONSOLE_KEEP * 4:  # bounded: keep the last boots' end
+                with console.open("rb") as f:
+                    f.seek(-CONSOLE_KEEP, os.SEEK_END)
+                    tail = f.read()
+                console.write_bytes(tail)
 
     async def _setup_tap(self, spec: VmSpec) -> None:
         if spec.tap and spec.bridge:

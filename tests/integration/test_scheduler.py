@@ -62,6 +62,8 @@ def test_instance_lifecycle_with_real_vms(node):
                        timeout=90, log=node.log_text)
     new_pid = node.qemu_pid(iid)
     assert new_pid and new_pid != pid
+    # the console keeps the boot before the crash
+    assert user.get(f"/v1/instance/{iid}/logs")["log"].count("FORMATION-GUEST-INIT") == 2
     assert http_get(node.ns, f"http://{rep['ip']}:8000/") == "hello-instance\n"
 
     # node restart -> the running VM is adopted: same QEMU, no second one; a tap on the bridge

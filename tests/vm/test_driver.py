@@ -145,7 +145,7 @@ def test_command_line(tmp_path):
 
     # QEMU option lists separate with commas: a comma in a path is doubled
     odd = QemuDriver(tmp_path / "a,b", accel="tcg").command(spec)
-    assert f"file,id=con0,path={tmp_path}/a,,b/vm-web/console.log" in odd
+    assert f"file,id=con0,path={tmp_path}/a,,b/vm-web/console.log,append=on" in odd
 
 
 @needs_qemu
@@ -304,3 +304,18 @@ async def test_probe_boot_runs_to_exit(tmp_path):
     assert qemu_pids_for(vm_dir) == []
     await driver.delete("probe")
     assert not vm_dir.exists()
+
+
+def test_console_log_is_kept_across_boots_but_bounded(tmp_path):
+    from formation.vm.driver import CONSOLE_KEEP
+
+    driver = QemuDriver(tmp_path)
+    vm_dir = driver.vm_dir("web")
+    vm_dir.mkdir(parents=True)
+    (vm_dir / "console.log").write_bytes(b"old boot\n")
+    driver._prepare_launch(vm_dir)
+    assert (vm_dir / "console.log").read_bytes() == b"old boot\n"  # small: kept whole
+    (vm_dir / "console.log").write_bytes(b"x" * (CONSOLE_KEEP * 4) + b"the end\n")
+    driver._prepare_launch(vm_dir)
+    kept = (vm_dir / "console.log").read_bytes()
+    assert len(kept) == CONSOLE_KEEP and kept.endswith(b"the end\n")
