@@ -39,7 +39,6 @@ class BuildService:
         self.work_dir = data_dir / "work"
         self.builder = builder
         self._send, self._receive = trio.open_memory_channel[tuple[Plan, Path]](QUEUE)
-        self._waiters: dict[str, trio.Event] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -60,26 +59,16 @@ class BuildService:
                 await self._build(plan, work)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-                self._waiters.pop(plan.image_id, trio.Event()).set()
 
     # ---- requests ----------------------------------------------------------------------------
 
     async def submit(self, formfile_text: str, context_tar: bytes | None, owner: str) -> dict:
         """Check the inputs and queue the build; its status (a cache hit is already done)."""
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=self.work_dir, prefix="submit-"))
-        try:
-            plan = await trio.to_thread.run_sync(self.builder.prepare, formfile_text, context_tar, work)
-        except BuildFailure as exc:
-            shutil.rmtree(work, ignore_errors=True)
-            raise BuildRefused(exc) from None
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+        plan, work = await self._prepare(formfile_text, context_tar)
         bid = plan.image_id
+        image = find_image(self.builder.images_dir, bid)
         status = self.status(bid)
-        if status and status["state"] in ("queued", "building", "done") and \
-                (status["state"] != "done" or find_image(self.builder.images_dir, bid)):
+        if status and (status["state"] in ("queued", "building") or (status["state"] == "done" and image)):
             shutil.rmtree(work, ignore_errors=True)
             if owner not in status["owners"]:
                 status["owners"].append(owner)
@@ -88,8 +77,8 @@ class BuildService:
         status = {"build_id": bid, "name": plan.formfile.name, "state": "queued",
                   "owners": [owner], "submitted_at": int(time.time()), "phase": "queued",
                   "step": 0, "steps": 0, "error": None, "image": None}
-        if find_image(self.builder.images_dir, bid):
-            status.update(state="done", phase="cached", image=find_image(self.builder.images_dir, bid).manifest)
+        if image:
+            status.update(state="done", phase="cached", image=image.manifest)
         (self.builds_dir / bid).mkdir(parents=True, exist_ok=True)
         if context_tar:
             # kept so that other nodes placed for an instance of it can build it too (p2p blobs)
@@ -98,7 +87,6 @@ class BuildService:
         if status["state"] == "done":
             shutil.rmtree(work, ignore_errors=True)
             return status
-        self._waiters[bid] = trio.Event()
         try:
             self._send.send_nowait((plan, work))
         except trio.WouldBlock:
@@ -109,15 +97,21 @@ class BuildService:
 
     async def image_id_of(self, formfile_text: str, context_tar: bytes | None) -> str:
         """The image id a build of these inputs would make, without building (BuildRefused)."""
+        plan, work = await self._prepare(formfile_text, context_tar)
+        shutil.rmtree(work, ignore_errors=True)
+        return plan.image_id
+
+    async def _prepare(self, formfile_text: str, context_tar: bytes | None) -> tuple[Plan, Path]:
+        """The builder's checks and plan, in a work folder of its own (the caller removes it)."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(dir=self.work_dir, prefix="plan-"))
         try:
-            plan = await trio.to_thread.run_sync(self.builder.prepare, formfile_text, context_tar, work)
-        except BuildFailure as exc:
-            raise BuildRefused(exc) from None
-        finally:
+            return await trio.to_thread.run_sync(self.builder.prepare, formfile_text, context_tar, work), work
+        except BaseException as exc:
             shutil.rmtree(work, ignore_errors=True)
-        return plan.image_id
+            if isinstance(exc, BuildFailure):
+                raise BuildRefused(exc) from None
+            raise
 
     def context_bytes(self, build_id: str) -> bytes | None:
         """The build context uploaded for `build_id` on this node, if any."""
@@ -142,12 +136,6 @@ class BuildService:
     def list(self) -> list[dict]:
         out = [_read(p) for p in self.builds_dir.glob("*/status.json")]
         return sorted((s for s in out if s), key=lambda s: s.get("submitted_at", 0), reverse=True)
-
-    async def wait(self, build_id: str) -> dict | None:
-        event = self._waiters.get(build_id)
-        if event is not None:
-            await event.wait()
-        return self.status(build_id)
 
     # ---- the work ----------------------------------------------------------------------------
 

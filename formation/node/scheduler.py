@@ -41,6 +41,7 @@ BOOT_MARKER = "FORMATION-GUEST-INIT"
 EXIT_MARKER = "FORMATION-GUEST entrypoint-exit"
 CRASH_LOOP_EXITS = 3
 CONSOLE_TAIL = 64 * 1024
+TRANSIENT = ("next_fetch", "console_size")  # Replica fields that are not saved
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Replica:
     build_generation: int = 0
     reported: dict = field(default_factory=dict)  # the last instance_status value written
     next_fetch: float = 0.0  # monotonic time before which peers are not asked for a context again
+    console_size: int = -1  # the console's size at the last look (unchanged: no need to read it)
 
 
 class Scheduler:
@@ -252,6 +254,13 @@ class Scheduler:
         -> failed while the entrypoint keeps exiting (the guest goes on retrying it, so a
         service that recovers turns running again)."""
         iid = inst["instance_id"]
+        try:
+            size = (self.driver.vm_dir(iid) / "console.log").stat().st_size
+        except OSError:
+            size = -1
+        if rep.reported.get("state") == "running" and size == rep.console_size:
+            return  # a running replica whose console said nothing new: nothing to read
+        rep.console_size = size
         # only this boot's output counts: each boot starts with the initramfs' marker
         text = self.driver.console_log(iid, tail_bytes=CONSOLE_TAIL).rpartition(BOOT_MARKER)[2]
         if NO_ENTRYPOINT_MARKER in text:
@@ -353,7 +362,7 @@ class Scheduler:
 
     def _save(self, rep: Replica) -> None:
         tmp = self.dir / f".{rep.instance_id}.json.tmp"
-        tmp.write_text(json.dumps({k: v for k, v in asdict(rep).items() if k != "next_fetch"}))
+        tmp.write_text(json.dumps({k: v for k, v in asdict(rep).items() if k not in TRANSIENT}))
         os.replace(tmp, self.dir / f"{rep.instance_id}.json")
 
 

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import inspect
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import httpx
 import trio
@@ -210,10 +208,6 @@ async def _where(call: Call, statuses: list[dict]) -> list[dict]:
     return out
 
 
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
 async def _not_here(call: Call, iid: str, what: str) -> tuple[dict, int]:
     """404 for a replica this node does not run, saying which nodes do."""
     hosts = await _where(call, await _statuses(call, iid))
@@ -238,7 +232,7 @@ async def instance_logs(call: Call):
     await _visible_or_404(call, "instance", iid)
     tail = _int_arg(request.args, "tail", DEFAULT_TAIL, 1, MAX_TAIL)
     scheduler = getattr(call.runtime, "scheduler", None)
-    text = None if scheduler is None else await _maybe_await(scheduler.console_log(iid, tail))
+    text = None if scheduler is None else scheduler.console_log(iid, tail)
     if text is None:
         return await _not_here(call, iid, "console")
     return {"instance_id": iid, "node": call.runtime.address, "log": text}, 200
@@ -248,7 +242,7 @@ async def instance_metrics(call: Call):
     iid = call.params["id"]
     await _visible_or_404(call, "instance", iid)
     scheduler = getattr(call.runtime, "scheduler", None)
-    metrics = None if scheduler is None else await _maybe_await(scheduler.metrics(iid))
+    metrics = None if scheduler is None else await scheduler.metrics(iid)
     if metrics is None:
         return await _not_here(call, iid, "VM")
     return {"instance_id": iid, "node": call.runtime.address, **metrics}, 200
@@ -288,7 +282,7 @@ async def _targets(call: Call, agent: dict) -> list[tuple[dict, str]]:
                 continue
             ip = s.get("ip")
             if s["node"] == call.runtime.address and scheduler is not None:
-                ip = await _maybe_await(scheduler.local_ip(inst["instance_id"])) or ip
+                ip = scheduler.local_ip(inst["instance_id"]) or ip
             if ip:
                 running.append((s, ip))
     if not running:
