@@ -70,7 +70,6 @@ class Scheduler:
         self.dir = runtime.config.data_dir / "instances"
         self.replicas: dict[str, Replica] = {}
         self._wake = trio.Event()
-        self.passes = 0
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -88,7 +87,6 @@ class Scheduler:
                     await self.reconcile()
                 except Exception:  # noqa: BLE001 - one bad pass must not end scheduling
                     log.exception("reconcile pass failed")
-                self.passes += 1
                 await trio.sleep(MIN_PASS_GAP)  # a burst of commits makes one pass, not many
                 with trio.move_on_after(PASS_INTERVAL):
                     await self._wake.wait()
@@ -98,9 +96,6 @@ class Scheduler:
     def _on_commit(self, _last_seq: int) -> None:
         # the store calls this from its worker thread
         self._token.run_sync_soon(self._wake.set)
-
-    def poke(self) -> None:
-        self._wake.set()
 
     async def reconcile(self) -> None:
         instances = await self.runtime.astore.call("list", "instance", limit=1_000_000)

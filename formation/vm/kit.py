@@ -40,12 +40,7 @@ class KitError(Exception):
 class BootKit:
     kernel: Path  # vmlinux (PVH) or, if it could not be unpacked, the compressed bzImage
     initrd: Path
-    busybox: Path
     kernel_version: str
-
-    def to_dict(self) -> dict:
-        return {"kernel": str(self.kernel), "initrd": str(self.initrd),
-                "busybox": str(self.busybox), "kernel_version": self.kernel_version}
 
 
 def _init_hash() -> str:
@@ -114,7 +109,7 @@ def _ensure_kit(cache_dir: Path, progress: Callable[[str], None]) -> BootKit:
 def _load(kit_dir: Path) -> BootKit:
     meta = json.loads((kit_dir / "kit.json").read_text())
     return BootKit(kernel=kit_dir / meta["kernel"], initrd=kit_dir / meta["initrd"],
-                   busybox=kit_dir / meta["busybox"], kernel_version=meta["kernel_version"])
+                   kernel_version=meta["kernel_version"])
 
 
 def _extract_vmlinux(vmlinuz: Path, out: Path) -> bool:
