@@ -128,12 +128,17 @@ def _db_bytes(db_path: str) -> int:
                if os.path.exists(p))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_workload_args(ap: argparse.ArgumentParser) -> None:
+    """The op workload's options (make_wires), shared with bench/join.py."""
     ap.add_argument("--ops", type=int, default=100_000)
     ap.add_argument("--authors", type=int, default=8)
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_workload_args(ap)
     ap.add_argument("--json", action="store_true", help="print only the JSON result line")
     args = ap.parse_args(argv)
     if args.ops < 1 or args.authors < 1 or args.batch < 1:

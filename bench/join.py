@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import printer, workdir  # noqa: E402
 from bench.gossip import machine_busy  # noqa: E402
-from bench.ingest import ingest_all, make_wires  # noqa: E402
+from bench.ingest import add_workload_args, ingest_all, make_wires  # noqa: E402
 from formation.node.devfog import DevFog, DevFogError  # noqa: E402
 
 
@@ -51,10 +51,7 @@ def idle_rss(base: Path, say) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ops", type=int, default=100_000)
-    ap.add_argument("--authors", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=1)
+    add_workload_args(ap)
     ap.add_argument("--timeout", type=float, default=1800.0,
                     help="give up if B has not caught up after this many seconds")
     ap.add_argument("--base-dir", help="keep the nodes' data and logs here (default: temporary)")
