@@ -19,8 +19,9 @@ from urllib.parse import urlencode
 
 import httpx
 
-from formation.crdt.intents import canonical_message
-from formation.crdt.keys import PrivateKey
+from formation.crdt.intents import canonical_message, intent_of, with_base
+from formation.crdt.keys import PrivateKey, format_address
+from formation.crdt.kinds import Invalid
 
 
 class ApiError(Exception):
@@ -49,6 +50,25 @@ def _prepare(key, method: str, path: str, body: Any, query: dict | None, sign: b
     return path, raw, headers
 
 
+def record_of_write(key: PrivateKey | None, method: str, path: str, body: Any) -> str | None:
+    """The read path of the record a write changes, when the write must name its version
+    (every user write but a create names the version it was made on: docs/api.md)."""
+    if key is None or method == "GET" or "base=" in path:
+        return None
+    raw = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+    try:
+        kind, intent = intent_of(method, path, raw, format_address(key.address))
+        if intent.action == "create" and kind.name != "account":
+            return None
+        return f"/v1/records/{kind.name}/{kind.key_of(intent)}"
+    except Invalid:
+        return None  # not a write we know: the node will say what is wrong
+
+
+def _version(record: Any) -> str:
+    return record.get("record_version", "") if isinstance(record, dict) else ""
+
+
 def _result(resp: httpx.Response) -> Any:
     try:
         data = resp.json()
@@ -68,8 +88,19 @@ class Client:
 
     def request(self, method: str, path: str, body: Any = None, *, query: dict | None = None,
                 sign: bool = True) -> Any:
+        record = record_of_write(self.key if sign else None, method, path, body)
+        if record is not None:
+            path = with_base(path, self._version_of(record))
         path, raw, headers = _prepare(self.key, method, path, body, query, sign)
         return _result(self.http.request(method, path, content=raw, headers=headers))
+
+    def _version_of(self, record: str) -> str:
+        try:
+            return _version(self.get(record))
+        except ApiError as exc:
+            if exc.status == 404:
+                return ""  # no such record: the write itself will say so
+            raise
 
     def get(self, path: str, **kw) -> Any:
         return self.request("GET", path, **kw)
@@ -110,8 +141,19 @@ class AsyncClient:
 
     async def request(self, method: str, path: str, body: Any = None, *, query: dict | None = None,
                       sign: bool = True) -> Any:
+        record = record_of_write(self.key if sign else None, method, path, body)
+        if record is not None:
+            path = with_base(path, await self._version_of(record))
         path, raw, headers = _prepare(self.key, method, path, body, query, sign)
         return _result(await self.http.request(method, path, content=raw, headers=headers))
+
+    async def _version_of(self, record: str) -> str:
+        try:
+            return _version(await self.get(record))
+        except ApiError as exc:
+            if exc.status == 404:
+                return ""
+            raise
 
     async def get(self, path: str, **kw) -> Any:
         return await self.request("GET", path, **kw)

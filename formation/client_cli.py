@@ -1126,20 +1126,30 @@ def cmd_dns_add(args: argparse.Namespace) -> int:
     return report_write(ctx, res, f"added {fields['record_type']} record {domain}")
 
 
+def _my_dns_record(ctx, domain: str) -> str:
+    """The id of the wallet's own record for `domain`: records belong to their creators, so
+    several owners may hold one for the same name."""
+    res = ctx.call("GET", "/v1/dns/list", query={"owner": ctx.address, "limit": 1000}, sign=False)
+    ids = [r["record_id"] for r in res.get("records", []) if r.get("domain") == domain]
+    if not ids:
+        raise CliError(f"you have no DNS record for {domain} (see `form dns list --owner`)", EXIT_REFUSED)
+    return ids[0]
+
+
 def cmd_dns_update(args: argparse.Namespace) -> int:
     domain = _domain(args.domain)
     fields = _dns_fields(args, creating=False)
     if not fields:
         raise CliError("nothing to change: give --target, --type, --cname or --ttl", EXIT_USAGE)
     ctx = context(args)
-    res = ctx.call("POST", f"/v1/dns/{domain}/update", fields)
+    res = ctx.call("POST", f"/v1/dns/{_my_dns_record(ctx, domain)}/update", fields)
     return report_write(ctx, res, f"updated record {domain}")
 
 
 def cmd_dns_remove(args: argparse.Namespace) -> int:
     domain = _domain(args.domain)
     ctx = context(args)
-    res = ctx.call("POST", f"/v1/dns/{domain}/delete")
+    res = ctx.call("POST", f"/v1/dns/{_my_dns_record(ctx, domain)}/delete")
     return report_write(ctx, res, f"removed record {domain}")
 
 

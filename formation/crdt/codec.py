@@ -13,6 +13,8 @@ from typing import Any
 
 import msgpack
 
+from .strict import text_problem
+
 
 class CodecError(ValueError):
     """Bytes that are not one canonical msgpack value of the allowed types."""
@@ -31,6 +33,11 @@ def canonical(value: Any, *, _depth: int = 0) -> Any:
     """Return `value` with every map's keys sorted; raise CodecError on a type we do not allow."""
     if _depth > MAX_DEPTH:
         raise CodecError(f"value nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem is not None and "surrogate" in problem:  # unencodable; other text rules are the records'
+            raise CodecError(f"string {value[:40]!r} {problem}")
+        return value
     if isinstance(value, _SCALARS):
         if isinstance(value, int) and not isinstance(value, bool) and not MIN_INT <= value <= MAX_INT:
             raise CodecError(f"integer {value} does not fit in 64 bits")
@@ -84,10 +91,23 @@ def unpack(data: bytes, *, max_bytes: int) -> Any:
         # msgpack raises ValueError subclasses for truncated data and bad utf-8 alike.
         why = str(exc) or "reserved or unexpected byte"
         raise CodecError(f"not valid msgpack ({exc.__class__.__name__}: {why})") from exc
+    _check_depth(value)
     # Maps were checked while decoding; re-packing catches non-minimal ints, lengths, floats.
     if msgpack.packb(value, use_bin_type=True) != bytes(data):
         raise CodecError("not in canonical form (a non-minimal encoding)")
     return value
+
+
+def _check_depth(value: Any) -> None:
+    """Refuse values nested deeper than MAX_DEPTH, without recursion (so the verdict never
+    depends on the stack a caller runs on)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise CodecError(f"value nested deeper than {MAX_DEPTH} levels")
+        if isinstance(v, (list, dict)):
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
 
 
 def _sorted_map(pairs: list) -> dict:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Self
 
 from .keys import format_address, parse_address
+from .strict import text_problem
 
 
 class RecordError(ValueError):
@@ -116,8 +117,9 @@ def text(max_len: int, *, min_len: int = 0, pattern: str | None = None, what: st
             raise ValueError(f"must be {min_len}..{max_len} characters, got {len(v)}")
         if rx is not None and not rx.fullmatch(v):
             raise ValueError(f"must be {what or 'of the form ' + pattern}")
-        if any(ord(c) < 32 and c not in "\n\t" for c in v):
-            raise ValueError("must not contain control characters")
+        problem = text_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
         return v
 
     return check

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -53,6 +54,12 @@ class P2PSettings:
     redial_max: float = 30.0
     dial_timeout: float = 10.0
     gap_grace: float = 1.0  # wait this long for missing deps to arrive by gossip before a sync
+    # What a peer may cost us in sync (docs/p2p.md, "Sync"): sessions it opens to us at once, all
+    # peers' sessions at once, and op bytes we send it (either direction) per window.
+    sync_max_sessions_per_peer: int = 1
+    sync_max_sessions: int = 8
+    sync_budget_bytes: int = 64 * 1024 * 1024
+    sync_budget_seconds: float = 60.0
 
 
 @dataclass
@@ -63,6 +70,7 @@ class P2PStats:
     ops_from_gossip: int = 0
     syncs_ok: int = 0
     syncs_failed: int = 0
+    syncs_refused: int = 0  # sync streams reset at once: too many sessions, or budget spent
     ops_from_sync: int = 0
 
 
@@ -105,7 +113,9 @@ class P2PService:
         self.on_sync: list[Callable[[sync.SyncResult], None]] = []
         # what this node hands out on /formation/blob/1 (set by the node; None serves nothing)
         self.blob_provider: blobs.Provider | None = None
-        self._syncing: set[str] = set()
+        self._syncing: set[str] = set()  # peers we are running a session with (we asked)
+        self._serving: Counter[str] = Counter()  # sessions peers asked us for, by peer
+        self.sync_budget = sync.ServeBudget(self.settings.sync_budget_bytes, self.settings.sync_budget_seconds)
         self._known: dict[str, list[str]] = {}  # peer id -> multiaddrs to dial it at
         self._next_dial: dict[str, float] = {}
         self._backoff: dict[str, float] = {}
@@ -183,10 +193,14 @@ class P2PService:
 
         if peer in self._syncing or peer in self.blocked:
             return None
+        if not self.sync_budget.allows(peer):
+            # its Hello would be refused anyway; a peer can make us start sessions (gaps)
+            self.stats.syncs_refused += 1
+            return None
         self._syncing.add(peer)
         try:
             stream = await self.host.new_stream(ID.from_base58(peer), [sync.PROTOCOL])
-            result = await sync.run_session(stream, self.astore, peer)
+            result = await sync.run_session(stream, self.astore, peer, self.sync_budget)
         except Exception as exc:  # noqa: BLE001 - any network or protocol failure ends the session
             self.stats.syncs_failed += 1
             log.info("sync with %s failed: %s", peer[-8:], _why(exc))
@@ -284,15 +298,29 @@ class P2PService:
 
     async def _serve_sync(self, stream) -> None:
         peer = stream.muxed_conn.peer_id.to_string()
+        s = self.settings
         if peer in self.blocked:
             await stream.reset()
             return
+        # An honest peer runs one session with us at a time (sync_with); more streams are an
+        # attempt to multiply what we read, verify and send for it. Check the budget last: it logs.
+        if (self._serving[peer] >= s.sync_max_sessions_per_peer
+                or self._serving.total() >= s.sync_max_sessions or not self.sync_budget.allows(peer)):
+            self.stats.syncs_refused += 1
+            log.debug("refused a sync session from %s (%d running)", peer[-8:], self._serving.total())
+            await stream.reset()
+            return
+        self._serving[peer] += 1
         try:
-            result = await sync.run_session(stream, self.astore, peer)
+            result = await sync.run_session(stream, self.astore, peer, self.sync_budget)
         except Exception as exc:  # noqa: BLE001
             self.stats.syncs_failed += 1
             log.info("sync served to %s failed: %s", peer[-8:], _why(exc))
             return
+        finally:
+            self._serving[peer] -= 1
+            if not self._serving[peer]:
+                del self._serving[peer]
         self._count(result)
 
     async def _serve_blob(self, stream) -> None:

@@ -133,9 +133,16 @@ async def test_status_codes_of_writes(node):
         resp = await http.post("/models", content=body, headers=sign_headers(key(21), "POST", "/models", body))
         assert resp.status_code == 201
         mid = resp.json()["id"]
-        body = json.dumps({"name": "m1", "model_id": mid}).encode()
+        body = json.dumps({"name": "m1", "model_id": mid}).encode()  # a create naming another's id
         resp = await http.post("/models", content=body, headers=sign_headers(key(21), "POST", "/models", body))
-        assert resp.status_code == 409
+        assert resp.status_code == 400 and "assigned by the fog" in resp.json()["detail"]
+        body = json.dumps({"name": "m2"}).encode()
+        path = f"/models/{mid}?base={'0' * 32}"  # a version this record never had
+        resp = await http.put(path, content=body, headers=sign_headers(key(21), "PUT", path, body))
+        assert resp.status_code == 409 and resp.json()["error"] == "unknown_version"
+        path = f"/models/{mid}"  # no version at all: the relay must not pick one
+        resp = await http.put(path, content=body, headers=sign_headers(key(21), "PUT", path, body))
+        assert resp.status_code == 409 and resp.json()["error"] == "unknown_version"
         big = json.dumps({"name": "x", "description": "y" * 60_000}).encode()
         resp = await http.post("/models", content=big, headers=sign_headers(key(21), "POST", "/models", big))
         assert resp.status_code == 413

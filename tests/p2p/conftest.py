@@ -38,14 +38,15 @@ class Member:
 
 
 @contextlib.asynccontextmanager
-async def open_fog(n: int, *, sync_interval: float = 2.0, mesh: bool = True):
+async def open_fog(n: int, *, sync_interval: float = 2.0, mesh: bool = True, **settings):
+    """`settings`: more P2PSettings fields, the same for every member."""
     members: list[Member] = []
     async with trio.open_nursery() as nursery:
         for i in range(n):
             node = Node(Store(), secret=bytes([i + 1]) * 32)
             boot = [m.svc.addrs()[0] for m in (members if mesh else members[:1])]
             svc = P2PService(node.key, AsyncStore(node.store), P2PSettings(
-                listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=boot, sync_interval=sync_interval))
+                listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=boot, sync_interval=sync_interval, **settings))
             await nursery.start(svc.run)
             members.append(Member(i, svc, node))
         with trio.fail_after(20):

@@ -35,7 +35,7 @@ def _resign(body_fields):
     return msgpack.packb([body, sig], use_bin_type=True)
 
 
-GOOD = [1, "node", ADDR, K.address, [], [], 5, [0, {"address": ADDR}]]
+GOOD = [2, "node", ADDR, K.address, [], [], 5, [0, {"address": ADDR}]]
 
 
 @pytest.mark.parametrize(
@@ -61,15 +61,17 @@ def test_garbage_is_refused(mutate, code, words):
 @pytest.mark.parametrize(
     "index, value, words",
     [
-        (0, 2, "unsupported op version"),
+        (0, 1, "unsupported op version"),
         (1, 7, "kind must be a string"),
         (2, "", "key must be a string"),
         (3, b"short", "author must be a 20-byte"),
         (4, [b"x"], "32-byte hashes"),
         (4, [b"\x02" * 32, b"\x01" * 32], "sorted"),
         (5, [b"\x01" * 32], "every prev must also be a dep"),
-        (6, -1, "hlc must be a non-negative"),
-        (6, "5", "hlc must be a non-negative"),
+        (6, -1, "hlc must be an integer in 1"),
+        (6, 0, "hlc must be an integer in 1"),
+        (6, 2**62, "hlc must be an integer in 1"),
+        (6, "5", "hlc must be an integer in 1"),
         (7, [9, 1], "payload must be"),
         (7, [1, "m", b"", b"short"], "65-byte signature"),
     ],
@@ -123,7 +125,7 @@ def test_bad_input_stores_nothing():
     assert len(res.rejected) == len(bad)
     assert all(r.code == "malformed" for r in res.rejected)
     assert len(store) == 0
-    assert store.db.execute("SELECT count(*) FROM ops").fetchone()[0] == 0
+    assert store.log.db.execute("SELECT count(*) FROM ops").fetchone()[0] == 0
     assert store.ingest([good.wire]).accepted == [good.id]
 
 

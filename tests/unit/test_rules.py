@@ -131,16 +131,18 @@ def test_node_peer_and_status_records_are_written_by_their_node_only(node):
         node.put("model", "m", {"model_id": "m", "owner": node.address, "name": "x"})
 
 
-def test_dns_first_come_and_owner_controls(node):
+def test_dns_records_belong_to_their_creator(node):
+    """No first-come names: each owner's record for a domain is its own record."""
     a, b = User(), User()
-    node.relay(a, "POST", "/dns/create", {"domain": "Shop.Fog.", "targets": ["10.0.0.5"]})
-    assert node.store.get("dns", "shop.fog")["owner"] == a.address
-    with pytest.raises(Invalid, match="already exists"):
-        node.relay(b, "POST", "/dns/create", {"domain": "shop.fog", "targets": ["10.6.6.6"]}, ts=2)
+    rid = node.relay(a, "POST", "/dns/create", {"domain": "Shop.Fog.", "targets": ["10.0.0.5"]}).key
+    assert node.store.get("dns", rid)["owner"] == a.address
+    assert node.store.get("dns", rid)["domain"] == "shop.fog"
+    other = node.relay(b, "POST", "/dns/create", {"domain": "shop.fog", "targets": ["10.6.6.6"]}, ts=2).key
+    assert other != rid and node.store.get("dns", rid)["targets"] == ["10.0.0.5"]
     with pytest.raises(Invalid, match="manager"):
-        node.relay(b, "POST", "/dns/shop.fog/update", {"targets": ["10.6.6.6"]}, ts=3)
-    node.relay(a, "POST", "/dns/shop.fog/update", {"targets": ["10.0.0.7"], "ttl": 30}, ts=4)
-    assert node.store.get("dns", "shop.fog")["targets"] == ["10.0.0.7"]
+        node.relay(b, "POST", f"/dns/{rid}/update", {"targets": ["10.6.6.6"]}, ts=3)
+    node.relay(a, "POST", f"/dns/{rid}/update", {"targets": ["10.0.0.7"], "ttl": 30}, ts=4)
+    assert node.store.get("dns", rid)["targets"] == ["10.0.0.7"]
 
 
 def test_request_body_must_match_signed_hash(node):

@@ -8,7 +8,6 @@ the base value, both functions of the op's causal past, so every honest node dec
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -16,6 +15,7 @@ from typing import Any, ClassVar
 from ..keys import format_address
 from ..op import Op, OpError
 from ..schema import Record, RecordError
+from ..strict import StrictError, parse_json
 
 
 class Invalid(OpError):
@@ -33,6 +33,7 @@ class Intent:
     signer: str  # 0x-address of the user who signed the request
     ts: int  # unix seconds from the signed message
     write_id: bytes
+    base: str = ""  # the record_version the request was made on ("" = none: a create)
 
     def derived_id(self) -> str:
         """An object id nobody but this request can produce (used when the body names none)."""
@@ -53,13 +54,22 @@ class Kind:
     record: ClassVar[type[Record]]
     routes: ClassVar[tuple[Route, ...]] = ()
     # index fields, see `index()`
-    user_clock: ClassVar[bool] = False  # resolve concurrent writes by the user's signed time
+    # True: the records are written by users' signed requests (a write DAG over the requests,
+    # docs/state.md); False: by nodes about themselves (last writer by hlc wins).
+    user_records: ClassVar[bool] = False
 
-    def node_write(self, op: Op, base: dict | None) -> dict | None:
+    def node_write(self, op: Op) -> dict | None:
+        """The value a node's own op sets (None = deleted). Reads only the op: nodes write only
+        records that are theirs alone, so no base is needed."""
         raise Invalid("unauthorized", f"{self.name} records are written by users, not by nodes")
 
     def user_write(self, intent: Intent, key: str, base: dict | None) -> dict | None:
         raise Invalid("unauthorized", f"{self.name} records are written by nodes, not by users")
+
+    def demoted(self, before: dict | None, after: dict | None) -> frozenset[str]:
+        """Principals whose rights a write lowered (before -> after). Their writes concurrent
+        with it lose (docs/state.md, "access changes win")."""
+        return frozenset()
 
     def key_of(self, intent: Intent) -> str:
         """The (kind, key) a user's request writes to; derived, never taken from the op."""
@@ -111,9 +121,9 @@ def json_object(body: bytes) -> dict:
     if not body:
         return {}
     try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise Invalid("bad_request", f"request body is not JSON ({exc})") from None
+        value = parse_json(body)
+    except StrictError as exc:
+        raise Invalid("bad_request", f"request body: {exc}") from None
     if not isinstance(value, dict):
         raise Invalid("bad_request", "request body must be a JSON object")
     return value

@@ -54,7 +54,7 @@ class Node(Record):
 class SelfRecordKind(Kind):
     """A record a node keeps about itself: keyed by, written by and naming its own address."""
 
-    def node_write(self, op: Op, base: dict | None) -> dict | None:
+    def node_write(self, op: Op) -> dict | None:
         require_author_is_key(self.name, op)
         if op.value is None:
             return None
@@ -119,7 +119,7 @@ class InstanceStatusKind(Kind):
     name = "instance_status"
     record = InstanceStatus
 
-    def node_write(self, op: Op, base: dict | None) -> dict | None:
+    def node_write(self, op: Op) -> dict | None:
         instance_id, sep, node = op.key.rpartition("@")
         if not sep or node != node_address(op):
             raise Invalid("unauthorized", "an instance_status key is '<instance_id>@<node>' and only that node writes it")

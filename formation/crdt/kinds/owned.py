@@ -33,33 +33,46 @@ def _need(kind: str, record: dict, who: str, level: str, what: str) -> None:
 class OwnedKind(Kind):
     id_field: ClassVar[str]
     settable: ClassVar[frozenset[str]]  # fields a manager may set (and the creator on create)
-    user_clock = True
+    user_records = True
 
     def key_of(self, intent: Intent) -> str:
         if intent.action == "create":
+            # The id derives from the create request's signature: no one but its signer can
+            # make a create for it, so a create can never land on someone else's record.
+            derived = intent.derived_id()
             given = intent.body.get(self.id_field)
-            if given is None:
-                return intent.derived_id()
-            try:
-                return self._check_id(given)
-            except ValueError as exc:
-                raise Invalid("bad_field", f"field {self.id_field!r}: {exc}") from None
+            if given is not None and given != derived:
+                raise Invalid("bad_field", f"field {self.id_field!r}: ids are assigned by the fog (the first 32 hex "
+                              "digits of SHA-256 of the create's signature); omit it")
+            if intent.base:
+                raise Invalid("bad_request", "a create names no base version")
+            return derived
         if "id" in intent.params:
-            return intent.params["id"]
+            return self._check_id(intent.params["id"])
         given = intent.body.get(self.id_field)  # the original's POST /instance/update form
         if isinstance(given, str) and given:
-            return given
+            return self._check_id(given)
         raise Invalid("bad_field", f"field {self.id_field!r}: is required")
 
     def _check_id(self, value) -> str:
-        return OBJECT_ID(value)
+        try:
+            return OBJECT_ID(value)
+        except ValueError as exc:
+            raise Invalid("bad_field", f"{self.name} id: {exc}") from None
+
+    def demoted(self, before: dict | None, after: dict | None) -> frozenset[str]:
+        if before is None:
+            return frozenset()
+        who = {before["owner"], *before.get("authorized", {})}
+        return frozenset(p for p in who if after is None or level_of(after, p) < level_of(before, p))
 
     def user_write(self, intent: Intent, key: str, base: dict | None) -> dict | None:
         action = intent.action
         if action == "create":
             if base is not None:
                 raise Invalid("conflict", f"{self.name} {key} already exists")
-            fields = {k: v for k, v in intent.body.items() if k != self.id_field}
+            fields = dict(intent.body)
+            fields.pop(self.id_field, None)
             reject_fields(self.name, fields, self.settable, PRIVILEGED)
             value = {**fields, self.id_field: key, "owner": intent.signer, "authorized": {},
                      "created_at": intent.ts, "updated_at": intent.ts}

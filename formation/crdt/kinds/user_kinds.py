@@ -51,7 +51,7 @@ NEW_ACCOUNT_CREDITS = 100  # as the original: a new account starts with 100 cred
 class AccountKind(Kind):
     name = "account"
     record = Account
-    user_clock = True
+    user_records = True
     routes = (Route("POST", "/account/create", "create"), Route("POST", "/account/update", "update"),
               Route("POST", "/account/delete", "delete"))
     _settable = frozenset({"name"})
@@ -252,6 +252,7 @@ def _target(v):
 
 @dataclass(frozen=True, slots=True)
 class DnsRecord(Record):
+    record_id: str = field(text(64, min_len=1))
     domain: str = field(domain_name)
     owner: str = field(address)
     record_type: str = field(one_of("A", "AAAA", "CNAME"), default="A")
@@ -264,24 +265,16 @@ class DnsRecord(Record):
 
 
 class DnsKind(OwnedKind):
+    """A DNS record: its owner's claim on a name. The record id derives from its creator like
+    every other; many owners may hold records for one domain (which one a name resolves to is
+    the DNS server's decision, not a first-come race in the state)."""
+
     name = "dns"
     record = DnsRecord
-    id_field = "domain"
-    settable = frozenset({"record_type", "targets", "cname_target", "ttl"})
+    id_field = "record_id"
+    settable = frozenset({"domain", "record_type", "targets", "cname_target", "ttl"})
     routes = owned_routes("/dns", create=("POST", "/dns/create"), update=("POST", "/dns/{id}/update"),
                           delete=("POST", "/dns/{id}/delete"))
-
-    def key_of(self, intent: Intent) -> str:
-        if intent.action == "create" and "domain" not in intent.body:
-            raise Invalid("bad_field", "field 'domain': is required")
-        key = super().key_of(intent)
-        return key if intent.action == "create" else self._check_id(key)
-
-    def _check_id(self, value) -> str:
-        try:
-            return domain_name(value)
-        except ValueError as exc:
-            raise Invalid("bad_field", f"field 'domain': {exc}") from None
 
     def validate(self, value, *, prefix=""):
         out = super().validate(value, prefix=prefix)

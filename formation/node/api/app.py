@@ -31,7 +31,8 @@ from .schemas import ERROR_SCHEMA, SEARCH_SCHEMA, record_schema, write_body_sche
 
 STATUS_OF_CODE = {
     "bad_field": 400, "bad_request": 400, "malformed": 400, "bad_key": 400,
-    "unauthorized": 403, "not_found": 404, "conflict": 409, "replay": 409,
+    "unauthorized": 403, "not_found": 404, "conflict": 409, "replay": 409, "unknown_version": 409,
+    "bad_prev": 409, "too_early": 425,
     "too_large": 413, "unprocessable": 422,
 }
 ASYNC_ACTIONS = {("instance", "create"), ("instance", "start"), ("instance", "stop"),
@@ -91,7 +92,12 @@ class Endpoint:
 # ---- handlers ---------------------------------------------------------------------------------
 
 async def _get(call: Call, kind: str, key: str):
-    return await call.runtime.astore.call("get", kind, key)
+    """A record with its `record_version` (what a write on it names as ?base=), or None."""
+    def read(store):
+        value = store.get(kind, key)
+        return None if value is None else {**value, "record_version": store.record_version(kind, key)}
+
+    return await call.runtime.astore.run(read, call.runtime.store)
 
 
 async def health(call: Call):
@@ -205,12 +211,22 @@ async def node_get(call: Call):
 
 async def dns_list(call: Call):
     owner = request.args.get("owner")
-    items, limit, offset = _page(await _list(call, "dns", owner=owner), request.args)
+    rows = sorted(await _list(call, "dns", owner=owner), key=lambda r: (r["domain"], r["owner"], r["record_id"]))
+    items, limit, offset = _page(rows, request.args)
     return {"records": items, "count": len(items), "limit": limit, "offset": offset}, 200
 
 
 async def dns_get(call: Call):
-    return await _visible_or_404(call, "dns", call.params["id"].lower().rstrip(".")), 200
+    return await _visible_or_404(call, "dns", call.params["id"]), 200
+
+
+async def record_get(call: Call):
+    """Any record by kind and key, with its version: what a client signs its next write on."""
+    kind, key = call.params["kind"], call.params["key"]
+    if get_kind(kind) is None:
+        raise ApiError(404, "not_found", f"no kind {kind!r}")
+    value = await _visible_or_404(call, kind, key)
+    return {"kind": kind, "key": key, "record_version": value["record_version"], "value": value}, 200
 
 
 def catalog_handlers(kind: str, plural: str):
@@ -285,7 +301,7 @@ async def _resolve_since(call: Call, since: str) -> int:
         op_id = bytes.fromhex(since)
     except ValueError:
         raise ApiError(400, "bad_field", "query parameter 'since' is a sequence number or an op id (hex)") from None
-    meta = await call.runtime.astore.run(lambda s: s.ops.get(op_id), call.runtime.store)
+    meta = await call.runtime.astore.run(lambda s: s.op_meta(op_id), call.runtime.store)
     if meta is None:
         raise ApiError(404, "not_found", f"no op {since}")
     return meta.seq
@@ -305,6 +321,8 @@ def endpoints() -> list[Endpoint]:
         Endpoint("GET", "/node/{id}/get", "One node", "none", node_get, tags=["node"]),
         Endpoint("GET", "/dns/list", "DNS records", "none", dns_list, tags=["dns"]),
         Endpoint("GET", "/dns/{id}/get", "One DNS record", "none", dns_get, tags=["dns"]),
+        Endpoint("GET", "/records/{kind}/{key}", "Any record with its record_version (the base of a write on it)",
+                 "optional", record_get, tags=["records"]),
         Endpoint("GET", "/events", "Live stream of state changes you may see (NDJSON)", "optional", events,
                  tags=["events"], stream=True),
     ]

@@ -1,0 +1,175 @@
+"""The op log in SQLite: append-only ops, the records projection, and their queries.
+
+One transaction per batch (`commit`), so the log and the projection never disagree; WAL with
+synchronous=FULL by default, so an acknowledged batch survives power loss. The log is in op
+format 2 (`FORMAT`); a data directory holding another format is refused with what to do, never
+migrated (format 1 trusted values its successor refuses).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import msgpack
+
+FORMAT = b"2"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ops(
+  seq INTEGER PRIMARY KEY,
+  id BLOB NOT NULL,  -- unique by construction (checked in memory); no index: random keys are costly
+  kind TEXT NOT NULL,
+  key TEXT NOT NULL,
+  author BLOB NOT NULL,
+  hlc INTEGER NOT NULL,
+  deps BLOB NOT NULL,
+  prev BLOB NOT NULL,
+  write_id BLOB,
+  signer BLOB,  -- the user who signed the request an op carries (recovered once, when stored)
+  wire BLOB NOT NULL,
+  value BLOB
+);
+CREATE TABLE IF NOT EXISTS records(
+  kind TEXT NOT NULL,
+  key TEXT NOT NULL,
+  heads BLOB NOT NULL,
+  version TEXT NOT NULL,
+  doc TEXT,
+  owner TEXT,
+  type TEXT,
+  text TEXT,
+  updated_seq INTEGER NOT NULL,
+  PRIMARY KEY(kind, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS records_owner ON records(kind, owner);
+CREATE INDEX IF NOT EXISTS records_type ON records(kind, type);
+CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v BLOB);
+"""
+
+_UPSERT_RECORD = (
+    "INSERT INTO records(kind,key,heads,version,doc,owner,type,text,updated_seq) VALUES (?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT(kind,key) DO UPDATE SET heads=excluded.heads, version=excluded.version, doc=excluded.doc, "
+    "owner=excluded.owner, type=excluded.type, text=excluded.text, updated_seq=excluded.updated_seq")
+
+
+class LogFormatError(RuntimeError):
+    """The data directory holds an op log this version cannot read."""
+
+
+class OpLog:
+    def __init__(self, path: str = ":memory:", *, synchronous: str = "FULL"):
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # FULL: the WAL is fsynced at every commit, so an acknowledged batch survives power loss.
+        self.db.execute(f"PRAGMA synchronous={synchronous}")
+        self._check_format()
+        self.db.executescript(_SCHEMA)
+        self.set_meta("format", FORMAT)
+
+    def _check_format(self) -> None:
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "ops" not in tables:
+            return
+        fmt = None
+        if "meta" in tables:
+            row = self.db.execute("SELECT v FROM meta WHERE k = 'format'").fetchone()
+            fmt = row[0] if row else None
+        if fmt != FORMAT:
+            raise LogFormatError(
+                f"{self.path} holds an op log of format {fmt.decode() if fmt else 1}; this Formation writes "
+                f"format {FORMAT.decode()} and does not migrate (older logs trusted values it now refuses). "
+                "Move the file (or the whole data directory) away and start again: the node re-syncs the "
+                "fog's state from its peers.")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def commit(self, op_rows: list[tuple], record_rows: Iterable[tuple]) -> None:
+        """Append ops and upsert records in one transaction (all or nothing)."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("INSERT INTO ops VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", op_rows)
+            self.db.executemany(_UPSERT_RECORD, record_rows)
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+
+    def get_meta(self, k: str) -> bytes | None:
+        row = self.db.execute("SELECT v FROM meta WHERE k = ?", (k,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, k: str, v: bytes) -> None:
+        self.db.execute("INSERT INTO meta(k, v) VALUES(?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v", (k, v))
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def metas(self) -> Iterator[tuple]:
+        """(seq, id, kind, key, author, hlc, deps, prev, write_id) of every op, in delivery order."""
+        yield from self.db.execute("SELECT seq,id,kind,key,author,hlc,deps,prev,write_id FROM ops ORDER BY seq")
+
+    def user_ops(self, kinds: list[str]) -> Iterator[tuple[bytes, bytes, bytes]]:
+        """(wire, author, signer) of the ops on records of `kinds`, in delivery order."""
+        if not kinds:
+            return
+        q = "SELECT wire, author, signer FROM ops WHERE kind IN ({}) ORDER BY seq".format(",".join("?" * len(kinds)))
+        yield from self.db.execute(q, kinds)
+
+    def record_heads(self, kinds: list[str]) -> Iterator[tuple[str, str, bytes]]:
+        if not kinds:
+            return
+        q = "SELECT kind, key, heads FROM records WHERE kind IN ({})".format(",".join("?" * len(kinds)))
+        yield from self.db.execute(q, kinds)
+
+    def record_versions(self) -> dict[tuple[str, str], tuple[str, str | None]]:
+        return {(k, key): (v, d) for k, key, v, d in self.db.execute("SELECT kind, key, version, doc FROM records")}
+
+    def values(self, seqs: list[int]) -> Iterator[tuple[int, Any]]:
+        for i in range(0, len(seqs), 500):
+            chunk = seqs[i:i + 500]
+            q = "SELECT seq, value FROM ops WHERE seq IN ({})".format(",".join("?" * len(chunk)))
+            for seq, blob in self.db.execute(q, chunk):
+                yield seq, None if blob is None else msgpack.unpackb(blob, raw=False)  # our own bytes
+
+    def wires(self, seqs: list[int]) -> list[bytes]:
+        """Wires of ops by seq, in seq order."""
+        out = []
+        seqs = sorted(seqs)
+        for i in range(0, len(seqs), 500):
+            chunk = seqs[i:i + 500]
+            q = "SELECT wire FROM ops WHERE seq IN ({}) ORDER BY seq".format(",".join("?" * len(chunk)))
+            out.extend(w for (w,) in self.db.execute(q, chunk))
+        return out
+
+    def all_wires(self) -> Iterator[bytes]:
+        for (w,) in self.db.execute("SELECT wire FROM ops ORDER BY seq"):
+            yield w
+
+    def list(self, kind: str, *, owner: str | None = None, type: str | None = None,
+             tag: str | None = None, text: str | None = None, limit: int = 100, offset: int = 0) -> list[dict]:
+        """Records of a kind, each with its `record_version` (what a write names as its base)."""
+        sql = ["SELECT doc, version FROM records WHERE kind = ? AND doc IS NOT NULL"]
+        args: list[Any] = [kind]
+        if owner is not None:
+            sql.append("AND owner = ?")
+            args.append(owner.lower())
+        if type is not None:
+            sql.append("AND type = ?")
+            args.append(type)
+        if tag is not None:
+            sql.append("AND EXISTS (SELECT 1 FROM json_each(doc, '$.tags') WHERE json_each.value = ?)")
+            args.append(tag)
+        if text:
+            for word in text.lower().split():
+                sql.append("AND text LIKE ? ESCAPE '\\'")
+                args.append("%" + word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+        sql.append("ORDER BY key LIMIT ? OFFSET ?")
+        args += [limit, offset]
+        return [{**json.loads(d), "record_version": v} for d, v in self.db.execute(" ".join(sql), args)]
