@@ -43,8 +43,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
            "context_limit_mb": 64},
     "store": {
         "synchronous": "FULL",
-        "pending_ops_per_source": 100_000,
-        "pending_bytes_per_source": 64 * 1024 * 1024,
+        "pending_ops_per_source": 25_000,
+        "pending_bytes_per_source": 32 * 1024 * 1024,
     },
 }
 

@@ -169,6 +169,8 @@ class NodeRuntime:
         while True:
             await trio.sleep(self.config.node.heartbeat_seconds)
             try:
+                # ops that came dated ahead of our clock (held, not refused) are due by now
+                await self.astore.run(self.store.tick, now_ms())
                 await self.register()
             except Exception as exc:  # noqa: BLE001 - a missed heartbeat is logged, not fatal
                 log.warning("heartbeat failed: %s", exc)

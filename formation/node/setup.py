@@ -14,7 +14,7 @@ from typing import Any
 import trio
 
 from formation.crdt.keys import PrivateKey, to_checksum
-from formation.crdt.store import Limits, Store
+from formation.crdt.store import Limits, LogFormatError, Store
 from formation.node.config import Config
 from formation.node.keystore import create_keystore, load_keystore, resolve_password
 
@@ -76,6 +76,8 @@ def open_store(config: Config) -> Store:
         return Store(str(path), limits=limits, synchronous=config.store.synchronous)
     except (sqlite3.Error, OSError) as exc:
         raise NodeError(f"cannot open state store {path}: {exc}") from None
+    except LogFormatError as exc:
+        raise NodeError(str(exc)) from None
 
 
 def identity(config: Config, key: PrivateKey, store: Store, *, created_key: bool) -> NodeIdentity:

@@ -104,7 +104,7 @@ class P2PService:
         self.peer_id = self.host.get_id().to_string()
         # Membership tests on the store's dict from the event loop are safe under the GIL, and
         # let the validator skip verifying ops we already hold.
-        self.validator = BatchValidator(self.host.get_id().to_bytes(), known=astore.store.ops.__contains__)
+        self.validator = BatchValidator(self.host.get_id().to_bytes(), known=astore.store.has)
         self.validator.proof_strikes = BAN_STRIKES
         self.batcher = Batcher(self.settings.gossip_delay)
         self.stats = P2PStats()
