@@ -123,7 +123,7 @@ class Writer:
                 heads = rng.sample(heads, rng.randrange(1, len(heads)))
             deps = prev | set(heads[:room])
             after = max((hlc_of(d) for d in deps), default=0)
-            hlc = store.hlc.next(self.now_ms(), after=after)
+            hlc = store.replica.hlc.next(self.now_ms(), after=after)
             op = make_op(signer, kind, key, deps=deps, prev=prev, hlc=hlc, value=value)
             made[op.id] = (hlc, op.prev)
             wires.append(op.wire)

@@ -80,8 +80,8 @@ def _records(store: Store) -> dict[str, list[dict]]:
 
 def _rows(store: Store) -> list[tuple]:
     # updated_seq depends on how the ops were batched, so it is left out.
-    return store.db.execute(
-        "SELECT kind, key, heads, winner, doc, owner, type, text FROM records ORDER BY kind, key"
+    return store.log.db.execute(
+        "SELECT kind, key, heads, version, doc, owner, type, text FROM records ORDER BY kind, key"
     ).fetchall()
 
 

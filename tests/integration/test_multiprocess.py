@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from formation.crdt.intents import version_of
+from formation.crdt.keys import parse_signature, sha256
 from formation.crdt.store import Store
 from formation.node.devfog import DevFog
 from tests.support import Node, User
@@ -175,12 +177,14 @@ def test_users_writes_reach_every_node(fogs, tmp_path: Path, n: int):
     # Then concurrent updates of the same models through different nodes (siblings resolve
     # the same way everywhere).
     updates: dict[int, list[tuple]] = {}
+    # each update names the version it is made on: the model as created (one write, the create)
+    base_of = {answer["key"]: version_of([sha256(parse_signature(req[2]))]) for req, answer in created}
     for k, key in enumerate(keys[: 5 * n]):
         user = owner_of[key]
         for j in range(2):  # two concurrent updates of one model, on two nodes
             updates.setdefault((k + j) % n, []).append(
                 user.request("PUT", f"/v1/models/{key}", {"description": f"update {j}"},
-                             ts=TS0 + 500_000 + 2 * k + j))
+                             ts=TS0 + 500_000 + 2 * k + j, base=base_of[key]))
     submit_spread(fog, updates)
     converged2 = fog.wait_converged(240)
 

@@ -127,7 +127,7 @@ async def test_shutdown_is_clean_and_prompt():
             stores = [m.store for m in fog]
     assert trio.current_time() - start < 10
     for s in stores:  # the stores are usable (not left mid-transaction) after shutdown
-        assert not s.db.in_transaction
+        assert not s.log.db.in_transaction
 
 
 async def test_a_node_alone_is_a_fog_of_one():

@@ -19,7 +19,7 @@ from formation.node.scheduler import Scheduler
 from formation.vm import network
 from tests.fake_vms import FakeBuilds, FakeVmHost
 from tests.p2p.test_node_runtime import free_port
-from tests.support import User
+from tests.support import User, current_version
 
 BID = "img-" + "ab" * 30  # a build id (HASH_ID) whose image every node holds
 
@@ -71,7 +71,8 @@ class FogNode:
         return {r["node"]: r for r in recs if r["instance_id"] == iid}
 
     async def request(self, user: User, method: str, path: str, body: dict | None = None):
-        m, b, s = user.request(method, path, body, ts=int(time.time()))
+        base = await self.runtime.astore.run(current_version, self.runtime.store, user, method, path, body)
+        m, b, s = user.request(method, path, body, ts=int(time.time()), base=base)
         return await self.runtime.submit_request(m, b, s)
 
 
