@@ -48,7 +48,7 @@ def test_defaults():
     assert c.dns.port == 5453
     assert c.store.synchronous == "FULL"
     assert c.store.pending_ops_per_source == 25_000
-    assert c.store.pending_bytes_per_source == 64 * 1024 * 1024
+    assert c.store.pending_bytes_per_source == 32 * 1024 * 1024
     assert c.keystore_path == Path(c.node.data_dir) / "operator.key"
     assert c.state_path == Path(c.node.data_dir) / "state.db"
 
