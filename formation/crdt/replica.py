@@ -142,7 +142,6 @@ class Stage:
         self.ops: dict[bytes, OpMeta] = {}
         self.registers: dict[tuple[str, str], NodeRegister | UserRegister] = {}
         self.rows: list[tuple] = []  # op log rows, in delivery order
-        self.records: dict[tuple[str, str], tuple] = {}  # projection rows
         self.seq = replica.seq
 
     def meta(self, op_id: bytes) -> OpMeta | None:
@@ -154,6 +153,10 @@ class Stage:
 
     def __bool__(self) -> bool:
         return bool(self.rows)
+
+    def record_rows(self) -> list[tuple]:
+        """The projection rows of the registers this stage changed (once per register)."""
+        return [_record_row(get_kind(k), key, reg, self.seq) for (k, key), reg in self.registers.items()]
 
 
 class Replica:
@@ -259,14 +262,13 @@ class Replica:
         kind, reg, write_id, value = self._validate(op, stage)
         # Every check passed; now build what changes, on copies, so a failure here (a value
         # that cannot be stored) still leaves nothing behind.
-        value_blob = None if value is None else codec.pack(value)
+        # (storage only: the value was checked by its record's rules, and hashes never see it)
+        value_blob = None if value is None else codec.pack_trusted(value)
         seq = stage.seq + 1
         meta = OpMeta(op.id, seq, op.kind, op.key, op.author, op.hlc, op.deps, op.prev, write_id)
-        record = _record_row(kind, op.key, reg, seq)
         stage.seq = seq
         stage.ops[op.id] = meta
         stage.registers[(op.kind, op.key)] = reg
-        stage.records[(op.kind, op.key)] = record
         signer = op.request.signer if op.request is not None else None
         stage.rows.append((seq, op.id, op.kind, op.key, op.author, op.hlc, b"".join(op.deps), b"".join(op.prev),
                            write_id, signer, op.wire, value_blob))

@@ -266,7 +266,7 @@ class Store:
         """Like `ingest`, for ops already decoded and verified (e.g. by a gossip validator)."""
         res, stage = self.replica.ingest(ops, source=source, now_ms=self.clock() if now_ms is None else now_ms)
         if stage:
-            self.log.commit(stage.rows, stage.records.values())  # raises: memory is untouched
+            self.log.commit(stage.rows, stage.record_rows())  # raises: memory is untouched
             self.replica.apply(stage)
             for cb in self.on_commit:
                 cb(self.replica.seq)
