@@ -121,14 +121,16 @@ def make_op(
         raise OpError("malformed", f"an op may have at most {MAX_DEPS} deps")
     req = None
     if request is None:
-        value = codec.canonical(value)
         payload = [PAYLOAD_NODE, value]
     else:
         message, body, usig = request
         req = user_request(message, bytes(body), parse_signature(usig))
         payload = [PAYLOAD_USER, message, req.body, req.signature]
         value = None
-    body_bytes = codec.pack([VERSION, kind, key, signer.address, deps_l, prev_l, hlc, payload])
+    try:
+        body_bytes = codec.pack([VERSION, kind, key, signer.address, deps_l, prev_l, hlc, payload])
+    except codec.CodecError as exc:  # the code a peer would give the same op
+        raise OpError("malformed", f"op body: {exc}") from None
     sig = signer.sign_digest(eip191_hash(sha256(body_bytes)))
     wire = codec.pack_trusted([body_bytes, sig])
     # What a peer will check, checked here by the same function: a node never makes an op its
