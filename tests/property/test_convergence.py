@@ -179,6 +179,15 @@ class Scenario:
                 break
         else:
             raise AssertionError("the fixed start makes a request on an older version")
+        #    and one never delivered before: only the version it signed tells
+        first = next(r for r in self.relayed if not r.base and r.op.kind == "model")
+        after_create = version_of([first.op.request.write_id])
+        m, b, s = first.user.request("PUT", f"/v1/models/{first.op.key}", {"tags": ["elsewhere"]}, ts=first.ts,
+                                     base=after_create)
+        elsewhere = carriers("model", first.op.key)
+        if elsewhere == [first.op.id]:
+            elsewhere = []
+        self.invalid[op("model", first.op.key, prev=elsewhere, request=(m, b, s)).wire] = "bad_prev"
         # 6. a forged dep: names an op nobody has; it waits forever
         ghost = bytes(rnd.randrange(256) for _ in range(32))
         self.pending_forever.append(op("node", byz.address, deps=[*heads, ghost],
@@ -201,10 +210,8 @@ class Scenario:
                                  value={"address": byz.address, "heartbeat": 9}).wire] = "bad_dep"
         # 10. valid but late: the creator's request signed on the version right after its create,
         #     relayed only now (concurrent with everything since)
-        first = next(r for r in self.relayed if not r.base and r.op.kind == "model")
-        path = f"/v1/models/{first.op.key}"
-        m, b, s = first.user.request("PUT", path, {"tags": ["late"]}, ts=first.ts,
-                                     base=version_of([first.op.request.write_id]))
+        m, b, s = first.user.request("PUT", f"/v1/models/{first.op.key}", {"tags": ["late"]}, ts=first.ts,
+                                     base=after_create)
         self.valid_extra.append(op("model", first.op.key, prev=[first.op.id], request=(m, b, s)).wire)
 
     def all_ops(self) -> list[bytes]:
