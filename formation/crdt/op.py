@@ -162,7 +162,7 @@ def decode_op(wire: bytes, *, signers: tuple[bytes, bytes | None] | None = None)
     if not isinstance(body, list) or len(body) != 8:
         raise OpError("malformed", "op body must be an array of 8 fields")
     version, kind, key, author, deps, prev, hlc, payload = body
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:
         raise OpError("malformed", f"unsupported op version {version!r} (this node speaks {VERSION})")
     if not isinstance(kind, str) or not 0 < len(kind) <= MAX_KIND_LEN or text_problem(kind):
         raise OpError("malformed", f"kind must be a string of 1..{MAX_KIND_LEN} plain characters")
@@ -188,9 +188,10 @@ def decode_op(wire: bytes, *, signers: tuple[bytes, bytes | None] | None = None)
         raise OpError("malformed", "payload must be a non-empty array")
     request = None
     value = None
-    if payload[0] == PAYLOAD_NODE and len(payload) == 2:
+    tag = payload[0] if type(payload[0]) is int else None  # 0.0 and false are not 0: one encoding
+    if tag == PAYLOAD_NODE and len(payload) == 2:
         value = payload[1]
-    elif payload[0] == PAYLOAD_USER and len(payload) == 4:
+    elif tag == PAYLOAD_USER and len(payload) == 4:
         message, req_body, usig = payload[1:]
         if not isinstance(message, str) or len(message) > MAX_MESSAGE_LEN:
             raise OpError("malformed", f"user message must be a string of at most {MAX_MESSAGE_LEN} characters")

@@ -10,8 +10,9 @@ themselves (write ids = SHA-256 of the user's signature), not over the ops that 
 each request names the version it was made on (`?base=`, a hash of the heads it saw), so the
 relaying node cannot choose a base, and any number of ops carrying one request are one write.
 The value at a set of writes is a fold over their causal past, in a deterministic order:
-1. writes concurrent with an access change (a write that lowered someone's rights: revoke,
-   transfer, delete) by a principal it demoted are void: access changes win;
+1. writes concurrent with an effective access change (a write that lowered someone's rights:
+   revoke, transfer, delete) by a principal it demoted are void: access changes win
+   (`_void_writes` says which access changes are effective);
 2. the rest are applied in topological order, concurrent ones by (signed time, write id), each
    through the kind's own rule on the state so far; a write the rule refuses there is skipped.
 A write's own value (the fold of its past, itself last) is computed once, when it is delivered,
@@ -148,6 +149,55 @@ def _closure(start: Iterable[bytes], step) -> set[bytes]:
     return seen
 
 
+def _void_writes(writes: dict[bytes, Write], members: set[bytes],
+                 children: dict[bytes, list[bytes]]) -> set[bytes] | None:
+    """The writes that take no effect among `members` ("access changes win"), or None when
+    access changes undo one another (see docs/state.md, rule 5).
+
+    1. A delete anywhere in the past wins outright (None): it was made by the owner on its
+       base, nothing can be written on top of it, and so "nothing signed on a branch from before
+       a delete brings it back" holds whatever else was signed concurrently.
+    2. Another access change is void when an effective access change concurrent with it demoted
+       its signer; it is effective when every access change that could void it is void itself.
+       Access changes left undecided void one another in a cycle: one owner signed two
+       transfers on one version (a double spend). No causal rule can tell which came first, so
+       neither party wins: the record is burned (resolves to deleted), and the former owner can
+       never take back what they sold.
+    3. A write concurrent with an effective access change that demoted its signer is void, and
+       so is every access change that is not effective.
+    """
+    changes = [w for w in members if writes[w].demoted]
+    if not changes:
+        return set()
+    if any(writes[a].value is None for a in changes):
+        return None
+    related: dict[bytes, set[bytes]] = {}
+    for a in changes:
+        related[a] = _closure([a], lambda w: writes[w].parents) | _closure([a], children.__getitem__)
+
+    def voids(e: bytes, w: bytes) -> bool:
+        return w not in related[e] and writes[w].signer in writes[e].demoted
+
+    candidates = changes
+    attackers = {x: [y for y in candidates if y != x and voids(y, x)] for x in candidates}
+    verdict: dict[bytes, bool] = {}  # True: effective
+    changed = True
+    while changed:
+        changed = False
+        for x in candidates:
+            if x in verdict:
+                continue
+            if any(verdict.get(y) is True for y in attackers[x]):
+                verdict[x], changed = False, True
+            elif all(verdict.get(y) is False for y in attackers[x]):
+                verdict[x], changed = True, True
+    if len(verdict) < len(candidates):
+        return None
+    effective = {x for x, ok in verdict.items() if ok}
+    void = {w for w in members if w not in effective and any(voids(e, w) for e in effective)}
+    return void | (set(changes) - effective)
+
+
 def fold(kind: Kind, reg: UserRegister, tops: Iterable[bytes]) -> Any:
     """The record's value at the writes `tops` (see the module doc)."""
     tops = list(tops)
@@ -161,11 +211,9 @@ def fold(kind: Kind, reg: UserRegister, tops: Iterable[bytes]) -> Any:
     for w in members:
         for p in writes[w].parents:
             children[p].append(w)
-    void: set[bytes] = set()
-    for a in (w for w in members if writes[w].demoted):
-        demoted = writes[a].demoted
-        related = _closure([a], lambda w: writes[w].parents) | _closure([a], children.__getitem__)
-        void.update(w for w in members - related if writes[w].signer in demoted)
+    void = _void_writes(writes, members, children)
+    if void is None:
+        return None  # deleted, or burned by access changes that undo each other
     pending = {w: len(writes[w].parents) for w in members}
     ready = [(writes[w].clock, w) for w, n in pending.items() if n == 0]
     heapq.heapify(ready)

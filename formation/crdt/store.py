@@ -232,6 +232,10 @@ class Store:
             r = res.rejected[0]
             raise Invalid(r.code, r.detail)
         if op.id not in ops:
+            # Held for its time: refused here, so it must not take effect later either (the
+            # client is told to sign again).
+            if op.id in self.replica.pending:
+                self.replica.pending.pop(op.id)
             raise Invalid("too_early", "the request is dated too far ahead of this node's clock; check the clocks")
         return op
 

@@ -863,8 +863,6 @@ def test_verdicts_tell_paths_apart(world):
 
 # ---- known bugs (formation/): strict xfails, and regression tests of fixed ones ---------------
 
-@pytest.mark.xfail(strict=True, reason="registers.fold: an access change that is itself void still voids "
-                   "the writes of those it would have demoted")
 def test_void_revocation_of_a_revoked_manager_changes_nothing():
     n = Node(Store(clock=clock), secret=N0_SECRET)
     a = n.relay(ALICE, "POST", "/models", {"name": "m"}, ts=TS).key
@@ -890,8 +888,6 @@ def test_make_op_refuses_too_deep_a_value_with_an_op_error():
     assert exc.value.code == "malformed"
 
 
-@pytest.mark.xfail(strict=True, reason="Store._write_local raises too_early for a request dated ahead of the "
-                   "node's clock but leaves the op held in the pending buffer: a later tick delivers it")
 def test_a_request_refused_as_too_early_never_takes_effect():
     store = Store(clock=clock)
     m, b, s = ALICE.request("POST", "/v1/models", {"name": "early"}, ts=NOW_MS // 1000 + 600)
@@ -902,8 +898,6 @@ def test_a_request_refused_as_too_early_never_takes_effect():
     assert store.list("model") == []
 
 
-@pytest.mark.xfail(strict=True, reason="op.decode_op compares version and payload tag with ==, so 2.0, false, "
-                   "0.0 and true pass for 2, 0 and 1: a second byte string for the same op")
 @pytest.mark.parametrize("version,tag", [(2.0, 0), (2, False), (2, 0.0)])
 def test_op_fields_have_one_encoding(version, tag):
     body = msgpack.packb([version, "node", X_ADDR, X.address, [], [], 5, [tag, {"address": X_ADDR}]],

@@ -150,3 +150,61 @@ def test_local_write_refused_by_rules_is_not_stored():
     with pytest.raises(Exception, match="unknown field"):
         n.put("node", n.address, {"address": n.address, "colour": "blue"})
     assert len(n.store) == 0 and n.store.log.db.execute("SELECT count(*) FROM ops").fetchone()[0] == 0
+
+
+def _model_with_history():
+    """A model on node a, shared with node b; returns (a, b, owner, model id, version 0)."""
+    a, b = Node(), Node()
+    owner = User()
+    mid = a.relay(owner, "POST", "/models", {"name": "m"}).key
+    b.store.ingest(list(a.store.all_wires()))
+    return a, b, owner, mid, a.store.record_version("model", mid)
+
+
+def _merge(a: Node, b: Node) -> None:
+    a.store.ingest(list(b.store.all_wires()))
+    b.store.ingest(list(a.store.all_wires()))
+    assert a.store.state_hash() == b.store.state_hash()
+
+
+def test_concurrent_deletes_delete():
+    a, b, owner, mid, _ = _model_with_history()
+    a.relay(owner, "DELETE", f"/models/{mid}", ts=10)
+    b.relay(owner, "DELETE", f"/models/{mid}", ts=11)
+    _merge(a, b)
+    assert a.store.get("model", mid) is None
+
+
+def test_a_delete_on_an_old_version_is_not_undone_by_later_owners():
+    """A -> B -> C, and A's delete signed on the version before A sold it: deleted, never A's."""
+    a, b, owner, mid, v0 = _model_with_history()
+    buyer, third = User(), User()
+    a.relay(owner, "POST", f"/models/{mid}/transfer", {"to": buyer.address}, ts=10)
+    a.relay(buyer, "POST", f"/models/{mid}/transfer", {"to": third.address}, ts=11)
+    b.relay(owner, "DELETE", f"/models/{mid}", ts=12, base=v0)
+    _merge(a, b)
+    assert a.store.get("model", mid) is None
+
+
+def test_a_double_transfer_burns_the_record():
+    a, b, owner, mid, v0 = _model_with_history()
+    buyer, friend = User(), User()
+    a.relay(owner, "POST", f"/models/{mid}/transfer", {"to": buyer.address}, ts=10)
+    b.relay(owner, "POST", f"/models/{mid}/transfer", {"to": friend.address}, ts=5, base=v0)  # backdated
+    _merge(a, b)
+    assert a.store.get("model", mid) is None
+
+
+def test_a_revoked_manager_s_concurrent_edit_is_void_but_others_stay():
+    a, b, owner, mid, _ = _model_with_history()
+    manager, editor = User(), User()
+    for who, ts in ((manager, 2), (editor, 3)):
+        a.relay(owner, "POST", f"/models/{mid}/authorize", {"address": who.address, "level": "manager"}, ts=ts)
+    b.store.ingest(list(a.store.all_wires()))
+    a.relay(owner, "POST", f"/models/{mid}/authorize", {"address": manager.address, "level": None}, ts=10)
+    b.relay(manager, "PUT", f"/models/{mid}", {"description": "the manager's"}, ts=11)
+    b.relay(editor, "PUT", f"/models/{mid}", {"license": "mit"}, ts=12)
+    _merge(a, b)
+    model = a.store.get("model", mid)
+    assert manager.address not in model["authorized"]
+    assert model["description"] == "" and model["license"] == "mit"
