@@ -30,6 +30,7 @@ from .store import Store
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 CHUNK_BYTES = 1024 * 1024  # Ops are sent in chunks of about this size: bounded frames, steady progress
 MAX_NEED = 4096  # ids per Need message
+OTHERS_NEED = 64  # ids asked once per session for deps that ops from other sources wait for
 MAX_ROUNDS = 64  # Need rounds before a session gives up (a peer that never sends what we ask)
 
 
@@ -190,7 +191,11 @@ class Reconciler:
             return []
         store = self.store
         wanted = [h for h in self.peer_heads if not store.has(h) and not store.is_rejected(h)]
-        wanted += sorted(store.missing())
+        # The deps of what this peer sent us (it holds them if honest), and, once per session,
+        # a few of the rest: never the whole index, which a flood of invented deps makes huge.
+        wanted += sorted(store.missing(MAX_NEED, source=self.peer, exclude=self.unfetchable))
+        if self.need_rounds == 0:
+            wanted += sorted(store.missing(OTHERS_NEED, exclude=self.unfetchable))
         wanted = [i for i in dict.fromkeys(wanted) if i not in self.unfetchable and not store.is_rejected(i)]
         if not wanted:
             complete = all(store.has(h) for h in self.peer_heads)

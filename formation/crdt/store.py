@@ -164,9 +164,11 @@ class Store:
     def is_rejected(self, op_id: bytes) -> bool:
         return op_id in self.replica.rejected
 
-    def missing(self) -> set[bytes]:
-        """Deps that pending ops wait for and that are not pending themselves: fetch these."""
-        return self.replica.missing()
+    def missing(self, limit: int | None = None, *, source: str | None = None,
+                exclude: frozenset[bytes] | set[bytes] = frozenset()) -> set[bytes]:
+        """Deps that pending ops wait for and that are not pending themselves: fetch these
+        (see `Pending.missing` for `source` and `limit`)."""
+        return set(self.replica.missing(limit, source=source, exclude=exclude))
 
     @property
     def pending_count(self) -> int:

@@ -290,7 +290,7 @@ class P2PService:
     async def _check_gap(self, source: str) -> None:
         try:
             await trio.sleep(self.settings.gap_grace)
-            missing = await self.astore.call("missing")
+            missing = await self.astore.call("missing", 1)
             if missing:
                 self.request_sync(source if source in self.connected() else None)
         finally:

@@ -4,7 +4,7 @@ import pytest
 
 from formation.crdt.keys import PrivateKey
 from formation.crdt.op import make_op
-from formation.crdt.replica import PENDING_OVERHEAD
+from formation.crdt.replica import PENDING_OVERHEAD, PENDING_PER_MISSING_DEP
 from formation.crdt.store import Limits, Store
 from tests.support import Node, User
 
@@ -79,7 +79,7 @@ def test_pending_buffer_is_bounded_per_source():
     # another source still has room
     assert dst.ingest(wires[5:7], source="other").pending == 5
     # bytes bound too
-    small = Store(limits=Limits(pending_bytes_per_source=len(wires[1]) + PENDING_OVERHEAD + 10))
+    small = Store(limits=Limits(pending_bytes_per_source=len(wires[1]) + PENDING_OVERHEAD + PENDING_PER_MISSING_DEP + 10))
     res = small.ingest(wires[1:4], source="x")
     assert res.pending == 1 and res.dropped == 2
     # dropped ops come back later (sync) and everything converges
