@@ -538,9 +538,6 @@ async def test_a_pending_flood_from_fresh_peer_ids_stays_within_the_limits_and_e
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="BUG (p2p scoring): py-libp2p caches validation verdicts by (origin, seqno); "
-                   "a publisher sending an invalid payload to B and a valid one under the same id to A makes B "
-                   "count A's forward as invalid (P4): A falls below the publish threshold and B drops its gossip")
 async def test_an_equivocating_publisher_cannot_make_honest_nodes_score_each_other_down():
     from libp2p.pubsub.pb import rpc_pb2
 
