@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 
 import trio
 
-from .store import Store
+from .registers import OpMeta
+from .store import IngestResult, Store
 
 T = TypeVar("T")
 
@@ -32,5 +33,31 @@ class AsyncStore:
         async with self._lock:
             return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
-    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return await self.run(getattr(self.store, method), *args, **kwargs)
+    # ---- typed calls (what code outside crdt uses; nothing reaches into the store's dicts) ----
+
+    async def get(self, kind: str, key: str) -> Any:
+        return await self.run(self.store.get, kind, key)
+
+    async def record_version(self, kind: str, key: str) -> str | None:
+        return await self.run(self.store.record_version, kind, key)
+
+    async def list(self, kind: str, **filters: Any) -> list[dict]:
+        return await self.run(self.store.list, kind, **filters)
+
+    async def since(self, seq: int) -> list[OpMeta]:
+        return await self.run(self.store.since, seq)
+
+    async def op_meta(self, op_id: bytes) -> OpMeta | None:
+        return await self.run(self.store.op_meta, op_id)
+
+    async def missing(self, limit: int | None = None) -> set[bytes]:
+        return await self.run(self.store.missing, limit)
+
+    async def state_hash(self) -> bytes:
+        return await self.run(self.store.state_hash)
+
+    async def ingest_ops(self, ops: list, *, source: str) -> IngestResult:
+        return await self.run(self.store.ingest_ops, ops, source=source)
+
+    async def tick(self, now_ms: int | None = None) -> IngestResult:
+        return await self.run(self.store.tick, now_ms)

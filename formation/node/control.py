@@ -84,7 +84,7 @@ async def _handle(node, req: dict) -> dict:
                                            str(req["signature"]))
             return {"ok": True, "id": op.id.hex(), "kind": op.kind, "key": op.key}
         if cmd == "get":
-            value = await node.astore.call("get", str(req["kind"]), str(req["key"]))
+            value = await node.astore.get(str(req["kind"]), str(req["key"]))
             return {"ok": True, "value": value}
         if cmd == "sync":
             peer = req.get("peer")
@@ -110,7 +110,7 @@ async def _watch(node, stream, req: dict) -> None:
     while True:
         newest = await node.changes.wait_past(seq)
         now = time.time()
-        metas = await node.astore.call("since", seq)
+        metas = await node.astore.since(seq)
         # t: when the op's batch was committed (not when this loop woke up)
         lines = b"".join(json.dumps({"seq": m.seq, "id": m.id.hex(),
                                      "t": node.changes.commit_time(m.seq) or now}).encode() + b"\n"

@@ -98,8 +98,8 @@ class Scheduler:
         self._token.run_sync_soon(self._wake.set)
 
     async def reconcile(self) -> None:
-        instances = await self.runtime.astore.call("list", "instance", limit=1_000_000)
-        nodes = await self.runtime.astore.call("list", "node", limit=1_000_000)
+        instances = await self.runtime.astore.list("instance", limit=1_000_000)
+        nodes = await self.runtime.astore.list("node", limit=1_000_000)
         now = int(time.time() * 1000)
         me = self.runtime.address
         placements = place_all(instances, nodes, now_ms=now, stale_ms=self.stale_ms)
@@ -284,7 +284,7 @@ class Scheduler:
         (self.dir / f"{iid}.json").unlink(missing_ok=True)
         if rep is not None and rep.reported:
             key = f"{iid}@{self.runtime.address}"
-            if await self.runtime.astore.call("get", "instance_status", key) is not None:
+            if await self.runtime.astore.get("instance_status", key) is not None:
                 await self.runtime.write("instance_status", key, None)
 
     async def _remove_orphan_taps(self) -> None:

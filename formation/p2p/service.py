@@ -277,7 +277,7 @@ class P2PService:
             source = _peer_str(msg.from_id)
             if source in self.banned:
                 continue
-            res = await self.astore.call("ingest_ops", ops, source=source)
+            res = await self.astore.ingest_ops(ops, source=source)
             self.stats.ops_from_gossip += len(res.accepted)
             if res.rejected:
                 # Honest publishers gossip only ops their own store accepted, and validity is
@@ -294,7 +294,7 @@ class P2PService:
     async def _check_gap(self, source: str) -> None:
         try:
             await trio.sleep(self.settings.gap_grace)
-            missing = await self.astore.call("missing", 1)
+            missing = await self.astore.missing(1)
             if missing:
                 self.request_sync(source if source in self.connected() else None)
         finally:
@@ -431,7 +431,7 @@ class P2PService:
 
     async def _learn_peers_from_state(self) -> None:
         """Node records carry their multiaddrs: every node in the state is a peer to keep."""
-        nodes = await self.astore.call("list", "node", limit=10_000)
+        nodes = await self.astore.list("node", limit=10_000)
         for rec in nodes:
             for addr in rec.get("multiaddrs", []):
                 if "/p2p/" in addr:

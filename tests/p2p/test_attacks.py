@@ -118,8 +118,8 @@ async def test_takeover_a_create_naming_someone_elses_record_is_refused():
         create = await fog[0].relay(victim, "POST", "/v1/models", {"name": "precious", "description": "hers"})
         mid = create.key
         await converged(fog)
-        hashes = [await m.svc.astore.call("state_hash") for m in fog]
-        before = await fog[0].svc.astore.call("get", "model", mid)
+        hashes = [await m.svc.astore.state_hash() for m in fog]
+        before = await fog[0].svc.astore.get("model", mid)
 
         # no deps, hlc=1: "created before anything else"; a create naming the victim's id...
         named = make_op(evil.key, "model", mid, deps=[], hlc=1,
@@ -138,11 +138,11 @@ async def test_takeover_a_create_naming_someone_elses_record_is_refused():
         assert codes == [{named.id: "bad_field", moved.id: "bad_key"}] * len(fog)
         await until(lambda: all(m.store.has(replay.id) for m in fog))
         for m, h in zip(fog, hashes, strict=True):
-            assert await m.svc.astore.call("get", "model", mid) == before
+            assert await m.svc.astore.get("model", mid) == before
             assert before["owner"] == victim.address
-            assert await m.svc.astore.call("state_hash") == h  # the replay is the same write
+            assert await m.svc.astore.state_hash() == h  # the replay is the same write
         await keep_working(fog, thief, "takeover")
-        assert [(await m.svc.astore.call("get", "model", mid))["owner"] for m in fog] == [victim.address] * 2
+        assert [(await m.svc.astore.get("model", mid))["owner"] for m in fog] == [victim.address] * 2
 
 
 # ---- 2. clock poisoning -----------------------------------------------------------------------
@@ -180,14 +180,14 @@ async def test_clock_poisoning_ops_at_the_clock_bound_are_not_delivered_and_past
             for m in honest:
                 assert not m.store.has(at_bound.id) and at_bound.id not in m.store.replica.pending  # dropped
                 assert not m.store.has(soon.id)  # held, not delivered...
-                assert (await m.svc.astore.call("tick")).accepted == []  # ...and not released now
+                assert (await m.svc.astore.tick()).accepted == []  # ...and not released now
                 assert m.store.replica.hlc.last < ceiling  # no clock was dragged forward
                 assert m.svc.validator.rejected >= 1
             # the honest clocks go on
             for k, m in enumerate(honest):
                 await m.heartbeat(100 + k)
             await keep_working(honest, User(b"\x33" * 32), "clock poisoning")
-            final = (await c.svc.astore.call("state_hash"), len(c.store), c.store.heads())
+            final = (await c.svc.astore.state_hash(), len(c.store), c.store.heads())
     # the member's op log opens again and goes on writing
     c.store.close()
     again = Store(path)
@@ -254,7 +254,7 @@ async def test_a_lone_surrogate_in_a_request_body_is_refused_alike_everywhere_an
         await a.relay(owner, "PUT", f"/v1/models/{mid}", {"description": "fine \u00e9"}, ts=TS + 20)
         await b.relay(stranger, "POST", "/v1/models", {"name": "good name"}, ts=TS + 21)
         await keep_working(fog, owner, "surrogates")
-        assert [(await m.svc.astore.call("get", "model", mid))["description"] for m in fog] == ["fine \u00e9"] * 2
+        assert [(await m.svc.astore.get("model", mid))["description"] for m in fog] == ["fine \u00e9"] * 2
 
 
 # ---- 4. verdicts agree ------------------------------------------------------------------------
@@ -269,7 +269,7 @@ async def test_verdicts_agree_oversized_messages_and_deep_values_are_refused_loc
         await converged(fog)
         heads = await caught_up(evil, a)
         top = await top_hlc(evil)
-        hashes = [await m.svc.astore.call("state_hash") for m in fog]
+        hashes = [await m.svc.astore.state_hash() for m in fog]
 
         # a signed message over MAX_MESSAGE_LEN that still parses (a URL fragment is not the path)
         long = signed(u, "POST", "/v1/models#" + "x" * MAX_MESSAGE_LEN, b'{"name": "long"}')
@@ -310,7 +310,7 @@ async def test_verdicts_agree_oversized_messages_and_deep_values_are_refused_loc
             await evil.gossip_raw(encode_batch([payload]))
         await until(lambda: all(evil.peer_id in m.svc.banned for m in fog))
         for m, h in zip(fog, hashes, strict=True):
-            assert await m.svc.astore.call("state_hash") == h
+            assert await m.svc.astore.state_hash() == h
             assert m.store.pending_count == 0
         await keep_working(fog, u, "verdicts")
 
@@ -359,7 +359,7 @@ async def test_stale_bases_rewrapped_requests_are_refused_and_old_branch_writes_
         await converged(fog)
         heads = await caught_up(evil, a)
         v2 = a.store.record_version("model", x)
-        before = {k: await a.svc.astore.call("get", "model", k) for k in (x, y, z)}
+        before = {k: await a.svc.astore.get("model", k) for k in (x, y, z)}
         assert before[x]["authorized"] == {} and before[y]["owner"] == buyer.address and before[z] is None
 
         # Writes signed on the old branches, relayed as they were signed (the former owner's and
@@ -399,7 +399,7 @@ async def test_stale_bases_rewrapped_requests_are_refused_and_old_branch_writes_
 
         await converged(fog)
         for m in fog:
-            after = {k: await m.svc.astore.call("get", "model", k) for k in (x, y, z)}
+            after = {k: await m.svc.astore.get("model", k) for k in (x, y, z)}
             assert after == before  # the transfer and the delete won; the manager is not back
             assert manager.address not in after[x]["authorized"] and friend.address not in after[x]["authorized"]
         await keep_working(fog, buyer, "stale bases")
@@ -428,7 +428,7 @@ async def test_a_former_owner_cannot_undo_a_transfer_or_a_delete_from_an_old_bra
         await until(lambda: all(all(m.store.has(h) for h in written) for m in fog))
         await converged(fog)
         assert_no_honest_strikes(fog)
-        views = [(await m.svc.astore.call("get", "model", y), await m.svc.astore.call("get", "model", z))
+        views = [(await m.svc.astore.get("model", y), await m.svc.astore.get("model", z))
                  for m in fog]
     for sold, deleted in views:
         # A second transfer of the sold record on its old version is a double spend: no causal
@@ -515,11 +515,11 @@ async def test_a_pending_flood_from_fresh_peer_ids_stays_within_the_limits_and_e
         # the ops whose deps never came expire; held ones wait for their time (bounded by the horizon)
         later = wall_ms() + lim.pending_ttl_ms + 1000
         for m in fog:
-            await m.svc.astore.call("tick", later)
+            await m.svc.astore.tick(later)
             entries = await read(m, lambda s: list(s.replica.pending.entries.values()))
             assert entries and all(e.need == 0 for e in entries)  # only the held ones are left
             assert len(entries) <= future_sources * per_source
-            assert await m.svc.astore.call("missing") == set()
+            assert await m.svc.astore.missing() == set()
         rss2 = rss_mib()
         print(f"after expiry: RSS {rss2:.0f} MiB")
 

@@ -44,7 +44,7 @@ async def test_partition_and_heal():
             await right[k % 3].relay(u2, "POST", "/v1/models", {"name": f"right {k}"}, ts=1_700_000_000 + k)
         await converged(left)
         await converged(right)
-        assert await left[0].svc.astore.call("state_hash") != await right[0].svc.astore.call("state_hash")
+        assert await left[0].svc.astore.state_hash() != await right[0].svc.astore.state_hash()
         assert [len(await m.models()) for m in fog] == [30] * 6
         for a in fog:
             for b in fog:
@@ -61,7 +61,7 @@ async def test_byzantine_peer_changes_nothing_and_is_cut_off():
         a, b, evil = fog
         mid = (await a.relay(victim, "POST", "/v1/models", {"name": "precious"})).key
         await converged(fog)
-        before = {m.i: await m.svc.astore.call("state_hash") for m in (a, b)}
+        before = {m.i: await m.svc.astore.state_hash() for m in (a, b)}
         # the liar's own validator lets its garbage out
         evil.svc.pubsub.set_topic_validator(gossip.TOPIC, lambda *_: True, False)
         heads = evil.store.heads()
@@ -95,8 +95,8 @@ async def test_byzantine_peer_changes_nothing_and_is_cut_off():
                 while evil.svc.peer_id in m.svc.connected():
                     await trio.sleep(0.05)
             assert evil.svc.peer_id in m.svc.blocked  # and it is never dialed again
-            assert await m.svc.astore.call("state_hash") == before[m.i]
-            assert (await m.svc.astore.call("get", "model", mid))["description"] == ""
+            assert await m.svc.astore.state_hash() == before[m.i]
+            assert (await m.svc.astore.get("model", mid))["description"] == ""
             assert m.svc.validator.rejected >= 1
         # the honest nodes keep working together
         await a.relay(honest_user, "POST", "/v1/models", {"name": "after the attack"})

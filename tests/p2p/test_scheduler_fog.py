@@ -63,7 +63,7 @@ class FogNode:
         self.nursery.cancel_scope.cancel()
 
     async def call(self, method: str, *args, **kw):
-        return await self.runtime.astore.call(method, *args, **kw)
+        return await getattr(self.runtime.astore, method)(*args, **kw)
 
     async def statuses(self, iid: str) -> dict[str, dict]:
         """This node's view of the instance_status records of `iid`, by reporting node."""

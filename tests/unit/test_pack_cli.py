@@ -146,7 +146,7 @@ async def test_failed_and_refused_builds_exit_1(form, cfg, tmp_path, app_dir):
 async def _report(rt, states: list[tuple[str, str | None, str]], delay: float = 0.1):
     """Play the node's part: wait for the instance, then report its replica's states in turn."""
     with trio.fail_after(20):
-        while not (rows := await rt.astore.call("list", "instance", limit=10)):
+        while not (rows := await rt.astore.list("instance", limit=10)):
             await trio.sleep(0.02)
     iid = rows[0]["instance_id"]
     for state, ip, reason in states:
@@ -164,7 +164,7 @@ async def test_ship_builds_deploys_and_waits(form, cfg, tmp_path, app_dir):
                                          ("running", "10.7.0.2", "")], 0.6)
         _, out, err = await form("pack", "ship", str(app_dir), "--replicas", "1")
         iid = out.strip()
-        inst = (await rt.astore.call("list", "instance", limit=10))[0]
+        inst = (await rt.astore.list("instance", limit=10))[0]
         assert inst["instance_id"] == iid and inst["name"] == "web" and inst["formfile"] == FORMFILE
         assert inst["resources"] == {"vcpus": 2, "memory_mb": 1024, "disk_gb": 10, "gpu": None}
         assert inst["build_id"] and len(inst["build_id"]) == 64
@@ -192,7 +192,7 @@ async def test_ship_with_a_build_id_and_a_failing_replica(form, cfg, tmp_path, a
         assert doc["build_id"] == "c" * 64 and doc["build"] is None and doc["instance_id"]
         assert doc["instance"]["replicas_status"][0]["state"] == "failed"
         assert "form: error: the replica of instance" in err and "the image is missing" in err
-        inst = (await rt.astore.call("list", "instance", limit=10))[0]
+        inst = (await rt.astore.list("instance", limit=10))[0]
         assert inst["name"] == "other"
         # --no-wait: just the id
         doc = await form.json("pack", "ship", str(app_dir), "--build-id", "d" * 64, "--no-wait")

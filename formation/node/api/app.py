@@ -133,7 +133,7 @@ async def _visible_or_404(call: Call, kind: str, key: str) -> dict:
 
 
 async def _list(call: Call, kind: str, *, limit: int = 10_000, **filters) -> list[dict]:
-    rows = await call.runtime.astore.call("list", kind, limit=limit, **filters)
+    rows = await call.runtime.astore.list(kind, limit=limit, **filters)
     return [r for r in rows if views.visible(kind, r, call.who)]
 
 
@@ -170,12 +170,12 @@ async def account_list(call: Call):
 async def replica_statuses(call: Call, instance_id: str) -> list[dict]:
     """The replicas' instance_status records, by node, each with `node_alive`: only its node may
     withdraw a record, so a dead node's last word stays in the state; readers must know."""
-    rows = await call.runtime.astore.call("list", "instance_status", text=instance_id, limit=1000)
+    rows = await call.runtime.astore.list("instance_status", text=instance_id, limit=1000)
     stale = stale_after_ms(call.runtime.config.node.heartbeat_seconds)
     now = int(time.time() * 1000)
     out = []
     for r in sorted((r for r in rows if r["instance_id"] == instance_id), key=lambda r: r["node"]):
-        node = await call.runtime.astore.call("get", "node", r["node"])
+        node = await call.runtime.astore.get("node", r["node"])
         out.append({**r, "node_alive": is_live(node, now, stale)})
     return out
 
@@ -276,13 +276,13 @@ async def events(call: Call):
         while True:
             with trio.move_on_after(15):
                 await runtime.changes.wait_past(seq)
-            metas = await runtime.astore.call("since", seq)
+            metas = await runtime.astore.since(seq)
             if not metas:
                 yield json.dumps({"event": "keepalive", "seq": seq}) + "\n"
                 continue
             out = []
             for m in metas:
-                value = await runtime.astore.call("get", m.kind, m.key)
+                value = await runtime.astore.get(m.kind, m.key)
                 shown = value if value is None or views.visible(m.kind, value, call.who) else False
                 if shown is not False and m.kind != "instance_status":
                     out.append(json.dumps({"event": "op", "seq": m.seq, "op_id": m.id.hex(),
@@ -301,7 +301,7 @@ async def _resolve_since(call: Call, since: str) -> int:
         op_id = bytes.fromhex(since)
     except ValueError:
         raise ApiError(400, "bad_field", "query parameter 'since' is a sequence number or an op id (hex)") from None
-    meta = await call.runtime.astore.run(lambda s: s.op_meta(op_id), call.runtime.store)
+    meta = await call.runtime.astore.op_meta(op_id)
     if meta is None:
         raise ApiError(404, "not_found", f"no op {since}")
     return meta.seq

@@ -203,7 +203,7 @@ async def _statuses(call: Call, instance_id: str) -> list[dict]:
 async def _where(call: Call, statuses: list[dict]) -> list[dict]:
     out = []
     for s in statuses:
-        node = await call.runtime.astore.call("get", "node", s["node"])
+        node = await call.runtime.astore.get("node", s["node"])
         out.append({"node": s["node"], "state": s["state"], "api_url": (node or {}).get("api_url")})
     return out
 
@@ -263,7 +263,7 @@ async def _targets(call: Call, agent: dict) -> list[tuple[dict, str]]:
     """(status, ip) of the running replicas of the agent's build, this node's first. Only the
     instances its owner may act on count: naming someone else's build must not reach their VMs."""
     build = agent["build_id"]
-    instances = [i for i in await call.runtime.astore.call("list", "instance", type=build, limit=1000)
+    instances = [i for i in await call.runtime.astore.list("instance", type=build, limit=1000)
                  if level_of(i, agent["owner"]) > 0]
     if not instances:
         raise ApiError(503, "no_replica", f"no instance runs build {build} of agent {agent['agent_id']}; "
@@ -299,7 +299,7 @@ def _url(ip: str, port: int, path: str) -> str:
 
 async def agent_hire(call: Call):
     aid = call.params["id"]
-    agent = await call.runtime.astore.call("get", "agent", aid)
+    agent = await call.runtime.astore.get("agent", aid)
     if agent is None or not views.visible("agent", agent, call.who):
         raise ApiError(404, "not_found", f"no agent {aid}")
     if not agent.get("build_id"):
