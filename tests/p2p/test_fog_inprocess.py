@@ -137,3 +137,57 @@ async def test_a_node_alone_is_a_fog_of_one():
         with trio.fail_after(5):
             while fog[0].svc.stats.gossip_sent == 0:  # publishing with no peers does not fail
                 await trio.sleep(0.05)
+
+
+async def _partition(left, right) -> None:
+    for a in left:
+        for b in right:
+            await a.svc.block(b.svc.peer_id)
+            await b.svc.block(a.svc.peer_id)
+    with trio.fail_after(10):
+        while any(set(m.svc.connected()) & {o.svc.peer_id for o in (right if m in left else left)}
+                  for m in left + right):
+            await trio.sleep(0.1)
+
+
+def _heal(fog) -> None:
+    for a in fog:
+        for b in fog:
+            if a is not b:
+                a.svc.unblock(b.svc.peer_id)
+
+
+@pytest.mark.slow
+async def test_partition_with_a_revocation_on_one_side_converges_on_the_revocation():
+    """Conflicting writes on both sides of a partition: the owner revokes a manager on one side
+    while the manager (and another manager) edit the same record on the other; after the heal
+    every node shows the revocation, none of the revoked manager's concurrent edits, and the
+    other manager's edit."""
+    owner, revoked, other = User(b"\x63" * 32), User(b"\x64" * 32), User(b"\x65" * 32)
+    ts = 1_700_000_000
+    async with open_fog(4, sync_interval=1.0) as fog:
+        left, right = fog[:2], fog[2:]
+        mid = (await left[0].relay(owner, "POST", "/v1/models", {"name": "shared"}, ts=ts)).key
+        for k, who in enumerate((revoked, other)):
+            await left[0].relay(owner, "POST", f"/v1/models/{mid}/authorize",
+                                {"address": who.address, "level": "manager"}, ts=ts + 1 + k)
+        await converged(fog)
+        await _partition(left, right)
+        await left[1].relay(owner, "POST", f"/v1/models/{mid}/authorize",
+                            {"address": revoked.address, "level": None}, ts=ts + 10)
+        await left[0].relay(owner, "PUT", f"/v1/models/{mid}", {"license": "mit"}, ts=ts + 11)
+        await right[0].relay(revoked, "PUT", f"/v1/models/{mid}", {"description": "revoked's edit"}, ts=ts + 20)
+        await right[1].relay(revoked, "POST", f"/v1/models/{mid}/authorize",
+                             {"address": User(b"\x66" * 32).address, "level": "operator"}, ts=ts + 21)
+        await right[1].relay(other, "PUT", f"/v1/models/{mid}", {"version": "2"}, ts=ts + 22)
+        await converged(left)
+        await converged(right)
+        assert (await right[0].svc.astore.get("model", mid))["description"] == "revoked's edit"
+        _heal(fog)
+        await converged(fog, timeout=60)
+        for m in fog:
+            model = await m.svc.astore.get("model", mid)
+            assert model["authorized"] == {other.address: "manager"}
+            assert model["description"] == "" and model["license"] == "mit" and model["version"] == "2"
+        for m in fog:  # nobody honest was struck for relaying what was valid where it was made
+            assert not m.svc.banned
