@@ -35,7 +35,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
              "heartbeat_seconds": 30},
     "api": {"host": "127.0.0.1", "port": 3004},
     "p2p": {"listen": "/ip4/0.0.0.0/tcp/53333", "bootstrap": [], "announce": [],
-            "sync_interval_seconds": 10},
+            "sync_interval_seconds": 10, "sync_sessions_per_peer": 1, "sync_sessions": 8,
+            "sync_budget_mb": 64, "sync_budget_seconds": 60},
     "mesh": {"wireguard_port": 51820, "overlay_cidr": "10.42.0.0/16"},
     "dns": {"port": 5453},
     "vm": {"enabled": "auto", "accel": "auto", "machine": "microvm", "bridge": "formbr0",
@@ -73,6 +74,10 @@ class P2pConfig:
     bootstrap: tuple[str, ...]
     announce: tuple[str, ...]
     sync_interval_seconds: int
+    sync_sessions_per_peer: int
+    sync_sessions: int
+    sync_budget_mb: int
+    sync_budget_seconds: int
 
 
 @dataclass(frozen=True)
@@ -464,6 +469,10 @@ _CHECKERS: dict[str, _Checker] = {
     "p2p.bootstrap": _bootstrap,
     "p2p.announce": _announce,
     "p2p.sync_interval_seconds": _positive,
+    "p2p.sync_sessions_per_peer": _positive,
+    "p2p.sync_sessions": _positive,
+    "p2p.sync_budget_mb": _positive,
+    "p2p.sync_budget_seconds": _positive,
     "mesh.wireguard_port": _port,
     "mesh.overlay_cidr": _cidr,
     "dns.port": _port,

@@ -41,6 +41,10 @@ class NodeRuntime:
             listen=[config.p2p.listen],
             bootstrap=list(config.p2p.bootstrap),
             sync_interval=float(config.p2p.sync_interval_seconds),
+            sync_max_sessions_per_peer=config.p2p.sync_sessions_per_peer,
+            sync_max_sessions=config.p2p.sync_sessions,
+            sync_budget_bytes=config.p2p.sync_budget_mb * 1024 * 1024,
+            sync_budget_seconds=float(config.p2p.sync_budget_seconds),
         ))
         from .vmhost import VmHost
 

@@ -44,6 +44,8 @@ def test_defaults():
     assert (c.api.host, c.api.port) == ("127.0.0.1", 3004)
     assert c.p2p.listen == "/ip4/0.0.0.0/tcp/53333"
     assert c.p2p.bootstrap == ()
+    assert (c.p2p.sync_sessions_per_peer, c.p2p.sync_sessions, c.p2p.sync_budget_mb, c.p2p.sync_budget_seconds) == (
+        1, 8, 64, 60)
     assert (c.mesh.wireguard_port, c.mesh.overlay_cidr) == (51820, "10.42.0.0/16")
     assert c.dns.port == 5453
     assert c.store.synchronous == "FULL"
