@@ -63,6 +63,7 @@ class Limits:
 # ~0.5 KiB for each dep it waits for (its decoded id and its entry in the missing-deps index:
 # measured ~38 KiB of RSS per op waiting on 64 invented deps). Both count against the bounds.
 PENDING_OVERHEAD = 1024
+SWEEP_MS = 1000
 PENDING_PER_MISSING_DEP = 512
 
 
@@ -193,6 +194,7 @@ class Replica:
         self.hlc = Hlc()
         self.pending = Pending(self.limits)
         self.rejected: OrderedDict[bytes, Rejection] = OrderedDict()
+        self._next_sweep_ms = 0
 
     # ---- admission and delivery -------------------------------------------------------------
 
@@ -201,7 +203,12 @@ class Replica:
         res = IngestResult()
         stage = Stage(self)
         ready: list[Op] = []
-        self._expire(now_ms)
+        # Expiry and due held ops need a scan of the buffer: at most once a second, not per batch
+        # (the buffer may hold 100,000 ops and gossip brings many small batches).
+        sweep = now_ms >= self._next_sweep_ms
+        if sweep:
+            self._next_sweep_ms = now_ms + SWEEP_MS
+            self._expire(now_ms)
         for op in ops:
             if isinstance(op, Rejection):
                 res.rejected.append(op)
@@ -214,11 +221,16 @@ class Replica:
                 continue
             self._admit(op, source, now_ms, stage, ready, res)
             self._drain(ready, stage, res, now_ms)
-        for oid in self.pending.due(now_ms):
-            ready.append(self.pending.pop(oid).op)
-        self._drain(ready, stage, res, now_ms)
+        if sweep:
+            for oid in self.pending.due(now_ms):
+                ready.append(self.pending.pop(oid).op)
+            self._drain(ready, stage, res, now_ms)
         res.pending = len(self.pending)
         return res, stage
+
+    def sweep_now(self) -> None:
+        """Let the next ingest scan for expired and due ops whatever the time of the last scan."""
+        self._next_sweep_ms = 0
 
     def _admit(self, op: Op, source: str, now_ms: int, stage: Stage, ready: list[Op], res: IngestResult) -> None:
         missing = []

@@ -280,4 +280,5 @@ class Store:
 
     def tick(self, now_ms: int | None = None) -> IngestResult:
         """Deliver held ops whose time has come, drop expired ones (the node calls this often)."""
+        self.replica.sweep_now()
         return self.ingest_ops([], source="local", now_ms=now_ms)
