@@ -73,6 +73,17 @@ def eip191_hash(message: bytes) -> bytes:
     return keccak256(b"\x19Ethereum Signed Message:\n" + str(len(message)).encode() + message)
 
 
+# secp256k1 group order. Signatures must have s <= n/2 (as libsecp256k1 and every wallet make
+# them): otherwise (r, n-s) would be a second valid signature of the same thing, and a relay
+# could re-issue a user's request under a new write id, or an op under a new id.
+_HALF_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141 // 2
+
+
+def is_low_s(sig: bytes) -> bool:
+    """The one rule for signature malleability, used for ops and for signed requests alike."""
+    return int.from_bytes(sig[32:64], "big") <= _HALF_N
+
+
 def parse_signature(sig: bytes | str, recovery_id: int | None = None) -> bytes:
     """Normalize a signature to 65 bytes r||s||recid (recid 0 or 1).
 

@@ -21,7 +21,15 @@ from typing import Any
 
 from . import codec
 from .hlc import MAX_HLC
-from .keys import PrivateKey, SignatureError, eip191_hash, parse_signature, recover_digest, sha256
+from .keys import (
+    PrivateKey,
+    SignatureError,
+    eip191_hash,
+    is_low_s,
+    parse_signature,
+    recover_digest,
+    sha256,
+)
 from .strict import text_problem
 
 # 2: record ids derive from their creator, user writes name the version they change, hlc is
@@ -35,16 +43,6 @@ MAX_MESSAGE_LEN = 4096
 
 PAYLOAD_NODE = 0
 PAYLOAD_USER = 1
-
-# secp256k1 group order. Signatures must have s <= n/2 (as libsecp256k1 and every wallet make
-# them): otherwise (r, n-s) would be a second valid signature of the same thing, and a relay
-# could re-issue a user's request under a new write id.
-_HALF_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141 // 2
-
-
-def _low_s(sig: bytes) -> bool:
-    return int.from_bytes(sig[32:64], "big") <= _HALF_N
-
 
 class OpError(ValueError):
     """An op that must not be stored. `code` is a short machine-readable reason."""
@@ -86,7 +84,7 @@ class Op:
 
 def user_request(message: str, body: bytes, usig: bytes) -> UserRequest:
     """Check a user's signature (65 bytes, recid 0/1) and recover who made it."""
-    if not _low_s(usig):
+    if not is_low_s(usig):
         raise OpError("bad_signature", "user signature has a high s value (malleable form)")
     try:
         user = recover_digest(eip191_hash(message.encode()), usig)
@@ -153,7 +151,7 @@ def decode_op(wire: bytes, *, signers: tuple[bytes, bytes | None] | None = None)
             and isinstance(outer[1], bytes)):
         raise OpError("malformed", "op envelope must be [body: bytes, signature: bytes]")
     body_bytes, sig = outer
-    if len(sig) != 65 or sig[64] > 1 or not _low_s(sig):
+    if len(sig) != 65 or sig[64] > 1 or not is_low_s(sig):
         raise OpError("malformed", "op signature must be 65 bytes r||s||recid, recid 0 or 1, low s")
     try:
         body = codec.unpack(body_bytes, max_bytes=MAX_OP_BYTES)

@@ -12,24 +12,24 @@ recovering to some other address. There is no "localhost is admin" shortcut: eve
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 
-from formation.crdt.intents import canonical_message
+from formation.crdt.intents import canonical_message, split_message
 from formation.crdt.keys import (
     SignatureError,
     format_address,
+    is_low_s,
     parse_address,
     parse_signature,
     recover_personal,
 )
+from formation.crdt.kinds import Invalid
 
 WINDOW_SECONDS = 120
 # A replayed signed read (GET, or a POST search) can only re-read, within the window, what its
 # signer may read; refusing them would make every client that polls (same second, same message,
 # same RFC 6979 signature) fail. Every write is one use per signature.
 SAFE_METHODS = frozenset({"GET", "HEAD"})
-_HALF_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141 // 2
 
 
 class AuthError(Exception):
@@ -74,10 +74,11 @@ def verify(method: str, path_query: str, body: bytes, headers, now: float, guard
         raise AuthError("missing_header", "X-Message header is missing")
     if not sig_text:
         raise AuthError("missing_header", "X-Signature header is missing")
-    parts = message.split(" ")
-    if len(parts) != 4 or not re.fullmatch(r"[0-9]{1,12}", parts[2]):
-        raise AuthError("bad_message", "X-Message must be '<METHOD> <PATH?QUERY> <unix-seconds> <sha256-hex(body)>'")
-    ts = int(parts[2])
+    try:  # the grammar every node applies to the request carried in an op: one definition
+        parts = split_message(message)
+    except Invalid as exc:
+        raise AuthError("bad_message", f"X-Message: {exc.detail}") from None
+    ts = parts[2]
     expected = canonical_message(method, path_query, ts, body)
     if parts[0] != method.upper():
         raise AuthError("method_mismatch", f"X-Message signs {parts[0]}, the request is {method.upper()}")
@@ -99,7 +100,7 @@ def verify(method: str, path_query: str, body: bytes, headers, now: float, guard
     except SignatureError as exc:
         reason = "recovery_id_mismatch" if "does not match" in str(exc) else "bad_signature"
         raise AuthError(reason, str(exc)) from None
-    if int.from_bytes(sig[32:64], "big") > _HALF_N:
+    if not is_low_s(sig):
         raise AuthError("bad_signature", "signature has a high s value; wallets sign with low s")
     try:
         signer = recover_personal(message.encode(), sig)
