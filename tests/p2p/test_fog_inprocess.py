@@ -30,14 +30,7 @@ async def test_three_nodes_writes_everywhere_reach_everyone():
 async def test_partition_and_heal():
     async with open_fog(6, sync_interval=1.0) as fog:
         left, right = fog[:3], fog[3:]
-        for a in left:
-            for b in right:
-                await a.svc.block(b.svc.peer_id)
-                await b.svc.block(a.svc.peer_id)
-        with trio.fail_after(10):
-            while any(set(m.svc.connected()) & {o.svc.peer_id for o in (right if m in left else left)}
-                      for m in fog):
-                await trio.sleep(0.1)
+        await _partition(left, right)
         u1, u2 = User(b"\x61" * 32), User(b"\x62" * 32)
         for k in range(30):
             await left[k % 3].relay(u1, "POST", "/v1/models", {"name": f"left {k}"}, ts=1_700_000_000 + k)
@@ -46,10 +39,7 @@ async def test_partition_and_heal():
         await converged(right)
         assert await left[0].svc.astore.state_hash() != await right[0].svc.astore.state_hash()
         assert [len(await m.models()) for m in fog] == [30] * 6
-        for a in fog:
-            for b in fog:
-                if a is not b:
-                    a.svc.unblock(b.svc.peer_id)
+        _heal(fog)
         took = await converged(fog, timeout=60)
         print(f"partition healed: converged {took:.2f} s after the heal")
         assert [len(await m.models()) for m in fog] == [60] * 6
