@@ -13,6 +13,7 @@ from formation.node.config import (
     load_config,
     with_tcp_port,
 )
+from formation.node.settings import SETTINGS, render_toml
 
 REPO_TOML = Path(__file__).resolve().parents[2] / "formation.toml"
 PEER = "16Uiu2HAmBZpDp8E4NJ1xAs6SxTXVVH6rtHsmtGpDsyfRWJ9BFuAm"
@@ -66,6 +67,21 @@ def test_repository_formation_toml_spells_out_every_setting():
     expected = {(s, k) for s in DEFAULTS for k in DEFAULTS[s]} - optional
     assert {(s, k) for s in doc for k in doc[s]} == expected
     assert "password_file" in REPO_TOML.read_text()
+
+
+def test_repository_formation_toml_is_what_the_declarations_render():
+    """One declaration per setting: the shipped file (comments included) follows from it.
+    After changing formation/node/settings.py: python -m formation.node.settings > formation.toml"""
+    assert REPO_TOML.read_text() == render_toml()
+
+
+def test_every_declared_setting_is_checked_and_typed():
+    c = load_config(None, {})
+    for s in SETTINGS:
+        assert getattr(getattr(c, s.section), s.key) == (tuple(s.default) if isinstance(s.default, list)
+                                                          else s.default) or s.key in ("data_dir",)
+        with pytest.raises(ConfigError, match=s.key):
+            load_config(None, {s.dotted: {"not": "a valid value"}})
 
 
 def test_config_is_frozen():

@@ -1,0 +1,162 @@
+"""Every node setting, declared once: section, key, default, type, check, and what it does.
+
+config.py derives the defaults, the checks and the typed sections from SETTINGS, and
+`render_toml()` writes the commented formation.toml at the repository root from the same list
+(tests/unit/test_config.py fails when the two disagree; regenerate with
+`python -m formation.node.settings > formation.toml`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from . import checks as c
+
+HEADER = """\
+# formation.toml: settings of one Formation node.
+#
+# Every value below is the default, so this file changes nothing as shipped; edit what you need
+# and pass it with `form node --config formation.toml`. Without --config the node uses these
+# same defaults. Unknown sections or keys and ill-typed values are errors, never ignored.
+# Relative paths are relative to the directory of this file; `~` is your home directory.
+# Command-line flags (--data-dir, --api-port, --p2p-port, --bootstrap) override this file.
+# (Generated from formation/node/settings.py: `python -m formation.node.settings`.)
+"""
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    key: str
+    default: Any
+    type: Any  # the Python type of the checked value
+    check: c.Checker
+    doc: str
+    example: str | None = None  # shown commented out when there is no default
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+SECTION_DOCS = {
+    "mesh": "formnet: the WireGuard mesh between nodes.",
+}
+
+S = Setting
+SETTINGS: tuple[Setting, ...] = (
+    S("node", "data_dir", "~/.local/share/formation", str, c.path,
+      "Where the node keeps everything: operator.key (the encrypted operator keystore), state.db "
+      "(the replicated op log), the image cache and VM runtime files."),
+    S("node", "log_json", False, bool, c.boolean,
+      "Write log lines as JSON objects (for log collectors) instead of plain text."),
+    S("node", "password_file", None, str | None, c.optional_path,
+      "A file whose content (one line; the trailing newline is ignored) is the keystore password. "
+      "The password is taken from, in order: the FORMATION_PASSWORD environment variable, this "
+      "file, an interactive prompt. Keep the file readable by the node's user only (chmod 600).",
+      example='"/etc/formation/password"'),
+    S("node", "heartbeat_seconds", 30, int, c.positive,
+      "How often the node refreshes its signed `node` record (its heartbeat in the shared state) "
+      "and delivers ops that arrived dated ahead of its clock."),
+    S("api", "host", "127.0.0.1", str, c.host,
+      "The local HTTP API that `form` and users' signed requests talk to. Bound to the loopback "
+      'address by default; set "0.0.0.0" (or a specific address) to serve other hosts.'),
+    S("api", "port", 3004, int, c.port, "TCP port of the HTTP API."),
+    S("p2p", "listen", "/ip4/0.0.0.0/tcp/53333", str, c.listen,
+      "libp2p listen address (TCP). `form node --p2p-port N` replaces the port."),
+    S("p2p", "bootstrap", [], tuple[str, ...], c.bootstrap,
+      "Peers to dial when joining the fog, as full multiaddrs including the peer id, e.g. "
+      '["/ip4/192.0.2.10/tcp/53333/p2p/16Uiu2HAm...", "/dns4/fog.example.org/tcp/53333/p2p/16Uiu2HAm..."]'),
+    S("p2p", "announce", [], tuple[str, ...], c.announce,
+      "Addresses other nodes should dial to reach this one, when they differ from what the node "
+      "sees itself listening on (NAT, containers). Without /p2p/: the node appends its own peer "
+      "id. Empty: the listen address, with 0.0.0.0 replaced by this host's addresses."),
+    S("p2p", "sync_interval_seconds", 10, int, c.positive,
+      "Anti-entropy: sync with a random connected peer at least this often (seconds). Gossip "
+      "makes delivery fast; this is what makes it certain."),
+    S("p2p", "sync_sessions_per_peer", 1, int, c.positive,
+      "Sync sessions served at once to one peer; a stream over the bound is reset."),
+    S("p2p", "sync_sessions", 8, int, c.positive, "Sync sessions served at once to all peers."),
+    S("p2p", "sync_budget_mb", 64, int, c.positive,
+      "Op bytes served to one peer by sync per window (MiB); a peer past it is refused until "
+      "its budget refills."),
+    S("p2p", "sync_budget_seconds", 60, int, c.positive, "The window of sync_budget_mb (seconds)."),
+    S("mesh", "wireguard_port", 51820, int, c.port, "UDP port of this node's WireGuard interface."),
+    S("mesh", "overlay_cidr", "10.42.0.0/16", str, c.cidr,
+      "Address range of the overlay network; every node takes its overlay address from it."),
+    S("dns", "port", 5453, int, c.port,
+      "The node's DNS server (UDP and TCP) for instance names and vanity domains."),
+    S("vm", "enabled", "auto", str, c.choice("auto", "true", "false", bools=True),
+      'Workloads run in QEMU VMs. "auto": on when QEMU is installed and the node runs as root '
+      '(taps and a bridge need it); "true" makes a missing requirement an error at start; '
+      '"false" runs no VMs.'),
+    S("vm", "accel", "auto", str, c.choice("auto", "kvm", "tcg"),
+      '"auto" uses KVM only when /dev/kvm is hardware virtualisation (vmx/svm, not PVM), else TCG.'),
+    S("vm", "machine", "microvm", str, c.choice("microvm", "q35"),
+      '"microvm" (fast boot, virtio-mmio) or "q35" (PCI and ACPI; boots without a TSC hint).'),
+    S("vm", "bridge", "formbr0", str, c.ifname,
+      "The Linux bridge the VMs' taps join; the node holds the subnet's first address on it."),
+    S("vm", "subnet", "auto", str, c.auto_or(c.cidr),
+      'The VMs\' addresses on this node: a CIDR, or "auto" for a /24 chosen from the node\'s address.'),
+    S("vm", "cache_dir", "", str, c.empty_or(c.path),
+      'Where the guest kernel kit, the Debian base and the built images are kept; "" = '
+      "<data_dir>/cache. Nodes on one host may share it (everything in it is content-addressed)."),
+    S("vm", "build_timeout_seconds", 1800, int, c.positive,
+      "A build (all RUN and INSTALL steps in the build VM) taking longer fails."),
+    S("vm", "build_network", False, bool, c.boolean,
+      "Whether RUN steps may open outbound connections (pip install, curl ...), through QEMU's "
+      "user-mode NAT. Off: builds are sealed; packages come from INSTALL (fetched by the host)."),
+    S("vm", "context_limit_mb", 64, int, c.positive, "Largest build context accepted, unpacked (MiB)."),
+    S("store", "synchronous", "FULL", str, c.synchronous,
+      "SQLite `synchronous` mode of the op log: OFF, NORMAL, FULL or EXTRA. FULL fsyncs the log "
+      "at every commit, so an op the node has acknowledged survives a power loss; NORMAL is "
+      "faster but may lose the last commits on power loss (never on a crash of the process alone)."),
+    S("store", "pending_ops_per_source", 25_000, int, c.positive,
+      "Ops buffered for one peer while they wait for their dependencies (or for their time, when "
+      "dated ahead of this node's clock); past the bound they are dropped and fetched again by "
+      "sync, so a misbehaving peer cannot exhaust memory. All peers together hold at most "
+      "100,000 ops and 128 MiB; a waiting op expires after 10 minutes."),
+    S("store", "pending_bytes_per_source", 32 * 1024 * 1024, int, c.positive,
+      "The same bound in bytes (each op counted as its size + 1 KiB + 0.5 KiB per dep it waits for)."),
+)
+del S
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)  # strings, ints and empty arrays are spelled alike in TOML
+
+
+def _comment(text: str, width: int = 96) -> list[str]:
+    lines, line = [], "#"
+    for word in text.split():
+        if len(line) + 1 + len(word) > width and line != "#":
+            lines.append(line)
+            line = "#"
+        line += " " + word
+    return lines + [line]
+
+
+def render_toml() -> str:
+    """The commented formation.toml, every value at its default."""
+    out = [HEADER]
+    section = None
+    for s in SETTINGS:
+        if s.section != section:
+            section = s.section
+            out.append(f"\n[{section}]")
+            if section in SECTION_DOCS:
+                out += _comment(SECTION_DOCS[section])
+        out += _comment(s.doc)
+        if s.default is None:
+            out.append(f"# {s.key} = {s.example}")
+        else:
+            out.append(f"{s.key} = {_toml_value(s.default)}")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_toml(), end="")
