@@ -6,30 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-
-def kvm_usable(cpuinfo: str | None = None, modules: str | None = None) -> bool:
-    """Hardware KVM: /dev/kvm present, CPU has vmx/svm, and it is not PVM (notes/infra.md).
-
-    PVM's /dev/kvm (the kvm_pvm module) cannot run a stock kernel, so it counts as no KVM.
-    """
-    if not os.path.exists("/dev/kvm"):
-        return False
-    if cpuinfo is None:
-        cpuinfo = _read("/proc/cpuinfo")
-    if modules is None:
-        modules = _read("/proc/modules")
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"vmx", "svm"}) and "kvm_pvm" not in modules
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
+from formation.vm.accel import kvm_problem
 
 
 def detect(data_dir: Path) -> dict:
@@ -44,5 +21,7 @@ def detect(data_dir: Path) -> dict:
         "memory_mb": pages * page_size // (1024 * 1024),
         "disk_gb": disk_free // (1024**3),
         "gpus": 0,
-        "kvm": kvm_usable(),
+        # the same test the QEMU driver chooses its accelerator by: what the node advertises is
+        # what its VMs get
+        "kvm": kvm_problem() is None,
     }
