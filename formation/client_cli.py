@@ -54,6 +54,7 @@ from formation.argtypes import int_in
 from formation.client import ApiError, Client, sign_headers
 from formation.crdt.intents import MAX_BODY
 from formation.crdt.keys import PrivateKey, format_address, parse_address, to_checksum
+from formation.files import write_atomic
 from formation.node.keystore import PASSWORD_ENV, KeystoreError, create_keystore, load_keystore
 from formation.pack import context as pack_context
 from formation.pack.formfile import Formfile, FormfileError
@@ -461,12 +462,9 @@ def cmd_kit_init(args: argparse.Namespace) -> int:
 def write_config(path: Path, values: dict) -> None:
     lines = ["# form: the user side of Formation (see `form --help`)"]
     lines += [f"{k} = {json.dumps(str(v))}" for k, v in values.items()]  # JSON strings are TOML
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, "\n".join(lines) + "\n")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CliError(f"cannot write {path}: {exc.strerror or exc}", EXIT_REFUSED) from None
 
 

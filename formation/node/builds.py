@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from formation.files import write_atomic
 from formation.pack.builder import Builder, BuildFailure, Plan, find_image
 
 log = logging.getLogger("formation.builds")
@@ -82,7 +82,7 @@ class BuildService:
         (self.builds_dir / bid).mkdir(parents=True, exist_ok=True)
         if context_tar:
             # kept so that other nodes placed for an instance of it can build it too (p2p blobs)
-            _write_bytes(self.builds_dir / bid / CONTEXT_FILE, context_tar)
+            write_atomic(self.builds_dir / bid / CONTEXT_FILE, context_tar)
         _write(self._status_path(bid), status)
         if status["state"] == "done":
             shutil.rmtree(work, ignore_errors=True)
@@ -195,13 +195,5 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _write(path: Path, value: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value, indent=1))

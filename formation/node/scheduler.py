@@ -15,13 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import trio
 
+from formation.files import write_atomic
 from formation.pack.builder import find_image
 from formation.vm import network
 from formation.vm.driver import VmError
@@ -356,9 +356,8 @@ class Scheduler:
             self.replicas[rep.instance_id] = rep
 
     def _save(self, rep: Replica) -> None:
-        tmp = self.dir / f".{rep.instance_id}.json.tmp"
-        tmp.write_text(json.dumps({k: v for k, v in asdict(rep).items() if k not in TRANSIENT}))
-        os.replace(tmp, self.dir / f"{rep.instance_id}.json")
+        write_atomic(self.dir / f"{rep.instance_id}.json",
+                     json.dumps({k: v for k, v in asdict(rep).items() if k not in TRANSIENT}))
 
 
 def _build_error(status: dict) -> str:

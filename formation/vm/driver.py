@@ -31,6 +31,7 @@ from typing import Any
 
 import trio
 
+from formation.files import write_atomic
 from formation.vm import network
 from formation.vm.accel import choose_accel, tsc_khz
 from formation.vm.qmp import QmpClient, QmpError
@@ -244,9 +245,7 @@ class QemuDriver:
             await self._run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "raw",
                              "-b", str(spec.image.resolve()), str(tmp)], what="qemu-img create")
             tmp.rename(overlay)
-        tmp = vm_dir / "spec.json.tmp"
-        tmp.write_text(spec.to_json())
-        tmp.rename(spec_path)
+        write_atomic(spec_path, spec.to_json())
         return vm_dir
 
     def command(self, spec: VmSpec, *, daemonize: bool = True) -> list[str]:

@@ -1,0 +1,25 @@
+"""Writing a file so that readers (and a crash) see the old content or the new, never half."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_atomic(path: Path, data: bytes | str, *, fsync: bool = False) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it over `path`.
+
+    The temporary name carries the pid, so two processes writing one file do not mix their
+    halves; on failure it is removed. `fsync` also makes the content durable before the rename.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
