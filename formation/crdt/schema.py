@@ -258,12 +258,19 @@ def endpoint(v):
         raise ValueError(f"{v!r} is not host:port with a port in 1..65535")
     if host.startswith("[") and host.endswith("]"):
         ip_address(host[1:-1])
-    elif not _HOST_RX.fullmatch(host):
+    elif not is_host_name(host):
         raise ValueError(f"{host!r} is not an IPv4 address or DNS name")
     return v
 
 
-_HOST_RX = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*")
+
+
+def is_host_name(text: str) -> bool:
+    """A DNS name: labels of 1-63 letters, digits and inner hyphens, 253 characters in all, no
+    trailing dot. The one definition for records, endpoints, domains and the node's settings."""
+    return _HOST_NAME.fullmatch(text) is not None
 
 TAGS = list_of(text(32, min_len=1, pattern=r"[a-z0-9][a-z0-9._+-]*", what="a lowercase tag"), 32, unique=True)
 METADATA = map_of(text(64, min_len=1), text(1024), 64)

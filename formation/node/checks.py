@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from formation.crdt.schema import is_host_name
+
 
 class ConfigError(Exception):
     """A setting that cannot be used; the message names where it came from and the key."""
@@ -87,8 +89,8 @@ def optional_path(value: Any, origin: Origin) -> str | None:
     return None if value is None else path(value, origin)
 
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+def _host_name(text: str) -> bool:
+    return is_host_name(text[:-1] if text.endswith(".") else text)  # a fully qualified name too
 
 
 def host(value: Any, _origin: Origin) -> str:
@@ -96,7 +98,7 @@ def host(value: Any, _origin: Origin) -> str:
     try:
         ipaddress.ip_address(value)
     except ValueError:
-        if not _HOSTNAME.match(value):
+        if not _host_name(value):
             raise Bad(f"expected an IP address or host name, got {value!r}") from None
     return value
 
@@ -215,7 +217,7 @@ def parse_multiaddr(text: str) -> list[tuple[str, str]]:
             except ValueError:
                 raise ValueError(f"bad IPv6 address {val!r}") from None
         elif proto in ("dns", "dns4", "dns6"):
-            if not _HOSTNAME.match(val):
+            if not _host_name(val):
                 raise ValueError(f"bad host name {val!r}")
         elif proto == "tcp":
             if not val.isdigit() or not 1 <= int(val) <= 65535:

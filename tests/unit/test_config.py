@@ -231,3 +231,10 @@ def test_bad_override_names_the_flag():
 def test_unknown_override_key():
     with pytest.raises(ConfigError, match="api.prot"):
         load_config(None, {"api.prot": 1})
+
+
+def test_host_names_are_checked_by_the_one_definition():
+    assert load_config(None, {"api.host": "node.example.org."}).api.host == "node.example.org."
+    for bad in ("node.example.org\n", "-node.example.org", "a" * 64 + ".org"):
+        with pytest.raises(ConfigError, match="api.host"):
+            load_config(None, {"api.host": bad})

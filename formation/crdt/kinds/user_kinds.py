@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from ..schema import (
@@ -18,6 +17,7 @@ from ..schema import (
     field,
     integer,
     ip_address,
+    is_host_name,
     list_of,
     map_of,
     nested,
@@ -228,15 +228,11 @@ class AgentKind(OwnedKind):
 
 # ---- dns ------------------------------------------------------------------------------------
 
-_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
-_DOMAIN_RX = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
-
-
 def domain_name(v) -> str:
     if not isinstance(v, str):
         raise ValueError("must be a domain name string")
     d = v.lower().rstrip(".")
-    if not _DOMAIN_RX.fullmatch(d):
+    if not is_host_name(d):
         raise ValueError(f"{v!r} is not a valid domain name")
     return d
 
