@@ -63,6 +63,13 @@ def nesting_depth(data: bytes) -> int:
     return deepest
 
 
+def _unique_pairs(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise StrictError("a key appears twice in one object")
+    return out
+
+
 def _pairs(pairs: list) -> dict:
     out = {}
     for k, v in pairs:
@@ -95,8 +102,9 @@ def _float(text: str) -> float:
     return value
 
 
-def parse_json(data: bytes, *, max_depth: int = MAX_DEPTH):
-    """Parse JSON bytes strictly (see the module doc); raises StrictError."""
+def parse_json(data: bytes, *, max_depth: int = MAX_DEPTH, plain_text: bool = True):
+    """Parse JSON bytes strictly (see the module doc); raises StrictError. `plain_text=False`
+    skips the text policy (for payloads that are not records, e.g. a task for an agent)."""
     if nesting_depth(data) > max_depth:
         raise StrictError(f"JSON nested deeper than {max_depth} levels")
     try:
@@ -104,13 +112,14 @@ def parse_json(data: bytes, *, max_depth: int = MAX_DEPTH):
     except UnicodeDecodeError as exc:
         raise StrictError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constant,
-                           parse_int=_int, parse_float=_float)
+        value = json.loads(text, object_pairs_hook=_pairs if plain_text else _unique_pairs,
+                           parse_constant=_no_constant, parse_int=_int, parse_float=_float)
     except StrictError:
         raise
     except ValueError as exc:
         raise StrictError(f"not JSON ({exc})") from None
-    _check_strings(value)
+    if plain_text:
+        _check_strings(value)
     return value
 
 

@@ -23,6 +23,8 @@ from werkzeug.exceptions import HTTPException
 from formation.crdt.intents import MAX_BODY, write_routes
 from formation.crdt.kinds import get_kind
 from formation.crdt.op import OpError
+from formation.crdt.strict import MAX_DEPTH as MAX_JSON_DEPTH
+from formation.crdt.strict import StrictError, parse_json
 
 from ..placement import is_live, stale_after_ms
 from . import views
@@ -59,15 +61,21 @@ class Call:
         return self.signed.address if self.signed else None
 
     def json(self) -> dict:
-        if not self.body:
-            return {}
-        try:
-            value = json.loads(self.body)
-        except ValueError as exc:
-            raise ApiError(400, "bad_request", f"body is not JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ApiError(400, "bad_request", "body must be a JSON object")
-        return value
+        return json_body(self.body)
+
+
+def json_body(body: bytes, *, object_only: bool = True, max_depth: int = MAX_JSON_DEPTH,
+              plain_text: bool = True) -> Any:
+    """A request body parsed by the one strict JSON parser (crdt/strict.py), or 400 saying why."""
+    if not body:
+        return {}
+    try:
+        value = parse_json(body, max_depth=max_depth, plain_text=plain_text)
+    except StrictError as exc:
+        raise ApiError(400, "bad_request", f"body: {exc}") from None
+    if object_only and not isinstance(value, dict):
+        raise ApiError(400, "bad_request", "body must be a JSON object")
+    return value
 
 
 Handler = Callable[[Call], Awaitable[tuple[Any, int]]]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from formation.node.builds import BuildRefused
 from formation.pack import context as pack_context
 
 from . import views
-from .app import ApiError, Call, Endpoint, _int_arg, _visible_or_404, replica_statuses
+from .app import ApiError, Call, Endpoint, _int_arg, _visible_or_404, json_body, replica_statuses
 from .schemas import ERROR_SCHEMA
 
 log = logging.getLogger("formation.api")
@@ -43,6 +42,7 @@ LOG_CHUNK = 1024 * 1024  # bytes of a build log per answer
 DEFAULT_TAIL = 64 * 1024  # bytes of a console per answer, unless ?tail= says otherwise
 MAX_TAIL = 8 * 1024 * 1024
 HIRE_TIMEOUT = 300.0  # seconds for the agent's whole answer
+HIRE_MAX_DEPTH = 64  # nesting of a hire payload (parsed without recursion limits of its own)
 HIRE_CONNECT_TIMEOUT = 10.0
 TERMINAL = frozenset({"done", "failed"})
 
@@ -90,12 +90,7 @@ def _mib(n: int) -> str:
 
 def _decode_build_body(body: bytes, limit: int) -> tuple[str, bytes | None]:
     """(formfile text, context tar.gz or None) from the JSON body; ApiError when wrong."""
-    try:
-        doc = json.loads(body) if body else {}
-    except ValueError as exc:
-        raise ApiError(400, "bad_request", f"body is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ApiError(400, "bad_request", "body must be a JSON object")
+    doc = json_body(body)
     unknown = sorted(set(doc) - set(BUILD_SCHEMA["properties"]))
     if unknown:
         raise ApiError(400, "bad_field", f"unknown field {unknown[0]!r} (known: formfile, context)")
@@ -305,11 +300,8 @@ async def agent_hire(call: Call):
     if not agent.get("build_id"):
         raise ApiError(409, "no_build", f"agent {aid} has no build_id: its owner sets it to the build "
                                         "its instances run (PUT /agents/{id} with build_id)")
-    if call.body:
-        try:
-            json.loads(call.body)
-        except ValueError as exc:
-            raise ApiError(400, "bad_request", f"body is not JSON: {exc}") from None
+    # any JSON the agent takes (not a record: no text policy), but parsed safely
+    json_body(call.body, object_only=False, max_depth=HIRE_MAX_DEPTH, plain_text=False)
     targets = await _targets(call, agent)
     deadline = trio.current_time() + HIRE_TIMEOUT
     client = httpx.AsyncClient(timeout=httpx.Timeout(HIRE_TIMEOUT, connect=HIRE_CONNECT_TIMEOUT))
