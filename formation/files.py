@@ -23,3 +23,14 @@ def write_atomic(path: Path, data: bytes | str, *, fsync: bool = False) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_tail(path: Path, max_bytes: int | None = None) -> str:
+    """The last `max_bytes` of a (log) file as text, reading only those; "" if it is missing."""
+    try:
+        with open(path, "rb") as f:
+            if max_bytes is not None:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""

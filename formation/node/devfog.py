@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from formation.files import read_tail
+
 from .config import KEYSTORE_FILE
 from .control import ControlClient
 from .keystore import PASSWORD_ENV, create_keystore, load_keystore
@@ -402,10 +404,10 @@ class DevFog:
 
     def log_tail(self, i: int, chars: int = 3000) -> str:
         try:
-            text = self.nodes[i].log_path.read_text(errors="replace")
+            text = read_tail(self.nodes[i].log_path, chars)
         except OSError:
             return ""
-        return f"\n---- {self.nodes[i].log_path} (tail) ----\n{text[-chars:]}"
+        return f"\n---- {self.nodes[i].log_path} (tail) ----\n{text}"
 
     def table(self) -> list[dict[str, Any]]:
         return [{"node": n.index, "address": n.address, "peer_id": n.peer_id,

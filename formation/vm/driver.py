@@ -31,7 +31,7 @@ from typing import Any
 
 import trio
 
-from formation.files import write_atomic
+from formation.files import read_tail, write_atomic
 from formation.vm import network
 from formation.vm.accel import choose_accel, tsc_khz
 from formation.vm.qmp import QmpClient, QmpError
@@ -461,14 +461,7 @@ class QemuDriver:
                          uptime_s=max(0.0, host_uptime - int(stat[19]) / tick))
 
     def console_log(self, vm_id: str, tail_bytes: int | None = None) -> str:
-        path = self.vm_dir(vm_id) / "console.log"
-        try:
-            with open(path, "rb") as f:
-                if tail_bytes is not None:
-                    f.seek(max(0, path.stat().st_size - tail_bytes))
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_tail(self.vm_dir(vm_id) / "console.log", tail_bytes)
 
     async def wait_console(self, vm_id: str, marker: str, timeout: float) -> float:
         """Wait for `marker` on the console; the seconds from launch to when it was seen.
@@ -489,7 +482,7 @@ class QemuDriver:
                         if needle in carry + chunk:
                             return time.time() - launched_at
                         raise VmError(f"VM {vm_id} ended before {marker!r} appeared: "
-                                      f"{self.console_log(vm_id, 2000)[-2000:]}")
+                                      f"{self.console_log(vm_id, 2000)}")
                     await trio.sleep(POLL)
         except trio.TooSlowError:
             raise VmError(f"VM {vm_id}: {marker!r} not on the console after {timeout} s") from None
