@@ -60,6 +60,7 @@ class NodeRuntime:
         self.changes: Changes | None = None
         self.api_urls: list[str] = []
         self.started_at = now_ms()
+        self.heartbeat_error: str | None = None
 
     @property
     def peer_id(self) -> str:
@@ -165,18 +166,45 @@ class NodeRuntime:
             "multiaddrs": self.announce_addrs(),
             "capacity": {**capacity.detect(self.config.data_dir), "vms": self.runs_vms},
             "version": VERSION,
+            "api_url": self.public_api_url(),
             "started_at": self.started_at,
             "heartbeat": now_ms(),
         }
+
+    def public_api_url(self) -> str | None:
+        """Where other hosts reach this node's API; None while it listens on loopback only."""
+        host, port = self.config.api.host, self.config.api.port
+        if host in ("0.0.0.0", "::"):
+            reachable = [ip for ip in _local_ipv4s() if not ip.startswith("127.")]
+            if not reachable:
+                return None
+            host = reachable[0]
+        elif host == "localhost" or host.startswith("127.") or host == "::1":
+            return None
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def health_problems(self, connected: int, pending: int) -> list[str]:
+        """What keeps this node from doing its part in the fog (an empty list: healthy)."""
+        problems = []
+        if self.config.p2p.bootstrap and connected == 0:
+            problems.append("connected to no peer (bootstrap peers unreachable?)")
+        if self.heartbeat_error:
+            problems.append(f"the heartbeat failed: {self.heartbeat_error}")
+        limit = self.store.limits.pending_ops
+        if pending > limit // 2:
+            problems.append(f"{pending} ops wait for their dependencies ({100 * pending // limit}% of the bound)")
+        return problems
 
     async def _heartbeat(self) -> None:
         while True:
             await trio.sleep(self.config.node.heartbeat_seconds)
             try:
                 # ops that came dated ahead of our clock (held, not refused) are due by now
-                await self.astore.run(self.store.tick, now_ms())
+                await self.astore.tick(now_ms())
                 await self.register()
+                self.heartbeat_error = None
             except Exception as exc:  # noqa: BLE001 - a missed heartbeat is logged, not fatal
+                self.heartbeat_error = str(exc) or type(exc).__name__
                 log.warning("heartbeat failed: %s", exc)
 
     # ---- reads ---------------------------------------------------------------------------

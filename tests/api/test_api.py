@@ -11,7 +11,7 @@ import trio
 
 from formation.client import ApiError, AsyncClient, sign_headers
 from formation.crdt.keys import PrivateKey
-from tests.api.conftest import running_node
+from tests.api.conftest import free_port, running_node
 
 EIP191_TEST_KEY = "0x4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318"
 
@@ -210,3 +210,15 @@ async def test_odd_headers_are_401_not_500_and_signed_searches_repeat(node):
     for _ in range(2):  # same second, same body: a read, not a replayed write
         assert (await c.post("/v1/models/search", {"text": "x"}))["count"] == 0
     assert (await c.get("/v1/models", query={"type": None}))["count"] == 0
+
+
+async def test_health_says_what_is_wrong(tmp_path):
+    nobody = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/16Uiu2HAmBZpDp8E4NJ1xAs6SxTXVVH6rtHsmtGpDsyfRWJ9BFuAm"
+    async with running_node(tmp_path / "lonely", bootstrap=[nobody]) as rt:
+        async with httpx.AsyncClient(base_url=rt.base_url) as http:
+            doc = (await http.get("/health")).json()
+        assert doc["status"] == "degraded" and "connected to no peer" in doc["problems"][0]
+        rt.heartbeat_error = "disk full"
+        assert any("disk full" in p for p in rt.health_problems(connected=1, pending=0))
+        assert rt.health_problems(connected=1, pending=rt.store.limits.pending_ops) != []
+        assert rt.public_api_url() is None  # the API listens on loopback: nobody else can use it

@@ -110,9 +110,10 @@ async def _get(call: Call, kind: str, key: str):
 
 async def health(call: Call):
     st = await call.runtime.status()
-    return {"status": "healthy", "version": st["version"], "address": st["address"],
-            "peer_id": st["peer_id"], "ops": st["ops"], "peers": len(st["connected"]),
-            "vms": st["vms"]}, 200
+    problems = call.runtime.health_problems(len(st["connected"]), st["pending"])
+    return {"status": "degraded" if problems else "healthy", "problems": problems,
+            "version": st["version"], "address": st["address"], "peer_id": st["peer_id"], "ops": st["ops"],
+            "peers": len(st["connected"]), "vms": st["vms"]}, 200
 
 
 def make_write(kind: str, action: str) -> Handler:
