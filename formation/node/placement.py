@@ -71,3 +71,27 @@ def place_all(instances: Iterable[dict], nodes: Iterable[dict], *, now_ms: int,
             left[n["address"]][1] -= gpus
         out[inst["instance_id"]] = [n["address"] for n in ranked]
     return out
+
+
+def shortfall(instance: dict, placed: list[str], nodes: Iterable[dict], *, now_ms: int,
+              stale_ms: int = DEFAULT_STALE_MS) -> str | None:
+    """Why `instance` got fewer replicas than it asks for (None when it got them all): what no
+    live node offers, or that the nodes that could are full."""
+    wanted = instance.get("replicas", 1)
+    if len(placed) >= wanted:
+        return None
+    live = [n for n in nodes if is_live(n, now_ms, stale_ms)]
+    res = instance.get("resources") or {}
+    gpus = (res.get("gpu") or {}).get("count", 0)
+    needs = [("runs VMs", lambda c: c.get("vms", True) is not False),
+             (f"{res.get('vcpus', 1)} vCPUs", lambda c: c.get("vcpus", 0) >= res.get("vcpus", 1)),
+             (f"{res.get('memory_mb', 0)} MB of memory", lambda c: c.get("memory_mb", 0) >= res.get("memory_mb", 0)),
+             (f"{res.get('disk_gb', 0)} GB of disk", lambda c: c.get("disk_gb", 0) >= res.get("disk_gb", 0)),
+             (f"{gpus} GPUs", lambda c: c.get("gpus", 0) >= gpus)]
+    got = f"{len(placed)} of {wanted} replicas placed"
+    if not live:
+        return f"{got}: no live node in the fog"
+    for what, ok in needs:
+        if not any(ok(n.get("capacity") or {}) for n in live):
+            return f"{got}: no live node {what if what == 'runs VMs' else 'has ' + what}"
+    return f"{got}: the nodes that fit are full or too few ({len(live)} live)"

@@ -102,7 +102,10 @@ async def test_other_users_cannot_touch_your_things(node):
     # a manager may configure, not delete; an unknown field names itself
     await a.post(f"/v1/instance/{iid}/authorize", {"address": "0x" + key(13).address.hex(), "level": "manager"})
     assert (await mgr.post(f"/v1/instance/{iid}/update", {"replicas": 3}))["kind"] == "instance"
-    assert (await mgr.get(f"/v1/instance/{iid}/get"))["replicas"] == 3
+    got = await mgr.get(f"/v1/instance/{iid}/get")
+    assert got["replicas"] == 3
+    # this node runs no VMs, and it is the whole fog: the answer says so instead of "pending"
+    assert got["placement"] == {"nodes": [], "problem": "0 of 3 replicas placed: no live node runs VMs"}
     with pytest.raises(ApiError) as e:
         await mgr.post(f"/v1/instance/{iid}/delete")
     assert e.value.status == 403

@@ -2,7 +2,7 @@
 
 import random
 
-from formation.node.placement import place, place_all
+from formation.node.placement import place, place_all, shortfall
 
 NOW = 10_000_000
 
@@ -74,3 +74,20 @@ def test_nodes_that_run_no_vms_get_no_replicas():
     nodes[1]["capacity"]["vms"] = False
     nodes[2]["capacity"]["vms"] = True
     assert set(place(inst(1, replicas=3), nodes, now_ms=NOW)) == {nodes[0]["address"], nodes[2]["address"]}
+
+
+def test_shortfall_says_why_an_instance_is_not_placed():
+    nodes = [node(0), node(1, gpus=1)]
+    gpu4 = inst(1, replicas=1, gpu={"count": 4})
+    assert shortfall(gpu4, place(gpu4, nodes, now_ms=NOW), nodes, now_ms=NOW) == \
+        "0 of 1 replicas placed: no live node has 4 GPUs"
+    big = inst(2, replicas=1, memory_mb=10**6)
+    assert "no live node has 1000000 MB of memory" in shortfall(big, [], nodes, now_ms=NOW)
+    three = inst(3, replicas=3)
+    assert shortfall(three, place(three, nodes, now_ms=NOW), nodes, now_ms=NOW) == \
+        "2 of 3 replicas placed: the nodes that fit are full or too few (2 live)"
+    ok = inst(4, replicas=2)
+    assert shortfall(ok, place(ok, nodes, now_ms=NOW), nodes, now_ms=NOW) is None
+    assert "no live node in the fog" in shortfall(ok, [], [node(0, beat=0)], now_ms=NOW)
+    no_vms = [{**node(0), "capacity": {**node(0)["capacity"], "vms": False}}]
+    assert shortfall(ok, [], no_vms, now_ms=NOW).endswith("no live node runs VMs")

@@ -26,7 +26,7 @@ from formation.crdt.op import OpError
 from formation.crdt.strict import MAX_DEPTH as MAX_JSON_DEPTH
 from formation.crdt.strict import StrictError, parse_json
 
-from ..placement import is_live, stale_after_ms
+from ..placement import is_live, place_all, shortfall, stale_after_ms
 from . import views
 from .auth import AuthError, ReplayGuard, Signed, has_signature, verify
 from .schemas import ERROR_SCHEMA, SEARCH_SCHEMA, record_schema, write_body_schema
@@ -195,7 +195,17 @@ async def _with_replicas(call: Call, inst: dict) -> dict:
 
 async def instance_get(call: Call):
     inst = await _visible_or_404(call, "instance", call.params["id"])
-    return await _with_replicas(call, inst), 200
+    return {**await _with_replicas(call, inst), "placement": await _placement(call, inst)}, 200
+
+
+async def _placement(call: Call, inst: dict) -> dict:
+    """Where the fog places the instance now, and why it cannot place all of it (e.g. no node
+    has the GPUs it asks for) instead of leaving it pending in silence."""
+    instances = await call.runtime.astore.list("instance", limit=1_000_000)
+    nodes = await call.runtime.astore.list("node", limit=1_000_000)
+    now, stale = int(time.time() * 1000), stale_after_ms(call.runtime.config.node.heartbeat_seconds)
+    placed = place_all(instances, nodes, now_ms=now, stale_ms=stale).get(inst["instance_id"], [])
+    return {"nodes": placed, "problem": shortfall(inst, placed, nodes, now_ms=now, stale_ms=stale)}
 
 
 async def instance_by_build(call: Call):
