@@ -1,7 +1,7 @@
 """The running node: one trio nursery owning p2p, the heartbeat and the local control socket.
 
-`NodeRuntime` is also the local interface the HTTP API (next issue) builds on: submit a user's
-signed request, write the node's own facts, read state, watch commits.
+`NodeRuntime` is also the local interface the HTTP API (node/api/) builds on: submit a user's
+signed request, write the node's own facts, read state, watch commits, report health.
 """
 
 from __future__ import annotations
