@@ -69,7 +69,6 @@ class Scheduler:
         self.driver = vms.driver
         self.dir = runtime.config.data_dir / "instances"
         self.replicas: dict[str, Replica] = {}
-        self._wake = trio.Event()
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -77,25 +76,17 @@ class Scheduler:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._load()
         await self._remove_orphan_taps()
-        self._token = trio.lowlevel.current_trio_token()
-        self.runtime.store.on_commit.append(self._on_commit)
-        try:
-            task_status.started()
-            while True:
-                self._wake = trio.Event()
-                try:
-                    await self.reconcile()
-                except Exception:  # noqa: BLE001 - one bad pass must not end scheduling
-                    log.exception("reconcile pass failed")
-                await trio.sleep(MIN_PASS_GAP)  # a burst of commits makes one pass, not many
-                with trio.move_on_after(PASS_INTERVAL):
-                    await self._wake.wait()
-        finally:
-            self.runtime.store.on_commit.remove(self._on_commit)
-
-    def _on_commit(self, _last_seq: int) -> None:
-        # the store calls this from its worker thread
-        self._token.run_sync_soon(self._wake.set)
+        changes = self.runtime.changes  # the node's one commit notification (API /events, watch)
+        task_status.started()
+        while True:
+            seen = changes.last_seq  # a commit during the pass makes the next pass start at once
+            try:
+                await self.reconcile()
+            except Exception:  # noqa: BLE001 - one bad pass must not end scheduling
+                log.exception("reconcile pass failed")
+            await trio.sleep(MIN_PASS_GAP)  # a burst of commits makes one pass, not many
+            with trio.move_on_after(PASS_INTERVAL):
+                await changes.wait_past(seen)
 
     async def reconcile(self) -> None:
         instances = await self.runtime.astore.list("instance", limit=1_000_000)
