@@ -1,0 +1,25 @@
+"""The dialer's back-off, on trio's virtual clock: no real waiting, the schedule itself checked."""
+
+from __future__ import annotations
+
+import trio
+
+from formation.crdt.async_store import AsyncStore
+from formation.crdt.keys import PrivateKey
+from formation.crdt.store import Store
+from formation.p2p.service import P2PService, P2PSettings, peer_id_of
+from tests.p2p.test_node_runtime import free_port
+
+
+async def test_redial_backs_off_doubling_up_to_the_cap(autojump_clock):
+    svc = P2PService(PrivateKey(b"\x51" * 32), AsyncStore(Store()),
+                     P2PSettings(redial_min=0.5, redial_max=4.0, dial_timeout=10.0))
+    gone = peer_id_of(PrivateKey(b"\x52" * 32))
+    addr = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{gone}"  # nobody listens there
+    backoffs, waits = [], []
+    for _ in range(6):
+        await svc._dial(gone, [addr])
+        backoffs.append(svc._backoff[gone])
+        waits.append(svc._next_dial[gone] - trio.current_time())
+    assert backoffs == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert waits == backoffs  # the next try is due exactly one back-off from the failure
