@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import printer, workdir  # noqa: E402
 from formation.crdt.intents import canonical_message  # noqa: E402
 from formation.crdt.keys import PrivateKey  # noqa: E402
+from formation.devfog import DevFog, DevFogError  # noqa: E402
 from formation.node.control import ControlClient  # noqa: E402
-from formation.node.devfog import DevFog, DevFogError  # noqa: E402
 
 TS0 = 1_760_000_000
 

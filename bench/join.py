@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import printer, workdir  # noqa: E402
 from bench.gossip import machine_busy  # noqa: E402
 from bench.ingest import add_workload_args, ingest_all, make_wires  # noqa: E402
-from formation.node.devfog import DevFog, DevFogError  # noqa: E402
+from formation.devfog import DevFog, DevFogError  # noqa: E402
 
 
 def _mb(kb: int | None) -> float | None:

@@ -60,8 +60,9 @@ from formation.pack import context as pack_context  # noqa: E402
 from formation.pack.builder import Builder, BuildFailure, find_image  # noqa: E402
 from formation.pack.formfile import parse as parse_formfile  # noqa: E402
 from formation.vm.accel import choose_accel  # noqa: E402
-from formation.vm.driver import QEMU, QemuDriver, VmError, VmSpec  # noqa: E402
+from formation.vm.driver import QEMU, QemuDriver  # noqa: E402
 from formation.vm.kit import BootKit, ensure_kit  # noqa: E402
+from formation.vm.spec import VmError, VmSpec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "hello-agent"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from formation.node.control import ControlClient
-from tests.vm_support import CACHE, boot_kit, ip, netns
+from tests.vm_support import CACHE, boot_kit, debian_base, ip, netns
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +78,7 @@ class NodeInNetns:
 @pytest.fixture
 def node(tmp_path):
     boot_kit()  # made (or found) outside the namespace, which has no route to the mirror
+    debian_base()
     with netns() as ns:
         host_if = f"fmv{secrets.token_hex(3)}"
         ip("link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)

@@ -32,6 +32,14 @@ def boot_kit() -> BootKit:
     return _kit
 
 
+def debian_base() -> None:
+    """The Debian base every image build starts from, made (or found) in the shared cache: a node
+    in a network namespace has no route to the mirror, so its builds need it made beforehand."""
+    from formation.pack.base import ensure_base
+
+    ensure_base(CACHE / "base")
+
+
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
@@ -71,7 +79,7 @@ def http_get(ns: str, url: str, timeout: float = 3.0) -> str | None:
 
 def build_machine(driver, kit: BootKit):
     """A BuildMachine over the real driver, as the node makes it (formation/node/vmhost.py)."""
-    from formation.vm.driver import VmSpec
+    from formation.vm.spec import VmSpec
 
     async def machine(image, *, vcpus, memory_mb, timeout, on_line, network=False):
         vm_id = f"build-{secrets.token_hex(4)}"

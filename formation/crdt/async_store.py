@@ -41,6 +41,15 @@ class AsyncStore:
     async def record_version(self, kind: str, key: str) -> str | None:
         return await self.run(self.store.record_version, kind, key)
 
+    async def get_versioned(self, kind: str, key: str) -> dict | None:
+        """The record with its `record_version`, read together (no write between the two)."""
+
+        def read(store: Store) -> dict | None:
+            value = store.get(kind, key)
+            return None if value is None else {**value, "record_version": store.record_version(kind, key)}
+
+        return await self.run(read, self.store)
+
     async def list(self, kind: str, **filters: Any) -> list[dict]:
         return await self.run(self.store.list, kind, **filters)
 

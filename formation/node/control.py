@@ -24,11 +24,13 @@ import trio
 
 from formation.crdt.op import OpError
 
+from .ports import ControlNode
+
 log = logging.getLogger("formation.node.control")
 MAX_LINE = 1024 * 1024
 
 
-async def serve_control(node, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_control(node: ControlNode, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     path = Path(path)
     if path.exists():
         path.unlink()  # left by a node that was killed; we hold the data dir now
@@ -45,7 +47,7 @@ async def serve_control(node, path: Path, *, task_status=trio.TASK_STATUS_IGNORE
         path.unlink(missing_ok=True)
 
 
-async def _serve(node, stream: trio.SocketStream) -> None:
+async def _serve(node: ControlNode, stream: trio.SocketStream) -> None:
     buf = b""
     async with stream:
         try:
@@ -74,7 +76,7 @@ async def _serve(node, stream: trio.SocketStream) -> None:
             return
 
 
-async def _handle(node, req: dict) -> dict:
+async def _handle(node: ControlNode, req: dict) -> dict:
     cmd = req.get("cmd")
     try:
         if cmd == "status":
@@ -104,7 +106,7 @@ async def _handle(node, req: dict) -> dict:
     return _error("bad_request", f"unknown cmd {cmd!r}")
 
 
-async def _watch(node, stream, req: dict) -> None:
+async def _watch(node: ControlNode, stream, req: dict) -> None:
     seq = int(req.get("since", 0))
     await _send(stream, {"ok": True})
     while True:

@@ -1,7 +1,10 @@
-"""The running node: one trio nursery owning p2p, the heartbeat and the local control socket.
+"""The running node, and the composition root: `open_node` does the construction's IO (probe the
+machine for VMs, make the libp2p host) and hands the parts to `NodeRuntime`, whose constructor
+only keeps them. `run` owns one trio nursery: p2p, the heartbeat, the control socket, the HTTP
+API and the VM side (vmside.py: off, starting, on).
 
-`NodeRuntime` is also the local interface the HTTP API (node/api/) builds on: submit a user's
-signed request, write the node's own facts, read state, watch commits, report health.
+The HTTP API, the control socket and the scheduler are handed the runtime typed by the small
+Protocols of ports.py: the part of it each one uses.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from formation.p2p.service import P2PService, P2PSettings
 from . import capacity
 from .config import Config
 from .events import Changes
+from .vmhost import VmHost, VmUnavailable
+from .vmside import VmSide, VmsOff, VmsOn, VmsStarting, runs_vms, vm_status
 
 log = logging.getLogger("formation.node")
 VERSION = "0.1.0"
@@ -30,34 +35,35 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def open_node(config: Config, key: PrivateKey, store: Store) -> NodeRuntime:
+    """The node's parts, made: the one place construction does IO."""
+    astore = AsyncStore(store)
+    p2p = P2PService(key, astore, P2PSettings(
+        listen=[config.p2p.listen],
+        bootstrap=list(config.p2p.bootstrap),
+        sync_interval=float(config.p2p.sync_interval_seconds),
+        sync_max_sessions_per_peer=config.p2p.sync_sessions_per_peer,
+        sync_max_sessions=config.p2p.sync_sessions,
+        sync_budget_bytes=config.p2p.sync_budget_mb * 1024 * 1024,
+        sync_budget_seconds=float(config.p2p.sync_budget_seconds),
+    ))
+    host, reason = VmHost.check(config, format_address(key.address))
+    vms: VmSide = VmsStarting(host) if host is not None else VmsOff(reason)
+    return NodeRuntime(config, key, store, astore, p2p, vms)
+
+
 class NodeRuntime:
-    def __init__(self, config: Config, key: PrivateKey, store: Store):
+    def __init__(self, config: Config, key: PrivateKey, store: Store, astore: AsyncStore,
+                 p2p: P2PService, vms: VmSide):
         self.config = config
         self.key = key
         self.address = format_address(key.address)
         self.store = store
-        self.astore = AsyncStore(store)
-        self.p2p = P2PService(key, self.astore, P2PSettings(
-            listen=[config.p2p.listen],
-            bootstrap=list(config.p2p.bootstrap),
-            sync_interval=float(config.p2p.sync_interval_seconds),
-            sync_max_sessions_per_peer=config.p2p.sync_sessions_per_peer,
-            sync_max_sessions=config.p2p.sync_sessions,
-            sync_budget_bytes=config.p2p.sync_budget_mb * 1024 * 1024,
-            sync_budget_seconds=float(config.p2p.sync_budget_seconds),
-        ))
-        from .vmhost import VmHost
-
-        # VMs: None until the host is set up (kit fetched, bridge up), or for good if this node
-        # cannot run them; vm_disabled_reason says which, for the API and `form node status`
-        self.vm_host, self.vm_disabled_reason = VmHost.check(config, self.address)
-        # advertised in the node record: placement puts replicas only on nodes that run VMs
-        self.runs_vms = self.vm_host is not None
-        if self.vm_host is not None:
-            self.vm_disabled_reason = "VMs are starting (guest kernel kit, bridge)"
-        self.builds = None
-        self.scheduler = None
-        self.changes: Changes | None = None
+        self.astore = astore
+        self.p2p = p2p
+        self.vms = vms
+        # the node's one commit notification: the API's /events, the control watch, the scheduler
+        self.changes = Changes()
         self.api_urls: list[str] = []
         self.started_at = now_ms()
         self.heartbeat_error: str | None = None
@@ -69,7 +75,6 @@ class NodeRuntime:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         from .control import serve_control
 
-        self.changes = Changes()
         self.store.on_commit.append(self.changes.on_commit)
         try:
             async with trio.open_nursery() as nursery:
@@ -78,8 +83,8 @@ class NodeRuntime:
                 nursery.start_soon(self._heartbeat)
                 await nursery.start(serve_control, self, self.config.data_dir / "control.sock")
                 self.api_urls = await nursery.start(self._serve_api)
-                if self.vm_host is not None:
-                    nursery.start_soon(self._run_vms)
+                if isinstance(self.vms, VmsStarting):
+                    nursery.start_soon(self._run_vms, self.vms.host)
                 log.info("node %s up: peer %s, listening on %s", to_checksum(self.key.address),
                          self.peer_id, ", ".join(self.p2p.addrs()))
                 task_status.started(self)
@@ -99,21 +104,19 @@ class NodeRuntime:
         cfg.errorlog = logging.getLogger("formation.api")
         await serve(create_app(self), cfg, shutdown_trigger=trio.sleep_forever, task_status=task_status)
 
-    async def _run_vms(self) -> None:
+    async def _run_vms(self, host: VmHost) -> None:
         from .builds import BuildService
         from .scheduler import Scheduler
-        from .vmhost import VmUnavailable
 
         try:
-            await self.vm_host.setup()
+            await host.setup()
         except (VmUnavailable, OSError) as exc:
-            self.vm_disabled_reason = f"VMs are off: {exc}"
-            log.error("%s", self.vm_disabled_reason)
-            self.runs_vms = False
+            self.vms = VmsOff(f"VMs are off: {exc}")
+            log.error("%s", self.vms.reason)
             await self.register()
             return
-        builds = BuildService(self.config.data_dir, self.vm_host.builder())
-        scheduler = Scheduler(self, self.vm_host, builds)
+        builds = BuildService(self.config.data_dir, host.builder())
+        scheduler = Scheduler(self, host, builds)
 
         async def provide(name: str) -> bytes | None:
             # build contexts, for nodes placed for an instance whose context was uploaded here
@@ -124,8 +127,7 @@ class NodeRuntime:
         async with trio.open_nursery() as nursery:
             await nursery.start(builds.run)
             await nursery.start(scheduler.run)
-            self.builds, self.scheduler = builds, scheduler
-            self.vm_disabled_reason = ""
+            self.vms = VmsOn(host, builds, scheduler)
 
     # ---- writes --------------------------------------------------------------------------
 
@@ -164,7 +166,7 @@ class NodeRuntime:
         return {
             "address": self.address,
             "multiaddrs": self.announce_addrs(),
-            "capacity": {**capacity.detect(self.config.data_dir), "vms": self.runs_vms},
+            "capacity": {**capacity.detect(self.config.data_dir), "vms": runs_vms(self.vms)},
             "version": VERSION,
             "api_url": self.public_api_url(),
             "started_at": self.started_at,
@@ -224,16 +226,8 @@ class NodeRuntime:
             "connected": self.p2p.connected(),
             **state,
             "p2p": asdict(self.p2p.stats),
-            "vms": self.vm_status(),
+            "vms": vm_status(self.vms),
         }
-
-    def vm_status(self) -> dict:
-        if self.vm_host is None or self.scheduler is None:
-            return {"enabled": False, "reason": self.vm_disabled_reason}
-        h = self.vm_host
-        return {"enabled": True, "reason": "", "accel": h.driver.accel, "machine": h.machine,
-                "bridge": h.bridge, "subnet": str(h.subnet), "replicas": len(self.scheduler.replicas),
-                "kernel": h.kit.kernel_version if h.kit else None}
 
 
 def _local_ipv4s() -> list[str]:

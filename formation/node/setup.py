@@ -15,8 +15,8 @@ import trio
 
 from formation.crdt.keys import PrivateKey, to_checksum
 from formation.crdt.store import Limits, LogFormatError, Store
+from formation.keystore import create_keystore, load_keystore, resolve_password
 from formation.node.config import Config
-from formation.node.keystore import create_keystore, load_keystore, resolve_password
 
 log = logging.getLogger("formation.node")
 
@@ -113,11 +113,11 @@ def run_node(config: Config, *, interactive: bool = True, once: bool = False,
 
 
 async def _serve_until_signal(config: Config, key: PrivateKey, store: Store) -> None:
-    from .runtime import NodeRuntime
+    from .runtime import open_node
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            runtime = NodeRuntime(config, key, store)
+            runtime = open_node(config, key, store)
             await nursery.start(runtime.run)
             async for signum in signals:
                 log.info("received %s: shutting down", signal.Signals(signum).name)

@@ -20,8 +20,10 @@ import trio
 
 from formation.pack.builder import Builder
 from formation.vm import network
-from formation.vm.driver import QemuDriver, VmSpec
+from formation.vm.backend import VmBackend
+from formation.vm.driver import QemuDriver
 from formation.vm.kit import BootKit, KitError, ensure_kit
+from formation.vm.spec import VmSpec
 
 from .config import Config
 
@@ -60,7 +62,7 @@ class VmHost:
         self.gateway = next(self.subnet.hosts())
         self.bridge = vm.bridge
         self.machine = vm.machine
-        self.driver = QemuDriver(self.data_dir / "vms", None if vm.accel == "auto" else vm.accel)
+        self.driver: VmBackend = QemuDriver(self.data_dir / "vms", None if vm.accel == "auto" else vm.accel)
         self.kit: BootKit | None = None
 
     @classmethod
@@ -91,6 +93,11 @@ class VmHost:
         self.images_dir.mkdir(parents=True, exist_ok=True)
         log.info("VMs on: accel %s, %s, bridge %s %s/%d, kernel %s", self.driver.accel, self.machine,
                  self.bridge, self.gateway, self.subnet.prefixlen, self.kit.kernel_version)
+
+    def describe(self) -> dict:
+        """What `form node status` and /health say of the VM side."""
+        return {"accel": self.driver.accel, "machine": self.machine, "bridge": self.bridge,
+                "subnet": str(self.subnet), "kernel": self.kit.kernel_version if self.kit else None}
 
     def builder(self) -> Builder:
         vm = self.config.vm

@@ -29,7 +29,15 @@ log = logging.getLogger("formation.p2p")
 BAN_STRIKES = 3  # invalid gossip batches or sync sessions with invalid ops before a peer is cut off
 
 
+_fixed = False
+
+
 def _libp2p_fixes() -> None:
+    """py-libp2p's module-level defaults that lose messages, changed once per process."""
+    global _fixed
+    if _fixed:
+        return
+    _fixed = True
     import libp2p.pubsub.pubsub as pubsub_mod
     import libp2p.pubsub.rpc_queue as rpc_queue
 

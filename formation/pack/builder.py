@@ -28,6 +28,7 @@ from typing import Protocol
 
 import trio
 
+from formation import guest
 from formation.debian import AptError, AptTree
 from formation.pack import context as ctx
 from formation.pack.base import Base, BaseError, ensure_base, recipe_id
@@ -219,25 +220,21 @@ class Builder:
 
         def on_line(line: str) -> None:
             line = line.rstrip("\r\n")
-            if line.startswith("FORMATION-STEP "):
-                words = line.split()
-                n = int(words[1]) if len(words) > 2 and words[1].isdecimal() else -1
-                if 0 <= n < len(steps) and words[2] == "begin":
+            marker = guest.read_build_line(line)
+            if marker is not None:
+                if marker.what == "build-end":
+                    ended[0] = marker.rc
+                elif marker.step < len(steps) and marker.what == "begin":
+                    n = marker.step
                     current[0] = steps[n]
                     output.clear()
                     progress({"phase": "step", "step": n + 1, "steps": len(steps),
                               "line": steps[n].line, "instruction": steps[n].instruction})
                     log(f"--- step {n + 1}/{len(steps)} (line {steps[n].line}): {steps[n].title}")
-                elif 0 <= n < len(steps) and words[2].startswith("end") and "rc=" in line:
-                    rc_text = line.rsplit("rc=", 1)[1]
-                    rc = int(rc_text) if rc_text.isdecimal() else 1
-                    if rc != 0:
-                        failed.append((steps[n], rc, output[-OUTPUT_TAIL_LINES:]))
+                elif marker.step < len(steps):
+                    if marker.rc != 0:
+                        failed.append((steps[marker.step], marker.rc, output[-OUTPUT_TAIL_LINES:]))
                     current[0] = None
-                return
-            if line.startswith("FORMATION-GUEST build-end rc="):
-                rc_text = line.rsplit("=", 1)[1]
-                ended[0] = int(rc_text) if rc_text.isdecimal() else 1
                 return
             if current[0] is not None:
                 output.append(line)
@@ -367,8 +364,14 @@ def _step_plan(i: int, s: Step, context_dir: Path, build: Path) -> _Planned:
         kind, _, name = scope.partition(":")
         target = f"/etc/formation/env.user.{name}" if kind == "user" else "/etc/formation/env.service"
     line = f"export {key}={q(value)}"
-    return _Planned(s.line, "ENV", f"{key} ({scope})",
-                    f"mkdir -p /etc/formation && printf '%s\\n' {q(line)} >> {q(target)}")
+    script = f"mkdir -p /etc/formation && printf '%s\\n' {q(line)} >> {q(target)}"
+    if scope.startswith("user:"):
+        # the entrypoint runs as root; a user's variables are for that user's login shells
+        script += f" && printf '%s\\n' {q(USER_ENV_HOOK)} > /etc/profile.d/formation-env.sh"
+    return _Planned(s.line, "ENV", f"{key} ({scope})", script)
+
+
+USER_ENV_HOOK = 'f=/etc/formation/env.user.$(id -un); [ -f "$f" ] && . "$f"'
 
 
 def _user_script(u) -> str:
@@ -409,10 +412,10 @@ def _write_steps(path: Path, planned: list[_Planned]) -> None:
     ]
     for n, p in enumerate(planned):
         lines += [
-            f"echo 'FORMATION-STEP {n} begin'",
+            guest.step_begin(n),
             f"( [ -f /etc/formation/env ] && . /etc/formation/env; {p.script} ) 2>&1",
             "rc=$?",
-            f"echo \"FORMATION-STEP {n} end rc=$rc\"",
+            guest.step_end(n),
             "[ $rc -eq 0 ] || { rm -f /usr/sbin/policy-rc.d; sync; exit $rc; }",
         ]
     lines += ["rm -f /usr/sbin/policy-rc.d", "sync", "exit 0"]

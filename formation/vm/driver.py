@@ -12,6 +12,9 @@ restarts, and a second driver on the same state_dir (adoption) could not talk to
 first one held the socket (QEMU's QMP serves one client at a time). The cost of reconnecting is
 a millisecond or two, which no caller here notices. Commands to one VM are serialized per driver so
 that they do not queue up behind each other at QEMU's listener.
+
+Over 400 lines because it is one QEMU process's whole life (command line, launch, QMP, stop,
+console); what a VM is (the spec, status, errors) is in spec.py, the Protocol in backend.py.
 """
 
 from __future__ import annotations
@@ -19,13 +22,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +36,10 @@ from formation.files import read_tail, write_atomic
 from formation.vm import network
 from formation.vm.accel import choose_accel, tsc_khz
 from formation.vm.qmp import QmpClient, QmpError
+from formation.vm.spec import VmError, VmMetrics, VmSpec, VmStatus, check_vm_id
 
 QEMU = "qemu-system-x86_64"
 QEMU_IMG = "qemu-img"
-VM_ID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
-# a value that goes on the kernel command line as key=value: one word, no quotes
-CMDLINE_WORD_RE = re.compile(r"[A-Za-z0-9_.:/@+-]{1,253}")
-MODES = ("run", "build", "probe")
-MACHINES = ("microvm", "q35")
 DIR_PREFIX = "vm-"
 LAUNCH_TIMEOUT = 30.0  # QEMU's parent returns once the machine is built: well under a second
 QMP_TIMEOUT = 10.0
@@ -51,92 +48,6 @@ POLL = 0.05
 
 CONSOLE_KEEP = 256 * 1024  # bytes of console log kept across boots
 USER_NET_GUEST, USER_NET_HOST, USER_NET_DNS = "10.0.2.15/24", "10.0.2.2", "10.0.2.3"
-
-
-class VmError(Exception):
-    pass
-
-
-@dataclass(frozen=True)
-class VmSpec:
-    vm_id: str
-    kernel: Path
-    initrd: Path
-    image: Path | None  # raw ext4 root; None only for probe boots, which never mount a disk
-    vcpus: int = 1
-    memory_mb: int = 512
-    tap: str | None = None
-    mac: str | None = None
-    ip_cidr: str | None = None
-    gateway: str | None = None
-    hostname: str | None = None
-    mode: str = "run"
-    extra_append: str = ""
-    netns: str | None = None
-    machine: str = "microvm"
-    writable_image: bool = False  # build VMs write into the image itself (no overlay)
-    # with a bridge, boot creates the tap on it; either way the tap is this VM's: delete removes it
-    bridge: str | None = None
-    # QEMU's user-mode network (NAT through the QEMU process; the host is 10.0.2.2): outbound
-    # only, no tap, no root; what a build VM gets when builds may use the network
-    user_net: bool = False
-
-    def __post_init__(self) -> None:
-        check_vm_id(self.vm_id)
-        for name in ("kernel", "initrd", "image"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, name, Path(value))
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
-        if self.machine not in MACHINES:
-            raise ValueError(f"machine must be one of {MACHINES}, not {self.machine!r}")
-        if self.image is None and self.mode != "probe":
-            raise ValueError("only probe VMs may boot without an image")
-        if not 1 <= self.vcpus <= 64:
-            raise ValueError(f"vcpus must be 1..64, not {self.vcpus}")
-        if not 64 <= self.memory_mb <= 1024 * 1024:
-            raise ValueError(f"memory_mb must be at least 64, not {self.memory_mb}")
-        for name in ("ip_cidr", "gateway", "hostname", "mac"):
-            value = getattr(self, name)
-            if value is not None and not CMDLINE_WORD_RE.fullmatch(value):
-                raise ValueError(f"bad {name} {value!r}")
-        if self.bridge is not None and self.tap is None:
-            raise ValueError("a bridge needs a tap")
-        if self.user_net and self.tap is not None:
-            raise ValueError("a VM has a tap or the user-mode network, not both")
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        for name in ("kernel", "initrd", "image"):
-            d[name] = None if d[name] is None else str(d[name])
-        return json.dumps(d, indent=1, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> VmSpec:
-        d = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-@dataclass(frozen=True)
-class VmStatus:
-    state: str  # "running" | "paused" | "stopped" | "missing"
-    pid: int | None = None
-    qemu_status: str | None = None  # QMP's own word (running, paused, internal-error, ...)
-    launched_at: float | None = None  # wall-clock time of the last boot
-
-
-@dataclass(frozen=True)
-class VmMetrics:
-    cpu_seconds: float
-    rss_bytes: int
-    uptime_s: float
-
-
-def check_vm_id(vm_id: str) -> None:
-    if not isinstance(vm_id, str) or not VM_ID_RE.fullmatch(vm_id):
-        raise ValueError(f"bad VM id {vm_id!r}: 1-128 of A-Z a-z 0-9 _ . @ -")
 
 
 @contextlib.contextmanager
@@ -184,12 +95,17 @@ class QemuDriver:
         # the prefix keeps ids like "." or ".." from naming special directories
         return self.state_dir / f"{DIR_PREFIX}{vm_id}"
 
-    def spec(self, vm_id: str) -> VmSpec:
-        path = self.vm_dir(vm_id) / "spec.json"
+    def spec_of(self, vm_id: str) -> VmSpec | None:
         try:
-            return VmSpec.from_json(path.read_text())
+            return VmSpec.from_json((self.vm_dir(vm_id) / "spec.json").read_text())
         except FileNotFoundError:
-            raise VmError(f"no VM {vm_id!r} (no {path})") from None
+            return None
+
+    def spec(self, vm_id: str) -> VmSpec:
+        spec = self.spec_of(vm_id)
+        if spec is None:
+            raise VmError(f"no VM {vm_id!r} (no {self.vm_dir(vm_id) / 'spec.json'})")
+        return spec
 
     def list(self) -> list[str]:
         """The VMs on disk, running or not: what a restarted node adopts."""
@@ -462,6 +378,12 @@ class QemuDriver:
 
     def console_log(self, vm_id: str, tail_bytes: int | None = None) -> str:
         return read_tail(self.vm_dir(vm_id) / "console.log", tail_bytes)
+
+    def console_size(self, vm_id: str) -> int:
+        try:
+            return (self.vm_dir(vm_id) / "console.log").stat().st_size
+        except OSError:
+            return -1
 
     async def wait_console(self, vm_id: str, marker: str, timeout: float) -> float:
         """Wait for `marker` on the console; the seconds from launch to when it was seen.

@@ -2,7 +2,7 @@
 
 Debian's cloud kernel (PVH-bootable once unpacked to vmlinux, so QEMU starts it in 64-bit mode
 with no decompressor) has every virtio driver as a module and no `ip=`; our initramfs therefore
-carries busybox, the modules a VM needs, and the two stages of the guest init in formation/vm/guest.
+carries busybox, the modules a VM needs, and the two stages of the guest init in formation/guest.
 Both packages are fetched with the host's apt into a private tree (formation.debian), so the host
 can be any Debian or Ubuntu. The kit is made once per kernel version and init scripts, and kept.
 """
@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from formation import guest
 from formation.debian import AptError, AptTree, file_lock, unpack
 
-GUEST_DIR = Path(__file__).with_name("guest")
 KERNEL_META = "linux-image-cloud-amd64"
 # what a VM needs: virtio over MMIO (microvm) and PCI (q35), disk, network, and the ACPI power
 # button with its input device (graceful stop); their dependencies are found from modinfo
@@ -45,8 +45,8 @@ class BootKit:
 
 def _init_hash() -> str:
     h = hashlib.sha256()
-    for name in ("init", "guest-init"):
-        h.update((GUEST_DIR / name).read_bytes())
+    for name in guest.SCRIPTS:
+        h.update((guest.DIR / name).read_bytes())
     h.update(",".join(MODULES).encode())
     return h.hexdigest()[:12]
 
@@ -163,8 +163,8 @@ def _write_initramfs(out: Path, busybox: Path, modules: list[tuple[str, Path]]) 
         ("bin", 0o040755, b""), ("dev", 0o040755, b""), ("proc", 0o040755, b""),
         ("sys", 0o040755, b""), ("newroot", 0o040755, b""), ("modules", 0o040755, b""),
         ("bin/busybox", 0o100755, busybox.read_bytes()),
-        ("init", 0o100755, (GUEST_DIR / "init").read_bytes()),
-        ("guest-init", 0o100644, (GUEST_DIR / "guest-init").read_bytes()),
+        ("init", 0o100755, (guest.DIR / "init").read_bytes()),
+        ("guest-init", 0o100644, (guest.DIR / "guest-init").read_bytes()),
         ("modules.order", 0o100644, "".join(f"{n}\n" for n, _ in modules).encode()),
     ]
     files += [(f"modules/{n}.ko", 0o100644, p.read_bytes()) for n, p in modules]

@@ -1,7 +1,11 @@
-"""schemathesis against /openapi.json of a real `form node` process: no 500s, no schema breaks.
+"""schemathesis against /openapi.json of a real `form node` process: no 500s, and every answer
+as documented: its status, its content type and its body (response_schema_conformance: a 2xx
+body against the endpoint's answer schema, built from the records' dataclasses; an error against
+{error, detail}).
 
 Half the generated requests are signed by a test key (a requests auth hook signs the exact
-bytes sent), so the write paths are exercised past the signature check too.
+bytes sent), so the write paths are exercised past the signature check too. test_answers.py
+checks the answers only a real history reaches (builds, replicas, every kind of record).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Builds, instance consoles and addresses, and hiring agents, against a real in-process node.
 
-The node's VM side is replaced where a VM would be needed: a real BuildService runs builds
-through a Builder whose `build` only pretends (no debootstrap, no VM), and `runtime.scheduler`
-is a fake that knows one console.
+The node's VM side is replaced where a VM would be needed (conftest.py's `vnode`): a real
+BuildService runs builds through a Builder whose `build` only pretends (no debootstrap, no VM),
+and `runtime.scheduler` is a fake that knows one console.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import functools
 import io
 import json
 import tarfile
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,9 +22,8 @@ from formation.client import ApiError, AsyncClient, sign_headers
 from formation.crdt.keys import PrivateKey, format_address
 from formation.node.api.app import create_app
 from formation.node.api.workloads import CONTEXT_LIMIT
-from formation.node.builds import BuildService
-from formation.pack.builder import Builder, BuildFailure, Image
-from tests.api.conftest import free_port, running_node
+from formation.node.vmside import VmsOff
+from tests.api.conftest import free_port, status_of, vm_node
 
 BUILD = "b" * 64
 
@@ -36,82 +34,6 @@ def key(n: int) -> PrivateKey:
 
 def addr(k: PrivateKey) -> str:
     return format_address(k.address)
-
-
-class FakeBuilder(Builder):
-    """Runs the real `prepare` (Formfile, context, COPY checks, image id); `build` pretends: one
-    step marker and one line of output per step; `RUN false` fails. `gate` holds builds."""
-
-    def __init__(self, root: Path, **kw):
-        super().__init__(root / "images", root / "cache", machine=None, **kw)
-        self.gate: trio.Event | None = None
-
-    async def build(self, plan, work_dir, *, log=lambda _l: None, progress=lambda _e: None):
-        ff = plan.formfile
-        progress({"phase": "staging", "image_id": plan.image_id})
-        log("copying the Debian base")
-        if self.gate is not None:
-            await self.gate.wait()
-        for n, step in enumerate(ff.steps, 1):
-            title = " ".join(step.args)
-            progress({"phase": "step", "step": n, "steps": len(ff.steps), "line": step.line,
-                      "instruction": step.kind})
-            log(f"--- step {n}/{len(ff.steps)} (line {step.line}): {title}")
-            log(f"output of {title}")
-            await trio.sleep(0)
-            if step.kind == "RUN" and step.args[0] == "false":
-                raise BuildFailure("RUN failed with exit status 1: false", step.line, "RUN",
-                                   [f"output of {title}", "boom"])
-        out = self.images_dir / plan.image_id
-        out.mkdir(parents=True)
-        (out / "image.raw").write_bytes(b"")
-        manifest = {"image_id": plan.image_id, "name": ff.name, "vcpus": ff.vcpu,
-                    "memory_mb": ff.memory_mb, "disk_gb": ff.disk_gb, "expose": list(ff.expose)}
-        (out / "manifest.json").write_text(json.dumps(manifest))
-        progress({"phase": "done", "image_id": plan.image_id})
-        log(f"image {plan.image_id} built")
-        return Image(plan.image_id, out / "image.raw", manifest, cached=False)
-
-
-class FakeScheduler:
-    def __init__(self):
-        self.consoles: dict[str, str] = {}
-        self.ips: dict[str, str] = {}
-
-    def console_log(self, instance_id: str, tail_bytes: int | None) -> str | None:
-        text = self.consoles.get(instance_id)
-        if text is None or tail_bytes is None:
-            return text
-        return text.encode()[-tail_bytes:].decode(errors="replace")
-
-    def local_ip(self, instance_id: str) -> str | None:
-        return self.ips.get(instance_id)
-
-    async def metrics(self, instance_id: str) -> dict | None:
-        if instance_id not in self.consoles:
-            return None
-        return {"vm_state": "running", "ip": self.ips.get(instance_id), "restarts": 0,
-                "cpu_seconds": 1.5, "rss_bytes": 200 << 20, "uptime_s": 12.0}
-
-
-@contextlib.asynccontextmanager
-async def vm_node(tmp_path: Path, **builder_kw):
-    """A running node whose runtime has a BuildService (on FakeBuilder) and a FakeScheduler."""
-    async with running_node(tmp_path / "node") as rt, trio.open_nursery() as nursery:
-        builder = FakeBuilder(tmp_path / "vm", **builder_kw)
-        service = BuildService(tmp_path / "vm", builder)
-        await nursery.start(service.run)
-        rt.builds, rt.vm_disabled_reason, rt.scheduler = service, "", FakeScheduler()
-        try:
-            yield rt
-        finally:
-            nursery.cancel_scope.cancel()
-
-
-@pytest.fixture
-async def vnode(tmp_path):
-    async with vm_node(tmp_path) as rt:
-        yield rt
 
 
 def tar_gz(files: dict[str, bytes]) -> bytes:
@@ -157,7 +79,7 @@ async def wait_build(client: AsyncClient, bid: str) -> dict:
 
 async def test_build_is_accepted_and_readable_by_its_owners_only(vnode):
     alice, bob = AsyncClient(vnode.base_url, key(1)), AsyncClient(vnode.base_url, key(2))
-    gate = vnode.builds.builder.gate = trio.Event()
+    gate = vnode.vms.builds.builder.gate = trio.Event()
     resp = await signed(vnode, key(1), "POST", "/v1/pack/build", build_body(files={"app.txt": b"hi"}))
     assert resp.status_code == 202, resp.text
     st = resp.json()
@@ -170,10 +92,10 @@ async def test_build_is_accepted_and_readable_by_its_owners_only(vnode):
     done = await wait_build(alice, bid)
     assert done["state"] == "done" and done["image"]["vcpus"] == 2 and done["steps"] == 2
     # the context is kept for the other nodes placed for instances of it (p2p blobs)
-    kept = vnode.builds.context_bytes(bid)
+    kept = vnode.vms.builds.context_bytes(bid)
     with tarfile.open(fileobj=io.BytesIO(kept)) as tar:
         assert tar.extractfile("app.txt").read() == b"hi"
-    assert vnode.builds.context_bytes("../" + bid) is None
+    assert vnode.vms.builds.context_bytes("../" + bid) is None
     # the log, from an offset
     first = await alice.get(f"/v1/pack/builds/{bid}/logs")
     assert "--- step 1/2 (line 4): app.txt /srv/app.txt" in first["log"] and first["state"] == "done"
@@ -245,7 +167,7 @@ async def test_context_over_the_limit_is_413(tmp_path):
 
 
 async def test_vm_disabled_is_503(node):
-    node.builds, node.vm_disabled_reason, node.scheduler = None, "no /dev/kvm on this host", None
+    node.vms = VmsOff("no /dev/kvm on this host")
     r = await signed(node, key(6), "POST", "/v1/pack/build", build_body())
     assert r.status_code == 503 and r.json()["error"] == "vm_disabled"
     assert "no /dev/kvm" in r.json()["detail"]
@@ -262,29 +184,18 @@ async def test_vm_disabled_is_503(node):
 # ---- instances --------------------------------------------------------------------------------
 
 
-async def _status_of(rt, node_key: PrivateKey, iid: str, state: str, ip: str | None = None, reason: str = ""):
-    """An instance_status record, written by `node_key` (the node that hosts the replica)."""
-    node = addr(node_key)
-    value = {"instance_id": iid, "node": node, "state": state, "ip": ip, "reason": reason}
-    if node == rt.address:
-        await rt.write("instance_status", f"{iid}@{node}", value)
-    else:
-        await rt.astore.run(rt.store.write, node_key, "instance_status", f"{iid}@{node}", value,
-                            now_ms=1_700_000_000_000)
-
-
 async def test_instance_logs_and_ips(vnode):
     owner, stranger = AsyncClient(vnode.base_url, key(7)), AsyncClient(vnode.base_url, key(8))
     here = (await owner.post("/v1/instance/create", {"name": "here", "replicas": 2}))["id"]
     away = (await owner.post("/v1/instance/create", {"name": "away"}))["id"]
-    vnode.scheduler.consoles[here] = "booting\n" + "x" * 100 + "\nready\n"
+    vnode.vms.scheduler.consoles[here] = "booting\n" + "x" * 100 + "\nready\n"
     other_node = key(99)
-    await _status_of(vnode, vnode.key, here, "running", "10.1.0.5")
-    await _status_of(vnode, other_node, here, "booting", None, "copying the image")
-    await _status_of(vnode, other_node, away, "running", "10.2.0.9")
+    await status_of(vnode, vnode.key, here, "running", "10.1.0.5")
+    await status_of(vnode, other_node, here, "booting", None, "copying the image")
+    await status_of(vnode, other_node, away, "running", "10.2.0.9")
 
     logs = await owner.get(f"/v1/instance/{here}/logs")
-    assert logs == {"instance_id": here, "node": vnode.address, "log": vnode.scheduler.consoles[here]}
+    assert logs == {"instance_id": here, "node": vnode.address, "log": vnode.vms.scheduler.consoles[here]}
     assert (await owner.get(f"/v1/instance/{here}/logs", query={"tail": 6}))["log"] == "ready\n"
     with pytest.raises(ApiError) as e:
         await owner.get(f"/v1/instance/{away}/logs")
@@ -363,11 +274,11 @@ async def test_hire_proxies_to_a_running_replica(vnode):
         with pytest.raises(ApiError) as e:
             await caller.post(f"/v1/agents/{aid}/hire", {"q": 1})
         assert e.value.status == 503 and e.value.error == "no_replica"
-        await _status_of(vnode, vnode.key, iid, "booting")
+        await status_of(vnode, vnode.key, iid, "booting")
         with pytest.raises(ApiError) as e:
             await caller.post(f"/v1/agents/{aid}/hire", {"q": 1})
         assert e.value.status == 503 and "booting" in e.value.detail
-        await _status_of(vnode, vnode.key, iid, "running", "127.0.0.1")
+        await status_of(vnode, vnode.key, iid, "running", "127.0.0.1")
         resp = await signed(vnode, key(12), "POST", f"/v1/agents/{aid}/hire", {"question": "hi?"})
         assert resp.status_code == 201, resp.text
         assert resp.headers["content-type"] == "application/vnd.answer+json"
@@ -406,14 +317,14 @@ async def test_hire_failures(vnode):
     dead = free_port()
     aid = (await owner.post("/v1/agents", {"name": "dead", "build_id": BUILD, "port": dead}))["id"]
     iid = (await owner.post("/v1/instance/create", {"name": "dead", "build_id": BUILD}))["id"]
-    await _status_of(vnode, vnode.key, iid, "running", "127.0.0.1")
+    await status_of(vnode, vnode.key, iid, "running", "127.0.0.1")
     with pytest.raises(ApiError) as e:
         await owner.post(f"/v1/agents/{aid}/hire", {})
     assert e.value.status == 502 and e.value.error == "agent_unreachable"
     # a replica "running" on a node that stopped sending heartbeats is not tried
     ghost = (await owner.post("/v1/instance/create", {"name": "ghost", "build_id": GHOST_BUILD}))["id"]
     ghost_agent = (await owner.post("/v1/agents", {"name": "ghost", "build_id": GHOST_BUILD}))["id"]
-    await _status_of(vnode, key(98), ghost, "running", "127.0.0.1")
+    await status_of(vnode, key(98), ghost, "running", "127.0.0.1")
     with pytest.raises(ApiError) as e:
         await owner.post(f"/v1/agents/{ghost_agent}/hire", {})
     assert e.value.status == 503 and "stopped sending heartbeats" in e.value.detail

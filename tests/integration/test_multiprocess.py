@@ -1,4 +1,4 @@
-"""Several `form node` processes on 127.0.0.1 (formation.node.devfog): users' writes reach every
+"""Several `form node` processes on 127.0.0.1 (formation.devfog): users' writes reach every
 node, a SIGKILLed node catches up, a new node joins a fog holding thousands of ops, and SIGTERM
 shuts a node down cleanly.
 
@@ -23,7 +23,7 @@ import pytest
 from formation.crdt.intents import version_of
 from formation.crdt.keys import parse_signature, sha256
 from formation.crdt.store import Store
-from formation.node.devfog import DevFog
+from formation.devfog import DevFog
 from tests.support import Node, User
 
 pytestmark = pytest.mark.slow

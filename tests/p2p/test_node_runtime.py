@@ -11,7 +11,7 @@ from formation.crdt.keys import PrivateKey
 from formation.crdt.store import Store
 from formation.node.config import load_config
 from formation.node.control import ControlClient
-from formation.node.runtime import NodeRuntime
+from formation.node.runtime import open_node
 from tests.support import User
 
 
@@ -25,7 +25,7 @@ def make_runtime(tmp_path, **over):
     cfg = load_config(None, {"node.data_dir": str(tmp_path), "vm.enabled": "false", "node.heartbeat_seconds": 1,
                              "p2p.listen": f"/ip4/127.0.0.1/tcp/{free_port()}",
                              "api.port": free_port(), **over})
-    return NodeRuntime(cfg, PrivateKey(b"\x09" * 32), Store(str(tmp_path / "state.db")))
+    return open_node(cfg, PrivateKey(b"\x09" * 32), Store(str(tmp_path / "state.db")))
 
 
 async def test_runtime_registers_answers_control_and_stops(tmp_path):

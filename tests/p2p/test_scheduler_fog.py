@@ -14,8 +14,9 @@ from formation.crdt.keys import PrivateKey
 from formation.crdt.store import Store
 from formation.node.config import load_config
 from formation.node.placement import place
-from formation.node.runtime import NodeRuntime
+from formation.node.runtime import open_node
 from formation.node.scheduler import Scheduler
+from formation.node.vmside import VmsOn
 from formation.vm import network
 from tests.fake_vms import FakeBuilds, FakeVmHost
 from tests.p2p.test_node_runtime import free_port
@@ -34,12 +35,12 @@ class FogNode:
                                  "p2p.listen": f"/ip4/127.0.0.1/tcp/{free_port()}",
                                  "p2p.bootstrap": bootstrap, "api.host": "127.0.0.1",
                                  "api.port": free_port()})
-        self.runtime = NodeRuntime(cfg, PrivateKey(bytes([0x40 + i]) * 32), Store(str(data / "state.db")))
-        self.runtime.runs_vms = True  # its VMs are the fake's
+        self.runtime = open_node(cfg, PrivateKey(bytes([0x40 + i]) * 32), Store(str(data / "state.db")))
         self.vms = FakeVmHost(root / f"vmhost{i}", subnet=f"10.77.{i}.0/24")
         self.vms.add_image(BID)
         self.builds = FakeBuilds()
         self.scheduler = Scheduler(self.runtime, self.vms, self.builds)
+        self.runtime.vms = VmsOn(self.vms, self.builds, self.scheduler)  # its VMs are the fake's
         self.nursery: trio.Nursery | None = None
 
     @property
@@ -206,7 +207,7 @@ async def test_replicas_boot_on_the_placed_nodes_and_go_on_delete(tmp_path, no_t
         for n in chosen:
             assert [e for e, _ in n.driver.events] == ["create", "boot", "delete"]
             assert not (n.runtime.config.data_dir / "instances" / f"{iid}.json").exists()
-            assert not n.driver.vm_dir(iid).exists()
+            assert n.driver.spec_of(iid) is None
         assert other.driver.events == []
         assert no_taps == []  # the driver removes a VM's tap with the VM; the host is not touched
     print(f"fog up {t_up - start:.2f} s, replicas running {t_running - t_up:.2f} s after the create, "

@@ -18,7 +18,8 @@ from formation.pack import context as ctx
 from formation.pack.builder import Builder, BuildFailure, image_id
 from formation.pack.formfile import parse
 from formation.vm import network
-from formation.vm.driver import QemuDriver, VmSpec
+from formation.vm.driver import QemuDriver
+from formation.vm.spec import VmSpec
 from tests.vm_support import (
     CACHE,
     boot_kit,

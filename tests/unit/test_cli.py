@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from formation import cli
+from formation.cli import node as node_command
+from formation.cli import output
 from formation.crdt.keys import PrivateKey, format_address, to_checksum
-from formation.node.keystore import load_keystore
+from formation.keystore import load_keystore
 from formation.node.setup import NodeIdentity
 
 SECRET_HEX = "4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318"
@@ -200,7 +203,7 @@ def test_flags_override_config(capsys, tmp_path, password, monkeypatch):
         seen["config"] = config
         return NodeIdentity("0x0", str(config.data_dir), 0, 0, "00" * 32, False)
 
-    monkeypatch.setattr(cli, "run_node", fake_run_node)
+    monkeypatch.setattr(node_command, "run_node", fake_run_node)
     peer = "/ip4/192.0.2.1/tcp/53333/p2p/16Uiu2HAmBZpDp8E4NJ1xAs6SxTXVVH6rtHsmtGpDsyfRWJ9BFuAm"
     code, _, err = run(capsys, "node", "--once", "--data-dir", str(tmp_path), "--api-port", "4000",
                        "--p2p-port", "4001", "--bootstrap", peer)
@@ -276,6 +279,58 @@ def test_key_import_rejects_bad_input_without_echoing_it(capsys, tmp_path, monke
     if text:
         assert text not in err
     assert not (tmp_path / "data" / "operator.key").exists()
+
+
+# ---- output: tables piped and in a terminal ------------------------------------------------------
+
+ADDRESS = "0x" + "ab" * 20
+COLUMNS = [("ADDRESS", lambda r: r["address"]), ("STATE", lambda r: r["state"]),
+           ("IP", lambda r: r["ip"])]
+ROWS = [{"address": ADDRESS, "state": "running", "ip": "10.0.0.2"},
+        {"address": "0x12", "state": "failed", "ip": None}]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_piped_tables_are_plain_text_even_when_colour_is_forced(capsys, monkeypatch):
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("COLUMNS", "30")  # a terminal's width does not apply to a pipe
+    output.table(ROWS, COLUMNS, "no rows")
+    output.fields([("address", ADDRESS), ("data dir", "/d")])
+    output.table([], COLUMNS, "no rows")
+    with output.progress("working") as bar:  # nothing at all when stderr is not a terminal
+        bar.update("still working", completed=1, total=2)
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.splitlines() == [
+        "ADDRESS" + " " * 37 + "STATE    IP",
+        f"{ADDRESS}  running  10.0.0.2",
+        "0x12" + " " * 40 + "failed   -",
+        f"address   {ADDRESS}",
+        "data dir  /d",
+        "no rows",
+    ]
+
+
+def test_terminal_tables_fold_long_values_and_keep_short_ones_whole(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setenv("COLUMNS", "40")
+    output.table(ROWS, COLUMNS, "no rows")
+    text = terminal.getvalue()
+    assert "\x1b[1mADDRESS" in text  # bold headers
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()
+    assert max(map(len, lines)) <= 40
+    assert lines[0].split() == ["ADDRESS", "STATE", "IP"] and set(lines[1]) == {"─"}
+    gap = next(i for i in range(2, len(lines)) if not lines[i].strip())
+    first_row = lines[2:gap]  # rows are a blank line apart when they wrap
+    assert "".join(line.split()[0] for line in first_row) == ADDRESS  # folded, never cut
+    assert first_row[0].split()[1:] == ["running", "10.0.0.2"]
+    assert lines[-1].split() == ["0x12", "failed", "-"]
 
 
 # ---- the installed console script -------------------------------------------------------------

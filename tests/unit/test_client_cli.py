@@ -1,4 +1,5 @@
-"""The user side of `form` (formation/client_cli.py) against a real node, and its failures."""
+"""The user side of `form` (formation/cli/: kit, account, model, agent, manage, dns, node status)
+against a real node, and its failures."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import tomllib
 import pytest
 import trio
 
-from formation import cli, client_cli
+from formation import cli, keystore
+from formation.cli import catalog, node
 from formation.client import Client
 from formation.crdt.keys import PrivateKey, format_address, to_checksum
-from formation.node import keystore
-from formation.node.keystore import load_keystore
+from formation.keystore import load_keystore
 from tests.api.conftest import free_port, running_node
 
 PASSWORD = "wallet-pw"
@@ -262,10 +263,9 @@ async def test_user_commands_against_a_node(form, cfg, tmp_path):
 def test_commands_plug_into_the_form_parser():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "kit" not in sub.choices:  # not wired into formation/cli.py yet
-        client_cli.register(sub)
-    assert parser.parse_args(["node", "--once"]).func is cli.cmd_node  # `form node` still runs the node
+    assert {"kit", "account", "model", "agent", "manage", "dns"} <= set(sub.choices)
+    assert parser.parse_args(["node", "--once"]).func is node.cmd_node  # `form node` still runs the node
     args = parser.parse_args(["node", "status", "--json", "--node", "http://h:1"])
-    assert args.func.command is client_cli.cmd_node_status and args.json and args.node == "http://h:1"
+    assert args.func is node.cmd_node_status and args.json and args.node == "http://h:1"
     args = parser.parse_args(["model", "list", "--mine"])
-    assert args.func.command is client_cli.cmd_catalog_list and args.kind == "model"
+    assert args.func is catalog.cmd_catalog_list and args.kind == "model"

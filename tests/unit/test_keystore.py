@@ -1,4 +1,5 @@
-"""The operator keystore: encryption round trip, failure messages, file handling, passwords."""
+"""The keystore (the operator's key and the wallet): encryption round trip, failure messages,
+file handling, passwords."""
 
 import json
 import os
@@ -8,9 +9,9 @@ import unicodedata
 
 import pytest
 
+from formation import keystore
 from formation.crdt.keys import PrivateKey, format_address
-from formation.node import keystore
-from formation.node.keystore import (
+from formation.keystore import (
     KeystoreError,
     create_keystore,
     load_keystore,
@@ -250,7 +251,7 @@ def test_password_file_when_no_env(tmp_path):
 def test_password_file_wins_over_prompt(monkeypatch, tmp_path):
     pw_file = tmp_path / "pw"
     pw_file.write_text("from-file")
-    monkeypatch.setattr(keystore, "_stdin_is_tty", lambda: True)
+    monkeypatch.setattr(keystore, "stdin_is_tty", lambda: True)
     monkeypatch.setattr(keystore.getpass, "getpass", lambda prompt="": pytest.fail("prompted"))
     assert resolve_password(str(pw_file), prompt=True, confirm=True) == "from-file"
 
@@ -274,7 +275,7 @@ def test_empty_env_var_is_an_error(monkeypatch):
 
 
 def test_no_source_explains_the_three_ways(monkeypatch):
-    monkeypatch.setattr(keystore, "_stdin_is_tty", lambda: False)
+    monkeypatch.setattr(keystore, "stdin_is_tty", lambda: False)
     for prompt in (False, True):  # prompt allowed but no terminal: same answer
         with pytest.raises(KeystoreError) as exc_info:
             resolve_password(None, prompt=prompt, confirm=False)
@@ -284,9 +285,30 @@ def test_no_source_explains_the_three_ways(monkeypatch):
         assert "terminal" in message
 
 
+def test_a_wallet_has_no_password_file_to_suggest(monkeypatch):
+    monkeypatch.setattr(keystore, "stdin_is_tty", lambda: False)
+    with pytest.raises(KeystoreError) as exc_info:
+        resolve_password(None, prompt=True, confirm=False, what="the wallet /w.json")
+    assert str(exc_info.value) == (
+        "no password for the wallet /w.json; provide one in one of two ways: set the "
+        "FORMATION_PASSWORD environment variable, or run form in a terminal to be prompted")
+    assert not keystore.password_available()
+    monkeypatch.setenv("FORMATION_PASSWORD", "pw")
+    assert keystore.password_available()
+
+
+def test_the_prompt_names_the_keystore(monkeypatch):
+    prompts = []
+    monkeypatch.setattr(keystore, "stdin_is_tty", lambda: True)
+    monkeypatch.setattr(keystore.getpass, "getpass", lambda prompt="": prompts.append(prompt) or "pw")
+    assert resolve_password(None, prompt=True, confirm=False, what="the wallet /w.json") == "pw"
+    assert resolve_password(None, prompt=True, confirm=False) == "pw"
+    assert prompts == ["Password for the wallet /w.json: ", "Password for the operator keystore: "]
+
+
 def _answers(monkeypatch, *answers):
     replies = iter(answers)
-    monkeypatch.setattr(keystore, "_stdin_is_tty", lambda: True)
+    monkeypatch.setattr(keystore, "stdin_is_tty", lambda: True)
     monkeypatch.setattr(keystore.getpass, "getpass", lambda prompt="": next(replies))
 
 

@@ -12,8 +12,9 @@ import re
 import pytest
 import trio
 
-from formation import client_cli
-from formation.node import keystore
+from formation import keystore
+from formation.cli import build, pack
+from formation.node.vmside import VmsOff
 from tests.api.test_workloads import vm_node
 from tests.unit.test_client_cli import PASSWORD, Runner
 
@@ -26,8 +27,8 @@ def cfg(monkeypatch, tmp_path):
     monkeypatch.setenv("FORM_CONFIG_DIR", str(tmp_path / "cfg"))
     monkeypatch.setenv("FORMATION_PASSWORD", PASSWORD)
     monkeypatch.setattr(keystore, "SCRYPT_PARAMS", {"n": 2**10, "r": 8, "p": 1})
-    monkeypatch.setattr(client_cli, "POLL_SECONDS", 0.05)
-    monkeypatch.setattr(client_cli, "SHIP_POLL_SECONDS", 0.05)
+    monkeypatch.setattr(build, "POLL_SECONDS", 0.05)
+    monkeypatch.setattr(pack, "SHIP_POLL_SECONDS", 0.05)
     return tmp_path / "cfg"
 
 
@@ -68,7 +69,7 @@ async def test_parsing_and_local_errors(form, cfg, tmp_path, app_dir, monkeypatc
     assert "has 2 errors" in err and "nothing was sent" in err
     # a context over the limit (a small one here) is refused before anything is sent
     await form("kit", "init", "--node", "http://127.0.0.1:9")  # nothing listens there
-    monkeypatch.setattr(client_cli, "CONTEXT_LIMIT", 100)
+    monkeypatch.setattr(build, "CONTEXT_LIMIT", 100)
     (app_dir / "big.bin").write_bytes(bytes(1000))
     _, out, err = await form("pack", "build", str(app_dir), code=2)
     assert out == "" and "over the limit" in err
@@ -77,7 +78,7 @@ async def test_parsing_and_local_errors(form, cfg, tmp_path, app_dir, monkeypatc
     (app_dir / "big.bin").unlink()
     _, _, err = await form("pack", "build", str(app_dir), code=2)  # the tar.gz itself is over 100 bytes
     assert "bytes packed, over the limit of 100 bytes" in err
-    monkeypatch.setattr(client_cli, "CONTEXT_LIMIT", 64 * 1024 * 1024)
+    monkeypatch.setattr(build, "CONTEXT_LIMIT", 64 * 1024 * 1024)
     (tmp_path / "Other").write_text(FORMFILE)
     _, _, err = await form("pack", "build", str(app_dir), "--formfile", str(tmp_path / "Other"), code=3)
     assert "cannot reach the node" in err
@@ -138,7 +139,7 @@ async def test_failed_and_refused_builds_exit_1(form, cfg, tmp_path, app_dir):
         assert "the build was refused at" in err and "Formfile:5 (COPY app.txt /srv/app.txt)" in err
         assert "no such file" in err
         # a node without VMs
-        rt.builds, rt.vm_disabled_reason = None, "no /dev/kvm"
+        rt.vms = VmsOff("no /dev/kvm")
         _, _, err = await form("pack", "build", str(app_dir), code=1)
         assert "vm_disabled" in err and "no /dev/kvm" in err and "HTTP 503" in err
 
@@ -174,7 +175,7 @@ async def test_ship_builds_deploys_and_waits(form, cfg, tmp_path, app_dir):
         assert out.split()[:3] == ["NODE", "STATE", "IP"] and "10.7.0.2" in out and "running" in out
         ips = await form.json("manage", "get-ip", iid)
         assert ips["replicas"][0]["ip"] == "10.7.0.2"
-        rt.scheduler.consoles[iid] = "boot\nready\n"
+        rt.vms.scheduler.consoles[iid] = "boot\nready\n"
         _, out, _ = await form("manage", "logs", iid)
         assert out == "boot\nready\n"
         assert (await form.json("manage", "logs", iid, "--tail", "6"))["log"] == "ready\n"

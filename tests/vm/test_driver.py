@@ -14,7 +14,8 @@ import trio
 
 from formation.vm import network
 from formation.vm.accel import AccelError, choose_accel, tsc_khz
-from formation.vm.driver import QemuDriver, VmError, VmSpec
+from formation.vm.driver import QemuDriver
+from formation.vm.spec import VmError, VmSpec
 from tests.vm_support import boot_kit, http_get, needs_qemu, needs_root, netns
 
 ENTRYPOINT = "mkdir -p /www; echo hello-from-vm > /www/index.html; exec httpd -f -p 8000 -h /www\n"

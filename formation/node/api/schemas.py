@@ -1,4 +1,14 @@
-"""JSON Schemas for the OpenAPI document, derived from the typed records of each kind."""
+"""JSON Schemas (OpenAPI 3.0) of the API's bodies and answers, derived from the typed records.
+
+Bodies: the fields a write may set, typed, none required (the kind fills defaults and has the
+last word). Answers: a record as the API shows it holds every field of its dataclass (the kinds
+fill defaults before a record enters the state) and its `record_version`, and nothing else, so
+its schema requires every key and allows no other. The dataclass hints give each field's type
+and whether it may be null; what they cannot say (the record nested in a field, the items of a
+list or a map) is named in NESTED, ITEMS and VALUES, and tests/api/test_openapi.py checks that
+every list, map and nested field of every kind is named there. Each kind's record is a named
+component of the document (`#/components/schemas/Model`); `ref("model")` points at it.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +16,57 @@ import dataclasses
 import types
 import typing
 
-from formation.crdt.kinds.owned import OwnedKind
+from formation.crdt.kinds import get_kind, registry
+from formation.crdt.kinds.node_kinds import STATES, Capacity
+from formation.crdt.kinds.owned import GRANTABLE, OwnedKind
+from formation.crdt.kinds.user_kinds import Gpu, Resources
+from formation.crdt.schema import address
 
-ERROR_SCHEMA = {
-    "type": "object",
-    "required": ["error", "detail"],
-    "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
-}
+STRING = {"type": "string"}
+INTEGER = {"type": "integer"}
+NUMBER = {"type": "number"}
+BOOLEAN = {"type": "boolean"}
+COUNT = {"type": "integer", "minimum": 0}
+ADDRESS = {"type": "string", "pattern": "^0x[0-9a-f]{40}$"}  # as records hold them: lowercase
+VERSION = {"type": "string", "pattern": "^[0-9a-f]{32}$"}  # a record_version
+OP_ID = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+REPLICA_STATE = {"type": "string", "enum": list(STATES)}
+
+
+def nullable(schema: dict) -> dict:
+    return {**schema, "nullable": True}
+
+
+def array(items: dict) -> dict:
+    return {"type": "array", "items": items}
+
+
+def obj(required: dict, optional: dict | None = None, *, closed: bool = True) -> dict:
+    """An object with `required` keys (and `optional` ones); `closed`: no other key."""
+    out: dict = {"type": "object"}
+    if required:
+        out["required"] = list(required)
+    out["properties"] = {**required, **(optional or {})}
+    if closed:
+        out["additionalProperties"] = False
+    return out
+
+
+ERROR_SCHEMA = obj({"error": STRING, "detail": STRING})
+
+
+def error_schema(**more: dict) -> dict:
+    """An error answer that may say more than {error, detail} (the keys in `more`)."""
+    return obj({"error": STRING, "detail": STRING}, more)
+
+
+ERROR_REF = {"$ref": "#/components/schemas/Error"}  # ERROR_SCHEMA, a component of the document
+
+
+def error_doc(description: str, schema: dict = ERROR_REF) -> dict:
+    """An OpenAPI response object for an error answer."""
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
 
 SEARCH_SCHEMA = {
     "type": "object",
@@ -28,19 +82,30 @@ SEARCH_SCHEMA = {
     "additionalProperties": False,
 }
 
+# What the records' type hints cannot say, by field name (the same name means the same thing in
+# every record): the record nested in a field, the items of a list, the values of a map.
+NESTED = {"capacity": Capacity, "resources": Resources, "gpu": Gpu}
+ITEMS = {name: STRING for name in ("tags", "multiaddrs", "capabilities", "targets", "endpoints")}
+VALUES = {"metadata": STRING, "authorized": {"type": "string", "enum": list(GRANTABLE)}}
+ENUMS = {"state": REPLICA_STATE}
+
+
+def _is_optional(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
 
 def _type_schema(tp) -> dict:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
+    if _is_optional(tp):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         inner = _type_schema(args[0]) if len(args) == 1 else {}
-        return {**inner, "nullable": True}
-    return {str: {"type": "string"}, int: {"type": "integer"}, bool: {"type": "boolean"},
-            float: {"type": "number"}, list: {"type": "array"}, dict: {"type": "object"}}.get(
-        tp if origin is None else origin, {})
+        return nullable(inner)
+    origin = typing.get_origin(tp)
+    return {str: STRING, int: INTEGER, bool: BOOLEAN, float: NUMBER, list: {"type": "array"},
+            dict: {"type": "object"}}.get(tp if origin is None else origin, {})
 
 
 def fields_schema(record_cls, names) -> dict:
+    """The fields `names` of a record as a body takes them: typed, none required."""
     hints = typing.get_type_hints(record_cls)
     props = {f.name: _type_schema(hints[f.name]) for f in dataclasses.fields(record_cls) if f.name in names}
     return {"type": "object", "properties": props, "additionalProperties": False}
@@ -63,5 +128,55 @@ def write_body_schema(kind, action: str) -> dict:
     return fields_schema(kind.record, names)
 
 
-def record_schema() -> dict:
-    return {"type": "object", "description": "a record of the shared state (see docs/state.md)"}
+# ---- answers ----------------------------------------------------------------------------------
+
+def _shown_field(f: dataclasses.Field, hint) -> dict:
+    schema = dict(_type_schema(hint))
+    is_null = schema.pop("nullable", False)
+    if f.metadata.get("check") is address:
+        schema = ADDRESS
+    elif f.name in NESTED:
+        schema = record_fields_schema(NESTED[f.name])
+    elif schema.get("type") == "array":
+        schema = array(ITEMS.get(f.name, {}))
+    elif schema.get("type") == "object":
+        schema = {"type": "object", "additionalProperties": VALUES.get(f.name, {})}
+    schema = ENUMS.get(f.name, schema)
+    return nullable(schema) if is_null else schema
+
+
+def record_fields(record_cls) -> dict[str, dict]:
+    """Every field of a record -> its schema as answers show it."""
+    hints = typing.get_type_hints(record_cls)
+    return {f.name: _shown_field(f, hints[f.name]) for f in dataclasses.fields(record_cls)}
+
+
+def record_fields_schema(record_cls, **extra: dict) -> dict:
+    """A record as it is stored: every field present, no other (plus the keys in `extra`)."""
+    return obj({**record_fields(record_cls), **extra})
+
+
+def shown_schema(kind_name: str, **extra: dict) -> dict:
+    """A record of a kind as the API shows it: its fields, its `record_version` and `extra`."""
+    return record_fields_schema(get_kind(kind_name).record, record_version=VERSION, **extra)
+
+
+def components() -> dict[str, dict]:
+    """Each kind's record as the API shows it, named after its dataclass."""
+    return {k.record.__name__: {**shown_schema(name), "description": f"a {name} record and its record_version "
+                                "(the version a write on it names as ?base=)"}
+            for name, k in sorted(registry().items())}
+
+
+def ref(kind_name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{get_kind(kind_name).record.__name__}"}
+
+
+def page_schema(name: str, item: dict, **extra: dict) -> dict:
+    """A paged list: `{name: [...], count, limit, offset}` (http.paged)."""
+    return obj({name: array(item), "count": COUNT, "limit": INTEGER, "offset": INTEGER, **extra})
+
+
+def write_result_schema(kind_name: str) -> dict:
+    """What a signed write answers: the op that carries it and the record it is about."""
+    return obj({"op_id": OP_ID, "kind": {"type": "string", "enum": [kind_name]}, "key": STRING, "id": STRING})

@@ -1,13 +1,13 @@
-"""Workload endpoints: image builds, a replica's console and addresses, hiring an agent.
+"""Workload endpoints: image builds, and a replica's console, metrics and addresses.
 
     POST /pack/build               signed, one use: queue a build (Formfile + base64 tar.gz context)
     GET  /pack/builds[/{id}]       signed: your builds (a build you did not submit is a 404)
     GET  /pack/builds/{id}/logs    signed: the build log from a byte offset, 1 MiB at a time
     GET  /instance/{id}/logs       signed: the console of this node's replica of an instance
+    GET  /instance/{id}/metrics    signed: this node's replica: VM state, CPU, memory, uptime, restarts
     GET  /instance/{id}/ips        signed: every replica's node, state and IP address
-    POST /agents/{id}/hire         signed: the body goes to a running replica of the agent's build
 
-Builds and consoles belong to the node's VM side (`runtime.builds`, `runtime.scheduler`); a node
+Builds and consoles belong to the node's VM side (`runtime.vms`, node/vmside.py); a node
 that runs no VMs answers the build endpoints with 503 vm_disabled and has no replica to show.
 Build status and logs live on the node that ran the build: ask the node you submitted to.
 """
@@ -16,22 +16,32 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
 from pathlib import Path
 
-import httpx
 import trio
-from quart import Response, request
 
-from formation.crdt.kinds.owned import level_of
-from formation.node.builds import BuildRefused
+from formation.node.builds import BuildRefused, BuildService
 from formation.pack import context as pack_context
 
+from ..vmside import VmsOn
 from . import views
-from .app import ApiError, Call, Endpoint, _int_arg, _visible_or_404, json_body, replica_statuses
-from .schemas import ERROR_SCHEMA
-
-log = logging.getLogger("formation.api")
+from .http import PAGING, ApiError, Call, Endpoint, int_arg, json_body, paged
+from .schemas import (
+    ADDRESS,
+    BOOLEAN,
+    COUNT,
+    INTEGER,
+    NUMBER,
+    REPLICA_STATE,
+    STRING,
+    array,
+    error_doc,
+    error_schema,
+    nullable,
+    obj,
+    page_schema,
+)
+from .views import scheduler_of
 
 CONTEXT_LIMIT = pack_context.DEFAULT_LIMIT  # bytes of the packed context (tar.gz) a node takes
 FORMFILE_LIMIT = 256 * 1024  # characters of Formfile text
@@ -41,9 +51,6 @@ MAX_UPLOAD = 4 * ((CONTEXT_LIMIT + 2) // 3) + 6 * FORMFILE_LIMIT + 1024
 LOG_CHUNK = 1024 * 1024  # bytes of a build log per answer
 DEFAULT_TAIL = 64 * 1024  # bytes of a console per answer, unless ?tail= says otherwise
 MAX_TAIL = 8 * 1024 * 1024
-HIRE_TIMEOUT = 300.0  # seconds for the agent's whole answer
-HIRE_MAX_DEPTH = 64  # nesting of a hire payload (parsed without recursion limits of its own)
-HIRE_CONNECT_TIMEOUT = 10.0
 TERMINAL = frozenset({"done", "failed"})
 
 BUILD_SCHEMA = {
@@ -56,25 +63,39 @@ BUILD_SCHEMA = {
     },
     "additionalProperties": False,
 }
-HIRE_SCHEMA = {"description": "any JSON: passed to the agent as it is"}
 
+# ---- answers ----------------------------------------------------------------------------------
 
-def _error_doc(description: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
-
-
-VM_DISABLED = {503: _error_doc("this node runs no VMs (vm_disabled)")}
+BUILD_STATE = {"type": "string", "enum": ["queued", "building", "done", "failed"]}
+BUILD_ERROR = obj({"message": STRING}, {"line": nullable(INTEGER), "instruction": nullable(STRING),
+                                        "output_tail": array(STRING)})
+# builds.py writes the status; progress adds what its phase knows (step, line, packages...)
+BUILD_STATUS = obj({"build_id": STRING, "name": STRING, "state": BUILD_STATE, "phase": STRING, "step": COUNT,
+                    "steps": COUNT, "error": nullable(BUILD_ERROR), "image": nullable({"type": "object"}),
+                    "submitted_at": INTEGER},
+                   {"started_at": INTEGER, "finished_at": INTEGER, "line": INTEGER, "instruction": STRING,
+                    "packages": array(STRING)})
+BUILD_LOG = obj({"build_id": STRING, "log": STRING, "offset": COUNT, "state": BUILD_STATE})
+CONSOLE = obj({"instance_id": STRING, "node": ADDRESS, "log": STRING})
+METRICS = obj({"instance_id": STRING, "node": ADDRESS, "vm_state": STRING, "ip": nullable(STRING),
+               "restarts": COUNT, "cpu_seconds": nullable(NUMBER), "rss_bytes": nullable(COUNT),
+               "uptime_s": nullable(NUMBER)})
+REPLICA_IPS = obj({"instance_id": STRING, "replicas": array(obj({
+    "node": ADDRESS, "state": REPLICA_STATE, "ip": nullable(STRING), "reason": STRING, "node_alive": BOOLEAN}))})
+NOT_HERE = {404: error_doc("no such instance, or no replica of it on this node (then `nodes` says where "
+                           "its replicas are)", error_schema(nodes=array(obj({
+                               "node": ADDRESS, "state": REPLICA_STATE, "api_url": nullable(STRING)}))))}
+VM_DISABLED = {503: error_doc("this node runs no VMs (vm_disabled)")}
 
 
 # ---- builds -----------------------------------------------------------------------------------
 
 
-def _builds(call: Call):
-    builds = getattr(call.runtime, "builds", None)
-    if builds is None:
-        reason = getattr(call.runtime, "vm_disabled_reason", "") or "this node runs no VMs"
-        raise ApiError(503, "vm_disabled", f"this node does not build images: {reason}")
-    return builds
+def _builds(call: Call) -> BuildService:
+    side = call.runtime.vms
+    if not isinstance(side, VmsOn):
+        raise ApiError(503, "vm_disabled", f"this node does not build images: {side.reason}")
+    return side.builds
 
 
 def _context_limit(builds) -> int:
@@ -150,9 +171,7 @@ async def pack_build(call: Call):
 async def pack_builds(call: Call):
     builds = _builds(call)
     mine = [_shown(s) for s in builds.list() if call.who in (s.get("owners") or [])]
-    limit, offset = _int_arg(request.args, "limit", 100, 1, 1000), _int_arg(request.args, "offset", 0, 0, 10**9)
-    items = mine[offset:offset + limit]
-    return {"builds": items, "count": len(items), "total": len(mine), "limit": limit, "offset": offset}, 200
+    return {**paged("builds", mine, call.query), "total": len(mine)}, 200
 
 
 async def pack_build_get(call: Call):
@@ -182,17 +201,13 @@ def _read_log(path: Path | None, offset: int, complete: bool) -> tuple[str, int]
 async def pack_build_logs(call: Call):
     builds = _builds(call)
     status = _own_build(call, builds)
-    offset = _int_arg(request.args, "offset", 0, 0, 2**62)
+    offset = int_arg(call.query, "offset", 0, 0, 2**62)
     path = builds.log_path(status["build_id"])
     text, after = await trio.to_thread.run_sync(_read_log, path, offset, status["state"] in TERMINAL)
     return {"build_id": status["build_id"], "log": text, "offset": after, "state": status["state"]}, 200
 
 
 # ---- instances --------------------------------------------------------------------------------
-
-
-async def _statuses(call: Call, instance_id: str) -> list[dict]:
-    return await replica_statuses(call, instance_id)
 
 
 async def _where(call: Call, statuses: list[dict]) -> list[dict]:
@@ -205,7 +220,7 @@ async def _where(call: Call, statuses: list[dict]) -> list[dict]:
 
 async def _not_here(call: Call, iid: str, what: str) -> tuple[dict, int]:
     """404 for a replica this node does not run, saying which nodes do."""
-    hosts = await _where(call, await _statuses(call, iid))
+    hosts = await _where(call, await views.replica_statuses(call, iid))
     others = [h for h in hosts if h["node"] != call.runtime.address]
     mine = [h for h in hosts if h["node"] == call.runtime.address]
     if others:
@@ -216,7 +231,7 @@ async def _not_here(call: Call, iid: str, what: str) -> tuple[dict, int]:
         where = f"; this node reports its replica {mine[0]['state']} but has no {what} of it"
     else:
         where = "; no node reports a replica of it yet"
-    if getattr(call.runtime, "scheduler", None) is None:
+    if scheduler_of(call) is None:
         where += " (this node runs no VMs)"
     return {"error": "not_found", "detail": f"no replica of instance {iid} on this node{where}",
             "nodes": hosts}, 404
@@ -224,9 +239,9 @@ async def _not_here(call: Call, iid: str, what: str) -> tuple[dict, int]:
 
 async def instance_logs(call: Call):
     iid = call.params["id"]
-    await _visible_or_404(call, "instance", iid)
-    tail = _int_arg(request.args, "tail", DEFAULT_TAIL, 1, MAX_TAIL)
-    scheduler = getattr(call.runtime, "scheduler", None)
+    await views.visible_or_404(call, "instance", iid)
+    tail = int_arg(call.query, "tail", DEFAULT_TAIL, 1, MAX_TAIL)
+    scheduler = scheduler_of(call)
     text = None if scheduler is None else scheduler.console_log(iid, tail)
     if text is None:
         return await _not_here(call, iid, "console")
@@ -235,8 +250,8 @@ async def instance_logs(call: Call):
 
 async def instance_metrics(call: Call):
     iid = call.params["id"]
-    await _visible_or_404(call, "instance", iid)
-    scheduler = getattr(call.runtime, "scheduler", None)
+    await views.visible_or_404(call, "instance", iid)
+    scheduler = scheduler_of(call)
     metrics = None if scheduler is None else await scheduler.metrics(iid)
     if metrics is None:
         return await _not_here(call, iid, "VM")
@@ -245,116 +260,12 @@ async def instance_metrics(call: Call):
 
 async def instance_ips(call: Call):
     iid = call.params["id"]
-    await _visible_or_404(call, "instance", iid)
+    await views.visible_or_404(call, "instance", iid)
     replicas = [{"node": s["node"], "state": s["state"], "ip": s.get("ip"), "reason": s.get("reason", ""),
-                 "node_alive": s["node_alive"]} for s in await _statuses(call, iid)]
+                 "node_alive": s["node_alive"]} for s in await views.replica_statuses(call, iid)]
     return {"instance_id": iid, "replicas": replicas}, 200
 
 
-# ---- hire -------------------------------------------------------------------------------------
-
-
-async def _targets(call: Call, agent: dict) -> list[tuple[dict, str]]:
-    """(status, ip) of the running replicas of the agent's build, this node's first. Only the
-    instances its owner may act on count: naming someone else's build must not reach their VMs."""
-    build = agent["build_id"]
-    instances = [i for i in await call.runtime.astore.list("instance", type=build, limit=1000)
-                 if level_of(i, agent["owner"]) > 0]
-    if not instances:
-        raise ApiError(503, "no_replica", f"no instance runs build {build} of agent {agent['agent_id']}; "
-                                          "its owner deploys one with `form pack ship`")
-    running: list[tuple[dict, str]] = []
-    states: list[str] = []
-    scheduler = getattr(call.runtime, "scheduler", None)
-    for inst in instances:
-        statuses = await _statuses(call, inst["instance_id"])
-        states += [f"{inst['instance_id']}@{s['node']}: {s['state']}" + (f" ({s['reason']})" if s.get("reason") else "")
-                   + ("" if s["node_alive"] else " [its node stopped sending heartbeats]") for s in statuses]
-        if not statuses:
-            states.append(f"{inst['instance_id']}: no replica reported yet (desired {inst['desired_state']})")
-        for s in statuses:
-            if s["state"] != "running" or not s["node_alive"]:
-                continue
-            ip = s.get("ip")
-            if s["node"] == call.runtime.address and scheduler is not None:
-                ip = scheduler.local_ip(inst["instance_id"]) or ip
-            if ip:
-                running.append((s, ip))
-    if not running:
-        raise ApiError(503, "no_replica", f"no running replica of agent {agent['agent_id']} (build "
-                                          f"{build}): " + "; ".join(states))
-    running.sort(key=lambda t: t[0]["node"] != call.runtime.address)
-    return running
-
-
-def _url(ip: str, port: int, path: str) -> str:
-    host = f"[{ip}]" if ":" in ip else ip
-    return f"http://{host}:{port}{path}"
-
-
-async def agent_hire(call: Call):
-    aid = call.params["id"]
-    agent = await call.runtime.astore.get("agent", aid)
-    if agent is None or not views.visible("agent", agent, call.who):
-        raise ApiError(404, "not_found", f"no agent {aid}")
-    if not agent.get("build_id"):
-        raise ApiError(409, "no_build", f"agent {aid} has no build_id: its owner sets it to the build "
-                                        "its instances run (PUT /agents/{id} with build_id)")
-    # any JSON the agent takes (not a record: no text policy), but parsed safely
-    json_body(call.body, object_only=False, max_depth=HIRE_MAX_DEPTH, plain_text=False)
-    targets = await _targets(call, agent)
-    deadline = trio.current_time() + HIRE_TIMEOUT
-    client = httpx.AsyncClient(timeout=httpx.Timeout(HIRE_TIMEOUT, connect=HIRE_CONNECT_TIMEOUT))
-    headers = {"Content-Type": request.headers.get("Content-Type") or "application/json",
-               "X-Formation-Agent": aid, "X-Formation-Caller": call.who or ""}
-    failures = []
-    resp = None
-    served_by = ""
-    try:
-        for target, ip in targets:
-            served_by = target["node"]
-            url = _url(ip, agent["port"], agent["path"])
-            req = client.build_request("POST", url, content=call.body, headers=headers)
-            try:
-                with trio.fail_after(max(0.0, deadline - trio.current_time())):
-                    resp = await client.send(req, stream=True)
-                break
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                failures.append(f"{url} (node {served_by}): {_why(exc)}")
-            except trio.TooSlowError:
-                failures.append(f"{url}: no answer within {HIRE_TIMEOUT:g} s")
-                break
-            except httpx.HTTPError as exc:
-                failures.append(f"{url}: {_why(exc)}")
-                break
-    finally:
-        if resp is None:
-            await client.aclose()
-    if resp is None:
-        raise ApiError(502, "agent_unreachable", f"agent {aid} did not answer: " + "; ".join(failures))
-
-    async def relay():
-        try:
-            async for chunk in resp.aiter_bytes():
-                yield chunk
-                if trio.current_time() > deadline:
-                    log.warning("hire of agent %s: answer cut after %g s", aid, HIRE_TIMEOUT)
-                    break
-        except httpx.HTTPError as exc:
-            log.warning("hire of agent %s: the answer broke off: %s", aid, exc)
-        finally:
-            with trio.CancelScope(shield=True):
-                await resp.aclose()
-                await client.aclose()
-
-    out = Response(relay(), status=resp.status_code,
-                   content_type=resp.headers.get("content-type", "application/octet-stream"))
-    out.headers["X-Formation-Replica"] = served_by
-    return out, resp.status_code
-
-
-def _why(exc: Exception) -> str:
-    return str(exc) or type(exc).__name__
 
 
 # ---- the table --------------------------------------------------------------------------------
@@ -363,29 +274,25 @@ def _why(exc: Exception) -> str:
 def endpoints() -> list[Endpoint]:
     return [
         Endpoint("POST", "/pack/build", "Build an image from a Formfile and a context (signed, one use)",
-                 "required", pack_build, body=BUILD_SCHEMA, ok=202, tags=["pack"], write=True,
+                 "required", pack_build, body=BUILD_SCHEMA, ok=202, tags=["pack"], write=True, answer=BUILD_STATUS,
                  responses={200: {"description": "already built (a cache hit)", "content": {
-                     "application/json": {"schema": {"type": "object"}}}}, **VM_DISABLED}),
+                     "application/json": {"schema": BUILD_STATUS}}},
+                     400: error_doc("bad input, or the build is refused (build_refused: `failure` says where)",
+                                    error_schema(failure=BUILD_ERROR)), **VM_DISABLED}),
         Endpoint("GET", "/pack/builds", "Your builds on this node", "required", pack_builds,
-                 tags=["pack"], responses=VM_DISABLED,
-                 query={"limit": {"type": "integer", "minimum": 1, "maximum": 1000},
-                        "offset": {"type": "integer", "minimum": 0}}),
+                 tags=["pack"], responses=VM_DISABLED, query=PAGING,
+                 answer=page_schema("builds", BUILD_STATUS, total=COUNT)),
         Endpoint("GET", "/pack/builds/{id}", "One of your builds: state, step, error, image",
-                 "required", pack_build_get, tags=["pack"], responses=VM_DISABLED),
+                 "required", pack_build_get, tags=["pack"], responses=VM_DISABLED, answer=BUILD_STATUS),
         Endpoint("GET", "/pack/builds/{id}/logs", "A build's log from a byte offset (1 MiB at most)",
                  "required", pack_build_logs, tags=["pack"], responses=VM_DISABLED,
-                 query={"offset": {"type": "integer", "minimum": 0}}),
+                 query={"offset": {"type": "integer", "minimum": 0}}, answer=BUILD_LOG),
         Endpoint("GET", "/instance/{id}/logs", "The console of this node's replica of an instance",
-                 "required", instance_logs, tags=["instances"],
-                 query={"tail": {"type": "integer", "minimum": 1, "maximum": MAX_TAIL}}),
+                 "required", instance_logs, tags=["instances"], responses=NOT_HERE,
+                 query={"tail": {"type": "integer", "minimum": 1, "maximum": MAX_TAIL}}, answer=CONSOLE),
         Endpoint("GET", "/instance/{id}/ips", "Each replica's node, state and IP address", "required",
-                 instance_ips, tags=["instances"]),
+                 instance_ips, tags=["instances"], answer=REPLICA_IPS),
         Endpoint("GET", "/instance/{id}/metrics", "This node's replica of an instance: VM state, CPU "
-                 "seconds, memory, uptime, restarts", "required", instance_metrics, tags=["instances"]),
-        Endpoint("POST", "/agents/{id}/hire", "Call an agent: the body goes to a running replica, "
-                 "its answer comes back", "required", agent_hire, body=HIRE_SCHEMA, tags=["agents"],
-                 responses={200: {"description": "the agent's answer, as it gave it",
-                                  "content": {"*/*": {"schema": {}}}},
-                            502: _error_doc("the agent did not answer (agent_unreachable)"),
-                            503: _error_doc("no running replica (no_replica)")}),
+                 "seconds, memory, uptime, restarts", "required", instance_metrics, tags=["instances"],
+                 responses=NOT_HERE, answer=METRICS),
     ]

@@ -1,3 +1,4 @@
+# Over 400 lines: one class whose methods share the processes' state (ports, keys, logs, pids).
 """A local multi-node fog for development and tests: N `form node` processes on 127.0.0.1.
 
     with DevFog(3, "/tmp/fog") as fog:
@@ -32,13 +33,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from formation.files import read_tail
-
-from .config import KEYSTORE_FILE
-from .control import ControlClient
-from .keystore import PASSWORD_ENV, create_keystore, load_keystore
+from formation.keystore import PASSWORD_ENV, create_keystore, load_keystore
+from formation.node.config import KEYSTORE_FILE
+from formation.node.control import ControlClient
 
 HOST = "127.0.0.1"
-_PROJECT_ROOT = Path(__file__).resolve().parents[2]
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class DevFogError(Exception):

@@ -1,4 +1,8 @@
-"""The operator's secp256k1 key, encrypted at rest (DESIGN.md §2).
+"""A secp256k1 key encrypted at rest (DESIGN.md §2): the node operator's and a user's wallet.
+
+Shared by the node (formation/node/setup.py: DATA_DIR/operator.key) and the `form` command (the
+wallet, CONFIG_DIR/wallet.json), so it sits among the shared helpers: it imports formation.crdt
+and nothing else of ours.
 
 File format (JSON, version 1):
 
@@ -107,9 +111,14 @@ def load_keystore(path: str | os.PathLike, password: str) -> PrivateKey:
     return key
 
 
-def resolve_password(config_password_file: str | None, *, prompt: bool, confirm: bool) -> str:
-    """Where the keystore password comes from, in order: FORMATION_PASSWORD, the password file
-    named in formation.toml ([node] password_file), an interactive prompt."""
+OPERATOR = "the operator keystore"
+
+
+def resolve_password(config_password_file: str | None, *, prompt: bool, confirm: bool,
+                     what: str = OPERATOR) -> str:
+    """Where the password of the keystore `what` (named in the prompt and errors) comes from, in
+    order: FORMATION_PASSWORD, the password file named in formation.toml ([node] password_file,
+    the operator's only), an interactive prompt."""
     env = os.environ.get(PASSWORD_ENV)
     if env is not None:
         if not env:
@@ -117,14 +126,31 @@ def resolve_password(config_password_file: str | None, *, prompt: bool, confirm:
         return env
     if config_password_file is not None:
         return _read_password_file(Path(config_password_file).expanduser())
-    if prompt and _stdin_is_tty():
-        return _prompt(confirm)
-    raise KeystoreError(
-        "no password for the operator keystore; provide one in one of three ways: "
-        f"set the {PASSWORD_ENV} environment variable, name a file holding it as "
-        "password_file in the [node] section of formation.toml, or run form in a terminal "
-        "to be prompted"
-    )
+    if prompt and stdin_is_tty():
+        return _prompt(what, confirm)
+    ways = [f"set the {PASSWORD_ENV} environment variable"]
+    if what == OPERATOR:
+        ways.append("name a file holding it as password_file in the [node] section of "
+                    "formation.toml")
+    ways.append("run form in a terminal to be prompted")
+    raise KeystoreError(f"no password for {what}; provide one in one of "
+                        f"{_COUNT[len(ways)]} ways: {', '.join(ways[:-1])}, or {ways[-1]}")
+
+
+def password_available(config_password_file: str | None = None) -> bool:
+    """Whether resolve_password can find a password (or ask for one) without failing."""
+    return bool(os.environ.get(PASSWORD_ENV) or config_password_file or stdin_is_tty())
+
+
+def stdin_is_tty() -> bool:
+    """Whether a prompt on stdin can be answered (False for a replaced or closed stdin)."""
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+_COUNT = {2: "two", 3: "three"}
 
 
 # ---- internals --------------------------------------------------------------------------------
@@ -263,15 +289,8 @@ def _read_password_file(path: Path) -> str:
     return password
 
 
-def _stdin_is_tty() -> bool:
-    try:
-        return sys.stdin is not None and sys.stdin.isatty()
-    except (AttributeError, ValueError):  # replaced or closed stdin
-        return False
-
-
-def _prompt(confirm: bool) -> str:
-    password = getpass.getpass("Password for the operator keystore: ")
+def _prompt(what: str, confirm: bool) -> str:
+    password = getpass.getpass(f"Password for {what}: ")
     if not password:
         raise KeystoreError("empty password")
     if confirm and getpass.getpass("Repeat the password: ") != password:

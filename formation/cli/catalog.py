@@ -1,0 +1,185 @@
+"""`form model` and `form agent`: register|get|list|search|update|delete|authorize|transfer, the
+same commands for both kinds of catalog record; and `form agent hire`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from formation.cli import output
+from formation.cli.output import EXIT_OK, EXIT_USAGE, CliError, Column
+from formation.cli.parsing import group, leaf, paging, record_id
+from formation.cli.session import (
+    authorize,
+    check_id,
+    context,
+    node_refused,
+    owner_filter,
+    read_record_file,
+    transfer,
+)
+
+CATALOG = {
+    "model": {"base": "/v1/models", "plural": "models", "type": "model_type"},
+    "agent": {"base": "/v1/agents", "plural": "agents", "type": "agent_type"},
+}
+
+
+def _columns(kind: str) -> list[Column]:
+    t = CATALOG[kind]["type"]
+    return [("ID", lambda r: r.get(f"{kind}_id")), ("NAME", lambda r: r.get("name")),
+            ("TYPE", lambda r: r.get(t)), ("FRAMEWORK", lambda r: r.get("framework")),
+            ("VERSION", lambda r: r.get("version") or "-"),
+            ("OWNER", lambda r: output.short(r.get("owner"))),
+            ("PRIVATE", lambda r: r.get("is_private")), ("TAGS", lambda r: r.get("tags") or "-")]
+
+
+def cmd_catalog_register(args: argparse.Namespace) -> int:
+    kind = args.kind
+    body = read_record_file(args.file, kind)
+    if getattr(args, "build_id", None):
+        body["build_id"] = args.build_id  # known only after `form pack build` / `ship`
+    ctx = context(args)
+    res = ctx.call("POST", CATALOG[kind]["base"], body)
+    return output.report_write(ctx.json, res, f"registered {kind} {res.get('id')}")
+
+
+def cmd_agent_hire(args: argparse.Namespace) -> int:
+    """POST the JSON to a running replica of the agent (through the node) and print its answer."""
+    rid = check_id(args.id, "agent id")
+    raw = args.data
+    if raw.startswith("@"):
+        try:
+            raw = Path(raw[1:]).read_text()
+        except OSError as exc:
+            raise CliError(f"cannot read {raw[1:]}: {exc.strerror}", EXIT_USAGE) from None
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise CliError(f"--data is not JSON: {exc}", EXIT_USAGE) from None
+    ctx = context(args)
+    status, doc = ctx.post_doc(f"/v1/agents/{rid}/hire", body, timeout=args.timeout)
+    if status >= 400 and set(doc) >= {"error", "detail"}:
+        raise node_refused(status, doc["error"], doc["detail"], "POST", f"/v1/agents/{rid}/hire")
+    output.print_json(doc)
+    return EXIT_OK
+
+
+def cmd_catalog_get(args: argparse.Namespace) -> int:
+    kind = args.kind
+    ctx = context(args)
+    rid = check_id(args.id, f"{kind} id")
+    key = ctx.key_if_available()
+    rec = ctx.call("GET", f"{CATALOG[kind]['base']}/{rid}", key=key, sign=key is not None)
+    return output.show_record(ctx.json, rec)
+
+
+def cmd_catalog_list(args: argparse.Namespace) -> int:
+    kind, info = args.kind, CATALOG[args.kind]
+    ctx = context(args)
+    owner = owner_filter(ctx, args)
+    key = ctx.key_if_available()
+    query = {"type": args.type, "tag": args.tag, "owner": owner, "limit": args.limit,
+             "offset": args.offset}
+    res = ctx.call("GET", info["base"], query=query, key=key, sign=key is not None)
+    return output.listing(ctx.json, res, info["plural"], _columns(kind), f"no {info['plural']}")
+
+
+def cmd_catalog_search(args: argparse.Namespace) -> int:
+    kind, info = args.kind, CATALOG[args.kind]
+    ctx = context(args)
+    owner = owner_filter(ctx, args)
+    body = {"text": " ".join(args.text) if args.text else None, "type": args.type,
+            "framework": args.framework, "tags": args.tag or None, "owner": owner,
+            "limit": args.limit, "offset": args.offset}
+    body = {k: v for k, v in body.items() if v is not None}
+    key = ctx.key_if_available()
+    try:
+        res = ctx.call("POST", f"{info['base']}/search", body, key=key, sign=key is not None)
+    except CliError as exc:
+        # A signed search is a POST, so the node allows each signature once; the same search
+        # repeated within the same second has the same signature. Sign again a second later.
+        if key is None or "refused: replay" not in exc.message:
+            raise
+        time.sleep(1.05 - time.time() % 1)
+        res = ctx.call("POST", f"{info['base']}/search", body, key=key)
+    return output.listing(ctx.json, res, info["plural"], _columns(kind), f"no {info['plural']} match")
+
+
+def cmd_catalog_update(args: argparse.Namespace) -> int:
+    kind = args.kind
+    rid = check_id(args.id, f"{kind} id")
+    body = read_record_file(args.file, kind)
+    ctx = context(args)
+    res = ctx.call("PUT", f"{CATALOG[kind]['base']}/{rid}", body)
+    return output.report_write(ctx.json, res, f"updated {kind} {rid}")
+
+
+def cmd_catalog_delete(args: argparse.Namespace) -> int:
+    kind = args.kind
+    rid = check_id(args.id, f"{kind} id")
+    ctx = context(args)
+    res = ctx.call("DELETE", f"{CATALOG[kind]['base']}/{rid}")
+    return output.report_write(ctx.json, res, f"deleted {kind} {rid}")
+
+
+def cmd_catalog_authorize(args: argparse.Namespace) -> int:
+    return authorize(args, CATALOG[args.kind]["base"], args.kind)
+
+
+def cmd_catalog_transfer(args: argparse.Namespace) -> int:
+    return transfer(args, CATALOG[args.kind]["base"], args.kind)
+
+
+def register(commands, common: argparse.ArgumentParser) -> None:
+    for kind in ("model", "agent"):
+        _register_kind(commands, common, kind)
+
+
+def _register_kind(commands, common: argparse.ArgumentParser, kind: str) -> None:
+    plural = CATALOG[kind]["plural"]
+    _, cat = group(commands, kind, f"publish and find {plural}",
+                   f"Publish, find and share {plural} of the fog's catalog.")
+    p = leaf(cat, "register", f"publish a {kind} described in a TOML or JSON file",
+             cmd_catalog_register, common, kind=kind,
+             description=f"Publish a {kind}: FILE (.toml or .json) holds its fields (name, "
+                         f"description, {CATALOG[kind]['type']}, framework, tags, ...), at the "
+                         f"top level or under a [{kind}] table. Prints the new id.")
+    p.add_argument("file", metavar="FILE", help=f"the {kind}'s fields, .toml or .json")
+    if kind == "agent":
+        p.add_argument("--build-id", metavar="ID",
+                       help="the image its instances run (from `form pack ship`); /hire goes there")
+        p = leaf(cat, "hire", "send a JSON request to a running instance of the agent",
+                 cmd_agent_hire, common,
+                 description="POST the JSON to the agent (port and path from its record) through "
+                             "the node, which picks a running replica; prints the agent's answer.")
+        record_id(p)
+        p.add_argument("--data", metavar="JSON", default="{}", help="the request: JSON, or @FILE")
+        p.add_argument("--timeout", metavar="S", type=float, default=300.0,
+                       help="seconds to wait for the answer (default 300)")
+    record_id(leaf(cat, "get", f"show one {kind}", cmd_catalog_get, common, kind=kind))
+    for name, fn, help_ in (("list", cmd_catalog_list, f"list {plural}, with filters"),
+                            ("search", cmd_catalog_search, f"search {plural} by words and filters")):
+        p = leaf(cat, name, help_, fn, common, kind=kind)
+        if name == "search":
+            p.add_argument("text", metavar="TEXT", nargs="*", help="words to find in name, description, tags")
+            p.add_argument("--framework", metavar="F", help="only this framework")
+            p.add_argument("--tag", metavar="TAG", action="append", help="must have this tag (repeatable)")
+        else:
+            p.add_argument("--tag", metavar="TAG", help="only with this tag")
+        p.add_argument("--type", metavar="T", help=f"only this {CATALOG[kind]['type']}")
+        p.add_argument("--owner", metavar="ADDRESS", help="only owned by ADDRESS ('me' for yours)")
+        p.add_argument("--mine", action="store_true", help="only yours")
+        paging(p)
+    p = leaf(cat, "update", f"change a {kind}'s fields from a TOML or JSON file",
+             cmd_catalog_update, common, kind=kind)
+    record_id(p)
+    p.add_argument("file", metavar="FILE", help="the fields to change, .toml or .json")
+    record_id(leaf(cat, "delete", f"delete a {kind} (owner only)", cmd_catalog_delete, common,
+                   kind=kind))
+    record_id(leaf(cat, "authorize", f"grant or revoke a user's level on a {kind}",
+                   cmd_catalog_authorize, common, kind=kind), "address", "level")
+    record_id(leaf(cat, "transfer", f"give a {kind} to another address (owner only)",
+                   cmd_catalog_transfer, common, kind=kind), "address")

@@ -1,0 +1,125 @@
+"""`form node`: run the node; `form node status`: ask a node how it and its fog are."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from formation.cli import output
+from formation.cli.output import EXIT_OK
+from formation.cli.parsing import CONFIG_HELP, DATA_DIR_HELP, leaf, port
+from formation.cli.session import context
+from formation.node.config import load_config, with_tcp_port
+from formation.node.logs import configure_logging
+from formation.node.setup import run_node
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    for flag, dotted, value in (
+        ("--data-dir", "node.data_dir", args.data_dir),
+        ("--api-port", "api.port", args.api_port),
+        ("--bootstrap", "p2p.bootstrap", args.bootstrap),
+        ("--vms", "vm.enabled", args.vms),
+    ):
+        if value is not None:
+            overrides[dotted] = value
+            names[dotted] = flag
+    config = load_config(args.config, overrides, override_names=names)
+    if args.p2p_port is not None:
+        listen = with_tcp_port(config.p2p.listen, args.p2p_port)
+        config = dataclasses.replace(config, p2p=dataclasses.replace(config.p2p, listen=listen))
+
+    configure_logging(json_lines=args.log_json or config.node.log_json)
+
+    def ready(ident) -> None:
+        if ident.created_key:
+            output.note(f"created a new operator key in {config.keystore_path}; keep its password "
+                        "safe, it cannot be recovered")
+        if args.json:
+            output.print_json(ident.as_json(), indent=None)
+        else:
+            output.fields([
+                ("address", ident.address),
+                ("data dir", ident.data_dir),
+                ("ops", str(ident.ops)),
+                ("heads", str(ident.heads)),
+                ("state hash", ident.state_hash[:16]),
+            ])
+            if not args.once:
+                output.note("running; Ctrl-C (SIGINT) or SIGTERM stops the node")
+
+    run_node(config, once=args.once, on_ready=ready)
+    return EXIT_OK
+
+
+def _vms_line(vms: dict | None) -> str:
+    if not vms:
+        return "-"
+    if not vms.get("enabled"):
+        return f"off: {vms.get('reason') or 'disabled'}"
+    return (f"on: {vms.get('accel')}, {vms.get('machine')}, bridge {vms.get('bridge')} "
+            f"{vms.get('subnet')}, {vms.get('replicas')} replica(s)")
+
+
+def cmd_node_status(args: argparse.Namespace) -> int:
+    ctx = context(args)
+    health = ctx.call("GET", "/v1/health", sign=False)
+    nodes = ctx.call("GET", "/v1/node/list", query={"limit": 1000}, sign=False)
+    if ctx.json:
+        output.print_json({"node_url": ctx.node_url, "health": health, "nodes": nodes.get("nodes", [])})
+        return EXIT_OK
+    output.fields([("node", ctx.node_url), ("status", health.get("status")),
+                   ("address", health.get("address")), ("peer id", health.get("peer_id")),
+                   ("version", health.get("version")), ("ops", health.get("ops")),
+                   ("peers", health.get("peers")), ("vms", _vms_line(health.get("vms")))])
+    output.blank()
+    me = str(health.get("address", "")).lower()
+    rows = sorted(nodes.get("nodes") or [], key=lambda n: (n.get("address") != me, n.get("address", "")))
+    cap = lambda n, k: (n.get("capacity") or {}).get(k)  # noqa: E731
+    output.table(rows, [
+        ("", lambda n: "*" if n.get("address") == me else ""),
+        ("ADDRESS", lambda n: n.get("address")), ("VERSION", lambda n: n.get("version") or "-"),
+        ("VCPUS", lambda n: cap(n, "vcpus")),
+        ("MEMORY", lambda n: f"{cap(n, 'memory_mb') // 1024} GiB" if cap(n, "memory_mb") else "-"),
+        ("DISK", lambda n: f"{cap(n, 'disk_gb')} GB" if cap(n, "disk_gb") is not None else "-"),
+        ("KVM", lambda n: cap(n, "kvm")), ("VMS", lambda n: cap(n, "vms")),
+        ("SEEN", lambda n: output.ago(n.get("heartbeat"))),
+        ("ADDRS", lambda n: len(n.get("multiaddrs") or [])),
+    ], "no nodes known yet")
+    return EXIT_OK
+
+
+def register(commands, common: argparse.ArgumentParser) -> None:
+    node = commands.add_parser(
+        "node", help="start the node",
+        description="Start the node: create (first run) or unlock the operator key in "
+                    "DATA_DIR/operator.key, open the state in DATA_DIR/state.db, and print the "
+                    "node's identity. The keystore password comes from FORMATION_PASSWORD, "
+                    "[node] password_file, or a prompt.",
+    )
+    node.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    node.add_argument("--data-dir", metavar="DIR", help=DATA_DIR_HELP)
+    node.add_argument("--api-port", metavar="N", type=port,
+                      help="HTTP API port (overrides [api] port)")
+    node.add_argument("--vms", choices=("auto", "true", "false"),
+                      help="run VMs: auto (if root and QEMU), true (required), false (overrides [vm] enabled)")
+    node.add_argument("--p2p-port", metavar="N", type=port,
+                      help="libp2p TCP port (replaces the port in [p2p] listen)")
+    node.add_argument("--bootstrap", metavar="MULTIADDR", nargs="+", action="extend",
+                      help="peer(s) to join through, /ip4/HOST/tcp/PORT/p2p/PEER_ID; "
+                           "repeatable; replaces [p2p] bootstrap")
+    node.add_argument("--json", action="store_true",
+                      help="print the identity as one JSON object instead of a table")
+    node.add_argument("--once", action="store_true",
+                      help="open the key and state, print the identity and exit (no network)")
+    node.add_argument("--log-json", action="store_true",
+                      help="log JSON lines on stderr (overrides [node] log_json)")
+    node.set_defaults(func=cmd_node)
+
+    # `form node` itself runs the node; its one command asks a (maybe remote) node's API
+    leaf(node.add_subparsers(dest="node_command", metavar="COMMAND"), "status",
+         "the node's health and the nodes of its fog", cmd_node_status, common,
+         description="Ask the node (GET /health, /node/list) how it is and which nodes its fog has.")

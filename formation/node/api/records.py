@@ -1,0 +1,295 @@
+"""Endpoints of the shared state: health, accounts, instances, nodes, DNS, models and agents,
+any record by kind and key, the event stream, and every signed write.
+
+Every user write is the user's own signed request, handed to the node runtime unchanged; the
+op that carries it is what the fog replicates. Reads show a record with its `record_version`
+(what a write on it names as ?base=) to whoever may see it (views.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import trio
+
+from formation.crdt.intents import MAX_BODY, write_routes
+from formation.crdt.kinds import get_kind, registry
+from formation.crdt.op import OpError
+
+from ..placement import place_all, shortfall, stale_after_ms
+from . import views
+from .http import PAGING, STATUS_OF_CODE, ApiError, Call, Endpoint, Handler, paged
+from .schemas import (
+    ADDRESS,
+    BOOLEAN,
+    COUNT,
+    SEARCH_SCHEMA,
+    STRING,
+    VERSION,
+    array,
+    error_doc,
+    nullable,
+    obj,
+    page_schema,
+    ref,
+    shown_schema,
+    write_body_schema,
+    write_result_schema,
+)
+
+ASYNC_ACTIONS = {("instance", "create"), ("instance", "start"), ("instance", "stop"),
+                 ("instance", "restart"), ("instance", "delete")}
+
+
+def write_status(kind: str, action: str) -> int:
+    """202 when the scheduler does the work later, 201 for a create, 200 otherwise."""
+    return 202 if (kind, action) in ASYNC_ACTIONS else 201 if action == "create" else 200
+
+
+# ---- node -------------------------------------------------------------------------------------
+
+VM_STATUS = obj({"enabled": BOOLEAN, "reason": STRING},
+                {"accel": STRING, "machine": STRING, "bridge": STRING, "subnet": STRING, "replicas": COUNT,
+                 "kernel": nullable(STRING)})
+HEALTH = obj({"status": {"type": "string", "enum": ["healthy", "degraded"]}, "problems": array(STRING),
+              "version": STRING, "address": {"type": "string", "pattern": "^0x[0-9a-fA-F]{40}$"},
+              "peer_id": STRING, "ops": COUNT, "peers": COUNT, "vms": VM_STATUS})
+
+
+async def health(call: Call):
+    st = await call.runtime.status()
+    problems = call.runtime.health_problems(len(st["connected"]), st["pending"])
+    return {"status": "degraded" if problems else "healthy", "problems": problems,
+            "version": st["version"], "address": st["address"], "peer_id": st["peer_id"], "ops": st["ops"],
+            "peers": len(st["connected"]), "vms": st["vms"]}, 200
+
+
+async def node_list(call: Call):
+    return paged("nodes", await views.visible_rows(call, "node"), call.query), 200
+
+
+async def node_get(call: Call):
+    return await views.visible_or_404(call, "node", call.params["id"].lower()), 200
+
+
+# ---- writes -----------------------------------------------------------------------------------
+
+def make_write(kind: str, action: str) -> Handler:
+    async def handler(call: Call):
+        if len(call.body) > MAX_BODY:
+            raise ApiError(413, "too_large", f"body is {len(call.body)} bytes, the limit is {MAX_BODY}")
+        try:
+            op = await call.runtime.submit_request(call.signed.message, call.body, call.signed.signature)
+        except OpError as exc:
+            raise ApiError(STATUS_OF_CODE.get(exc.code, 400), exc.code, exc.detail) from None
+        return {"op_id": op.id.hex(), "kind": op.kind, "key": op.key, "id": op.key}, write_status(kind, action)
+
+    return handler
+
+
+# ---- accounts and instances -------------------------------------------------------------------
+
+async def account_get(call: Call):
+    addr = call.params["address"].lower()
+    if addr != call.who:
+        raise ApiError(403, "forbidden", "an account is readable only by its own address")
+    return await views.visible_or_404(call, "account", addr), 200
+
+
+async def account_list(call: Call):
+    value = await views.with_version(call, "account", call.who)
+    return {"accounts": [value] if value else [], "count": 1 if value else 0}, 200
+
+
+PLACEMENT = obj({"nodes": array(ADDRESS), "problem": nullable(STRING)})
+
+
+def instance_detail_schema() -> dict:
+    return shown_schema("instance", replicas_status=array(shown_schema("instance_status", node_alive=BOOLEAN)),
+                        placement=PLACEMENT)
+
+
+async def instance_get(call: Call):
+    inst = await views.visible_or_404(call, "instance", call.params["id"])
+    return {**inst, "replicas_status": await views.replica_statuses(call, inst["instance_id"]),
+            "placement": await _placement(call, inst)}, 200
+
+
+async def _placement(call: Call, inst: dict) -> dict:
+    """Where the fog places the instance now, and why it cannot place all of it (e.g. no node
+    has the GPUs it asks for) instead of leaving it pending in silence."""
+    instances = await call.runtime.astore.list("instance", limit=1_000_000)
+    nodes = await call.runtime.astore.list("node", limit=1_000_000)
+    now, stale = int(time.time() * 1000), stale_after_ms(call.runtime.config.node.heartbeat_seconds)
+    placed = place_all(instances, nodes, now_ms=now, stale_ms=stale).get(inst["instance_id"], [])
+    return {"nodes": placed, "problem": shortfall(inst, placed, nodes, now_ms=now, stale_ms=stale)}
+
+
+async def instance_by_build(call: Call):
+    items = await views.visible_rows(call, "instance", type=call.params["build_id"])
+    return {"instances": items, "count": len(items)}, 200
+
+
+async def instance_list(call: Call):
+    return paged("instances", await views.visible_rows(call, "instance"), call.query), 200
+
+
+# ---- dns and any record -----------------------------------------------------------------------
+
+async def dns_list(call: Call):
+    rows = await views.visible_rows(call, "dns", owner=call.query.get("owner"))
+    rows.sort(key=lambda r: (r["domain"], r["owner"], r["record_id"]))
+    return paged("records", rows, call.query), 200
+
+
+async def dns_get(call: Call):
+    return await views.visible_or_404(call, "dns", call.params["id"]), 200
+
+
+def shown_kinds() -> list[str]:
+    """The kinds GET /records/{kind}/{key} may show."""
+    return sorted(set(registry()) - views.NEVER_SHOWN)
+
+
+def record_answer_schema() -> dict:
+    return obj({"kind": {"type": "string", "enum": shown_kinds()}, "key": STRING, "record_version": VERSION,
+                "value": {"anyOf": [ref(k) for k in shown_kinds()]}})
+
+
+async def record_get(call: Call):
+    """Any record by kind and key, with its version: what a client signs its next write on."""
+    kind, key = call.params["kind"], call.params["key"]
+    if get_kind(kind) is None:
+        raise ApiError(404, "not_found", f"no kind {kind!r}")
+    value = await views.visible_or_404(call, kind, key)
+    return {"kind": kind, "key": key, "record_version": value["record_version"], "value": value}, 200
+
+
+# ---- models and agents ------------------------------------------------------------------------
+
+CATALOG_QUERY = {name: {"type": "string"} for name in ("owner", "type", "tag", "q", "framework")}
+
+
+def catalog_handlers(kind: str, plural: str):
+    type_field = "model_type" if kind == "model" else "agent_type"
+
+    async def listing(call: Call):
+        q = call.query
+        rows = await views.visible_rows(call, kind, owner=q.get("owner"), type=q.get("type"), tag=q.get("tag"),
+                                        text=q.get("q"))
+        rows = [r for r in rows if views.matches(r, type_field=type_field, filters={"framework": q.get("framework")})]
+        return paged(plural, rows, q), 200
+
+    async def get_one(call: Call):
+        return await views.visible_or_404(call, kind, call.params["id"]), 200
+
+    async def search(call: Call):
+        body = call.json()
+        unknown = set(body) - set(SEARCH_SCHEMA["properties"])
+        if unknown:
+            raise ApiError(400, "bad_field", f"unknown search field {sorted(unknown)[0]!r}")
+        tags = body.get("tags") or []
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ApiError(400, "bad_field", "field 'tags' must be a list of strings")
+        for name in ("type", "framework", "owner", "text"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise ApiError(400, "bad_field", f"field {name!r} must be a string")
+        rows = await views.visible_rows(call, kind, owner=body.get("owner"), type=body.get("type"),
+                                        tag=tags[0] if tags else None, text=body.get("text"))
+        rows = [r for r in rows if views.matches(r, type_field=type_field, filters=body)]
+        return paged(plural, rows, {k: str(body[k]) for k in ("limit", "offset") if k in body}), 200
+
+    return listing, get_one, search
+
+
+# ---- events -----------------------------------------------------------------------------------
+
+async def events(call: Call):
+    """NDJSON: one line per committed op the caller may see; `since` = op id or sequence."""
+    seq = await _resolve_since(call, call.query.get("since", "0"))
+    runtime = call.runtime
+
+    async def lines():
+        nonlocal seq
+        yield json.dumps({"event": "hello", "seq": seq}) + "\n"
+        while True:
+            with trio.move_on_after(15):
+                await runtime.changes.wait_past(seq)
+            metas = await runtime.astore.since(seq)
+            if not metas:
+                yield json.dumps({"event": "keepalive", "seq": seq}) + "\n"
+                continue
+            out = []
+            for m in metas:
+                value = await runtime.astore.get(m.kind, m.key)
+                shown = value if value is None or views.visible(m.kind, value, call.who) else False
+                if shown is not False and m.kind not in views.NEVER_SHOWN:
+                    out.append(json.dumps({"event": "op", "seq": m.seq, "op_id": m.id.hex(),
+                                           "kind": m.kind, "key": m.key, "value": shown}) + "\n")
+                seq = m.seq
+            if out:
+                yield "".join(out)
+
+    return lines(), 200
+
+
+async def _resolve_since(call: Call, since: str) -> int:
+    if re.fullmatch(r"[0-9]{1,12}", since):
+        return int(since)
+    try:
+        op_id = bytes.fromhex(since)
+    except ValueError:
+        raise ApiError(400, "bad_field", "query parameter 'since' is a sequence number or an op id (hex)") from None
+    meta = await call.runtime.astore.op_meta(op_id)
+    if meta is None:
+        raise ApiError(404, "not_found", f"no op {since}")
+    return meta.seq
+
+
+# ---- the table --------------------------------------------------------------------------------
+
+TOO_EARLY = {425: error_doc("the request is dated too far ahead of the node's clock (too_early)")}
+
+
+def endpoints() -> list[Endpoint]:
+    eps = [
+        Endpoint("GET", "/health", "Node health and identity", "none", health, tags=["node"], answer=HEALTH),
+        Endpoint("GET", "/account/{address}/get", "Your account", "required", account_get, tags=["accounts"],
+                 answer=ref("account")),
+        Endpoint("GET", "/account/list", "Accounts you may see (your own)", "required", account_list,
+                 tags=["accounts"], answer=obj({"accounts": array(ref("account")), "count": COUNT})),
+        Endpoint("GET", "/instance/list", "Instances you own or are authorized on", "required", instance_list,
+                 tags=["instances"], query=PAGING, answer=page_schema("instances", ref("instance"))),
+        Endpoint("GET", "/instance/{id}/get", "One instance with its replicas' status", "required", instance_get,
+                 tags=["instances"], answer=instance_detail_schema()),
+        Endpoint("GET", "/instance/{build_id}/get_by_build_id", "Your instances of a build", "required",
+                 instance_by_build, tags=["instances"],
+                 answer=obj({"instances": array(ref("instance")), "count": COUNT})),
+        Endpoint("GET", "/node/list", "Nodes of the fog", "none", node_list, tags=["node"], query=PAGING,
+                 answer=page_schema("nodes", ref("node"))),
+        Endpoint("GET", "/node/{id}/get", "One node", "none", node_get, tags=["node"], answer=ref("node")),
+        Endpoint("GET", "/dns/list", "DNS records", "none", dns_list, tags=["dns"],
+                 query={"owner": {"type": "string"}, **PAGING}, answer=page_schema("records", ref("dns"))),
+        Endpoint("GET", "/dns/{id}/get", "One DNS record", "none", dns_get, tags=["dns"], answer=ref("dns")),
+        Endpoint("GET", "/records/{kind}/{key}", "Any record with its record_version (the base of a write on it)",
+                 "optional", record_get, tags=["records"], answer=record_answer_schema()),
+        Endpoint("GET", "/events", "Live stream of state changes you may see (NDJSON)", "optional", events,
+                 tags=["events"], stream=True, query={"since": {"type": "string"}}),
+    ]
+    for kind, plural, base in (("model", "models", "/models"), ("agent", "agents", "/agents")):
+        listing, get_one, search = catalog_handlers(kind, plural)
+        eps += [
+            Endpoint("GET", base, f"List {plural} you may see", "optional", listing, tags=[plural],
+                     query={**PAGING, **CATALOG_QUERY}, answer=page_schema(plural, ref(kind))),
+            Endpoint("GET", base + "/{id}", f"One {kind}", "optional", get_one, tags=[plural], answer=ref(kind)),
+            Endpoint("POST", base + "/search", f"Search {plural}", "optional", search, body=SEARCH_SCHEMA,
+                     tags=[plural], answer=page_schema(plural, ref(kind))),
+        ]
+    for method, pattern, kind, action in write_routes():
+        eps.append(Endpoint(method, pattern, f"{action} {kind} (signed write)", "required",
+                            make_write(kind, action), body=write_body_schema(get_kind(kind), action),
+                            ok=write_status(kind, action), tags=[kind], write=True,
+                            answer=write_result_schema(kind), responses=TOO_EARLY))
+    return eps

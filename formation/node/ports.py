@@ -1,0 +1,100 @@
+"""What each part of the node needs of the others, declared as small Protocols: the scheduler, the
+HTTP API and the control socket are handed the node (runtime.py, the composition root) typed by
+these, so each one's dependencies read off its signature and a test can hand it a small fake.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from formation.crdt.async_store import AsyncStore
+from formation.crdt.op import Op
+from formation.vm.backend import VmBackend
+from formation.vm.spec import VmSpec
+
+from .config import Config
+from .events import Changes
+from .vmside import VmSide
+
+
+class Peers(Protocol):
+    """The p2p side, as the scheduler uses it: who is connected, and blobs they hold."""
+
+    def connected(self) -> list[str]: ...
+
+    async def fetch_blob(self, peer: str, name: str, limit: int) -> bytes | None: ...
+
+
+class PeerControl(Peers, Protocol):
+    """What the control socket does with peers (tests and operators: sync now, cut a link)."""
+
+    async def sync_with(self, peer: str) -> Any: ...
+
+    async def block(self, peer: str) -> None: ...
+
+    def unblock(self, peer: str) -> None: ...
+
+
+class NodeState(Protocol):
+    """The shared state as this node sees it, and the node's own signed writes."""
+
+    address: str
+    config: Config
+    astore: AsyncStore
+    changes: Changes
+
+    async def write(self, kind: str, key: str, value: Any) -> Op: ...
+
+
+class SchedulerNode(NodeState, Protocol):
+    p2p: Peers
+
+
+class RequestsNode(NodeState, Protocol):
+    """A node that relays users' signed requests and reports on itself (API, control socket)."""
+
+    async def submit_request(self, message: str, body: bytes, signature: bytes | str,
+                             recovery_id: int | None = None) -> Op: ...
+
+    async def status(self) -> dict: ...
+
+
+class ControlNode(RequestsNode, Protocol):
+    p2p: PeerControl
+
+
+class ApiNode(RequestsNode, Protocol):
+    """What the HTTP API handlers use of the node."""
+
+    vms: VmSide
+
+    def health_problems(self, connected: int, pending: int) -> list[str]: ...
+
+
+class VmHostPort(Protocol):
+    """The VM side of a host: its backend, its images, its bridge and addresses."""
+
+    driver: VmBackend
+    images_dir: Path
+    bridge: str
+
+    def describe(self) -> dict:
+        """accel, machine, bridge, subnet, kernel: what the node says of its VM side."""
+
+    def pick_ip(self, instance_id: str, taken: set[str]) -> str: ...
+
+    def spec_for(self, instance_id: str, ip: str, *, vcpus: int, memory_mb: int, image: Path,
+                 hostname: str) -> VmSpec: ...
+
+
+class BuildsPort(Protocol):
+    """The node's image builds, as the scheduler uses them."""
+
+    def status(self, build_id: str) -> dict | None: ...
+
+    def context_bytes(self, build_id: str) -> bytes | None: ...
+
+    async def image_id_of(self, formfile_text: str, context_tar: bytes | None) -> str: ...
+
+    async def submit(self, formfile_text: str, context_tar: bytes | None, owner: str) -> dict: ...

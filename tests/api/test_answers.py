@@ -1,0 +1,145 @@
+"""Every answer of the API matches what /openapi.json documents for it: the success answers'
+schemas built from the records, and the errors'.
+
+One node with a faked VM side (conftest's `vnode`) is driven through every endpoint but the
+event stream: records of every user kind with their optional fields set, replicas on this node
+and on one that sends no heartbeats, builds done, cached, refused and failed. Each answer is
+validated by schemathesis against the document the node serves, and every operation must have
+answered 2xx at least once. The schemathesis run (test_fuzz.py) covers what a generator finds;
+this covers the shapes only a real history reaches.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import schemathesis
+import trio
+
+from formation.client import ApiError, AsyncClient
+from formation.crdt.keys import PrivateKey, format_address
+from tests.api.conftest import status_of
+
+BUILD = "c" * 64
+# answered by the agent, whatever it says (the schema is {}): its refusals are checked below
+NOT_2XX = {"GET /v1/events", "POST /v1/agents/{id}/hire"}
+
+
+def key(n: int) -> PrivateKey:
+    return PrivateKey(bytes([n]) * 32)
+
+
+def addr(n: int) -> str:
+    return format_address(key(n).address)
+
+
+async def test_every_answer_is_as_documented(vnode):
+    async with httpx.AsyncClient(base_url=vnode.base_url) as http:
+        schema = schemathesis.openapi.from_dict((await http.get("/openapi.json")).json())
+    answered: set[str] = set()  # operations seen answering 2xx
+
+    async def conforms(response: httpx.Response) -> None:
+        await response.aread()
+        req = response.request
+        op = schema.find_operation_by_path(req.method, req.url.path)
+        assert op is not None, f"{req.method} {req.url.path} is not in the document"
+        op.validate_response(response)  # raises, naming what does not match
+        if response.status_code < 300:
+            answered.add(op.label)
+
+    def client(n: int) -> AsyncClient:
+        c = AsyncClient(vnode.base_url, key(n))
+        c.http.event_hooks["response"] = [conforms]
+        return c
+
+    alice, bob = client(1), client(2)
+    vnode.runs_vms = True  # so that placement has a node to name
+    await vnode.register()
+    await alice.get("/v1/health")
+    await alice.get("/v1/openapi.json")
+    await alice.get("/v1/node/list")
+    await alice.get(f"/v1/node/{vnode.address}/get")
+    await alice.get(f"/v1/records/node/{vnode.address}")
+
+    await alice.post("/v1/account/create", {"name": "alice"})
+    await alice.post("/v1/account/update", {"name": "alice two"})
+    await alice.get(f"/v1/account/{addr(1)}/get")
+    await alice.get("/v1/account/list")
+    await alice.get(f"/v1/records/account/{addr(1)}")
+    await bob.get("/v1/account/list")  # no account: an empty list
+
+    full = {"model": {"name": "full", "version": "1", "context_length": 8192, "quantization": "q4",
+                      "price_per_1k_tokens": 0.25, "weights_url": "https://w", "metadata": {"k": "v"},
+                      "is_private": True, "tags": ["chat"]},
+            "agent": {"name": "full", "build_id": BUILD, "port": 8080, "path": "/run", "capabilities": ["talk"],
+                      "price_per_request": 1, "metadata": {"k": "v"}, "tags": ["chat"]}}
+    for kind, base in (("model", "/v1/models"), ("agent", "/v1/agents")):
+        rid = (await alice.post(base, full[kind]))["id"]
+        await alice.put(f"{base}/{rid}", {"description": "updated"})
+        await alice.post(f"{base}/{rid}/authorize", {"address": addr(3), "level": "read_only"})
+        await alice.get(base, query={"tag": "chat"})
+        await alice.get(f"{base}/{rid}")
+        await alice.post(f"{base}/search", {"text": "full", "limit": 5})
+        await alice.get(f"/v1/records/{kind}/{rid}")
+        with pytest.raises(ApiError):
+            await alice.get(f"{base}/nope")
+        await alice.post(f"{base}/{rid}/transfer", {"to": addr(2)})
+        if kind == "model":
+            await bob.delete(f"{base}/{rid}")
+    agent_id = rid
+
+    rid = (await alice.post("/v1/dns/create", {"domain": "web.fog", "targets": ["10.0.0.1"]}))["id"]
+    await alice.post(f"/v1/dns/{rid}/update", {"record_type": "CNAME", "cname_target": "other.fog"})
+    await alice.post(f"/v1/dns/{rid}/authorize", {"address": addr(3), "level": "manager"})
+    await alice.get("/v1/dns/list", query={"owner": addr(1)})
+    await alice.get(f"/v1/dns/{rid}/get")
+    await alice.get(f"/v1/records/dns/{rid}")
+    await alice.post(f"/v1/dns/{rid}/transfer", {"to": addr(2)})
+    await bob.post(f"/v1/dns/{rid}/delete")
+
+    here = (await alice.post("/v1/instance/create", {"name": "web", "build_id": BUILD, "replicas": 2}))["id"]
+    gpu = (await alice.post("/v1/instance/create", {"name": "gpu", "resources": {"gpu": {"count": 2, "model": "a100"}}}))["id"]
+    await status_of(vnode, vnode.key, here, "running", "10.1.0.5")
+    await status_of(vnode, key(99), here, "booting", None, "copying the image")
+    await status_of(vnode, key(99), gpu, "failed", None, "no GPU")
+    vnode.vms.scheduler.consoles[here] = "booting\nready\n"
+    await alice.post(f"/v1/instance/{here}/update", {"description": "the web"})
+    await alice.post("/v1/instance/update", {"instance_id": here, "tags": ["web"]})
+    await alice.post(f"/v1/instance/{here}/authorize", {"address": addr(3), "level": "operator"})
+    for action in ("stop", "start", "restart"):
+        await client(3).post(f"/v1/instance/{here}/{action}")
+    for iid in (here, gpu):
+        await alice.get(f"/v1/instance/{iid}/get")
+        await alice.get(f"/v1/instance/{iid}/ips")
+        await alice.get(f"/v1/records/instance/{iid}")
+    await alice.get("/v1/instance/list", query={"limit": 1})
+    await alice.get(f"/v1/instance/{BUILD}/get_by_build_id")
+    await alice.get(f"/v1/instance/{here}/logs", query={"tail": 6})
+    await alice.get(f"/v1/instance/{here}/metrics")
+    for what in ("logs", "metrics"):  # no replica here: 404 naming the nodes that have one
+        with pytest.raises(ApiError) as e:
+            await alice.get(f"/v1/instance/{gpu}/{what}")
+        assert e.value.status == 404
+    with pytest.raises(ApiError) as e:
+        await alice.post(f"/v1/agents/{agent_id}/hire", {"q": 1})  # its owner runs no instance of it
+    assert e.value.status == 503
+    await bob.delete(f"/v1/agents/{agent_id}")
+    await alice.post(f"/v1/instance/{gpu}/transfer", {"to": addr(2)})
+    await bob.post(f"/v1/instance/{gpu}/delete")
+
+    st = await alice.post("/v1/pack/build", {"formfile": "NAME web\nRUN echo hello\n"})
+    failed = await alice.post("/v1/pack/build", {"formfile": "NAME f\nRUN echo one\nRUN false\n"})
+    with trio.fail_after(10):
+        for bid in (st["build_id"], failed["build_id"]):
+            while (await alice.get(f"/v1/pack/builds/{bid}"))["state"] not in ("done", "failed"):
+                await trio.sleep(0.02)
+    await bob.post("/v1/pack/build", {"formfile": "NAME web\nRUN echo hello\n"})  # a cache hit: 200
+    await alice.get("/v1/pack/builds", query={"limit": 5})
+    await alice.get(f"/v1/pack/builds/{st['build_id']}/logs", query={"offset": 3})
+    with pytest.raises(ApiError) as e:
+        await alice.post("/v1/pack/build", {"formfile": "NAME x\nVCPU 0\nRUN echo\n"})
+    assert e.value.status == 400 and e.value.error == "build_refused"
+
+    await alice.post("/v1/account/delete")
+    documented = {r.ok().label for r in schema.get_all_operations()}
+    assert documented - answered == NOT_2XX
