@@ -130,7 +130,7 @@ class DevFog:
         first = self._wait_control(0, self.start_timeout)
         boot0 = _local_addr(first)
         for node in self.nodes[1:]:
-            self._launch(node.index, self._bootstrap_for(node.index, boot0))
+            self._launch(node.index, self._bootstrap_for(node.index, boot0), self._invite())
         return self
 
     def add_node(self) -> int:
@@ -138,8 +138,19 @@ class DevFog:
         if not self._started:
             raise DevFogError("start the fog first")
         node = self._prepare()
-        self._launch(node.index, [self._node0_addr()])
+        self._launch(node.index, [self._node0_addr()], self._invite())
         return node.index
+
+    def _invite(self) -> str:
+        """An invite of node 0's (the fog's genesis) for one more node."""
+        c = self.client(0)
+        try:
+            answer = c.call(cmd="invite", expires=3600)
+        finally:
+            c.close()
+        if not answer.get("ok"):
+            raise DevFogError(f"node 0 made no invite: {answer.get('detail')}")
+        return answer["token"]
 
     def restart(self, i: int, *, wait: bool = True, timeout: float | None = None) -> None:
         """Stop node i if it runs (SIGTERM), start it again on the same ports and data dir."""
@@ -221,7 +232,7 @@ class DevFog:
                 return port
         raise DevFogError("could not find a free port")
 
-    def _launch(self, i: int, bootstrap: list[str]) -> None:
+    def _launch(self, i: int, bootstrap: list[str], invite: str | None = None) -> None:
         node = self.nodes[i]
         if node.running:
             raise DevFogError(f"node {i} is already running")
@@ -231,6 +242,8 @@ class DevFog:
                 "--api-port", str(node.api_port), *self.extra_args]
         if bootstrap:
             argv += ["--bootstrap", *bootstrap]
+        if invite:  # claimed at the node's first start; later starts find their membership
+            argv += ["--invite", invite]
         env = dict(os.environ)
         env[PASSWORD_ENV] = self.password
         env["PYTHONUNBUFFERED"] = "1"
@@ -239,8 +252,9 @@ class DevFog:
         if node.log_file is not None:
             node.log_file.close()
         node.log_file = open(node.log_path, "ab")  # noqa: SIM115 - closed in stop/close
+        shown = ["fmi1.…" if a == invite else a for a in argv[1:]]  # a token is a secret
         node.log_file.write(f"---- devfog: start {node.starts + 1} of node {i}: "
-                            f"{' '.join(argv[1:])}\n".encode())
+                            f"{' '.join(shown)}\n".encode())
         node.log_file.flush()
         node.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=node.log_file,
                                      stderr=subprocess.STDOUT, env=env, cwd=str(self.base_dir),

@@ -26,6 +26,7 @@ its password); 3 the node cannot be reached; 130 interrupted. Every failure is o
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -41,6 +42,7 @@ from formation.cli.parsing import Parser, common_options
 from formation.cli.session import close_context
 from formation.keystore import KeystoreError
 from formation.node.config import ConfigError
+from formation.node.fog import InviteError
 from formation.node.setup import NodeError
 
 __all__ = ["build_parser", "main"]
@@ -85,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         error(str(exc))
         return EXIT_USAGE
-    except (KeystoreError, NodeError) as exc:
+    except (KeystoreError, NodeError, InviteError) as exc:
         error(str(exc))
         return EXIT_FAILURE
     except KeyboardInterrupt:
@@ -93,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         error("interrupted")
         return EXIT_INTERRUPTED
     except Exception as exc:  # a bug: still one line, but say what it was
+        if logging.getLogger().handlers:  # `form node`, whose log an operator sends with a report
+            logging.getLogger("formation").error("the node hit a bug", exc_info=exc)
         error(f"unexpected {type(exc).__name__}: {exc}")
         return EXIT_FAILURE
     finally:

@@ -23,11 +23,16 @@ def cmd_node(args: argparse.Namespace) -> int:
         ("--api-port", "api.port", args.api_port),
         ("--bootstrap", "p2p.bootstrap", args.bootstrap),
         ("--vms", "vm.enabled", args.vms),
+        ("--invite", "fog.invite", getattr(args, "invite", None)),
     ):
         if value is not None:
             overrides[dotted] = value
             names[dotted] = flag
     config = load_config(args.config, overrides, override_names=names)
+    if config.fog.invite:  # a token that cannot be used fails here, before any key or state exists
+        from formation.node.fog import InviteToken, check_usable
+
+        check_usable(InviteToken.decode(config.fog.invite))
     if args.p2p_port is not None:
         listen = with_tcp_port(config.p2p.listen, args.p2p_port)
         config = dataclasses.replace(config, p2p=dataclasses.replace(config.p2p, listen=listen))
@@ -55,6 +60,32 @@ def cmd_node(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_invite_create(args: argparse.Namespace) -> int:
+    """An invite token from the local node (its control socket: only its operator may invite)."""
+    from formation.node.control import ControlClient
+
+    config = load_config(args.config, {"node.data_dir": args.data_dir} if args.data_dir else {})
+    path = config.data_dir / "control.sock"
+    try:
+        client = ControlClient(path, timeout=30)
+    except OSError as exc:
+        raise output.CliError(f"cannot reach the node at {path} ({exc}); is `form node` running "
+                              "with this data dir?", output.EXIT_UNREACHABLE) from None
+    try:
+        answer = client.call(cmd="invite", expires=args.expires)
+    finally:
+        client.close()
+    if not answer.get("ok"):
+        raise output.CliError(f"the node made no invite: {answer.get('detail')}")
+    if args.json:
+        output.print_json({k: answer[k] for k in ("token", "fog_id", "serial", "expires")})
+        return EXIT_OK
+    print(answer["token"])
+    output.note(f"invite {answer['serial']} into fog {answer['fog_id']}, valid until "
+                f"{output.when(answer['expires'])}; on the new host run: form join TOKEN")
+    return EXIT_OK
+
+
 def _vms_line(vms: dict | None) -> str:
     if not vms:
         return "-"
@@ -74,7 +105,8 @@ def cmd_node_status(args: argparse.Namespace) -> int:
     output.fields([("node", ctx.node_url), ("status", health.get("status")),
                    ("address", health.get("address")), ("peer id", health.get("peer_id")),
                    ("version", health.get("version")), ("ops", health.get("ops")),
-                   ("peers", health.get("peers")), ("vms", _vms_line(health.get("vms")))])
+                   ("peers", health.get("peers")), ("vms", _vms_line(health.get("vms"))),
+                   *[("problem", p) for p in health.get("problems") or []]])
     output.blank()
     me = str(health.get("address", "")).lower()
     rows = sorted(nodes.get("nodes") or [], key=lambda n: (n.get("address") != me, n.get("address", "")))
@@ -100,6 +132,50 @@ def register(commands, common: argparse.ArgumentParser) -> None:
                     "node's identity. The keystore password comes from FORMATION_PASSWORD, "
                     "[node] password_file, or a prompt.",
     )
+    _node_flags(node)
+    node.set_defaults(func=cmd_node)
+
+    join = commands.add_parser(
+        "join", help="join a fog with an invite (or start a new one: --genesis), and run the node",
+        description="Run the node as a member of a fog: claim INVITE (a token from `form invite "
+                    "create` on a member), dialing the peers it names; or with --genesis start a "
+                    "new fog whose first member is this node. Once joined, `form node` runs it "
+                    "again (the membership is in the state).")
+    join.add_argument("invite", nargs="?", metavar="INVITE", help="the invite token (fmi1....)")
+    join.add_argument("--genesis", action="store_true", help="start a new fog instead")
+    _node_flags(join)
+    join.set_defaults(func=cmd_join)
+
+    invite = commands.add_parser("invite", help="invite a new host into this node's fog")
+    invite_commands = invite.add_subparsers(dest="invite_command", metavar="COMMAND")
+    create = invite_commands.add_parser(
+        "create", help="make a single-use invite token",
+        description="Ask the local node (its control socket) for an invite: the next of its "
+                    "admissions, claimable once, until it expires.")
+    create.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    create.add_argument("--data-dir", metavar="DIR", help=DATA_DIR_HELP)
+    create.add_argument("--expires", type=int, default=3600, metavar="SECONDS",
+                        help="how long the invite can be claimed (default 3600)")
+    create.add_argument("--json", action="store_true", help="print one JSON object")
+    create.set_defaults(func=cmd_invite_create, parser=create)
+    invite.set_defaults(func=None, parser=invite)
+
+    # `form node` itself runs the node; its one command asks a (maybe remote) node's API
+    leaf(node.add_subparsers(dest="node_command", metavar="COMMAND"), "status",
+         "the node's health and the nodes of its fog", cmd_node_status, common,
+         description="Ask the node (GET /health, /node/list) how it is and which nodes its fog has.")
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    if args.genesis == bool(args.invite):
+        raise output.CliError("give an invite token, or --genesis to start a new fog (not both)",
+                              output.EXIT_USAGE)
+    if args.genesis and args.bootstrap:
+        raise output.CliError("--genesis starts a new fog: it takes no --bootstrap", output.EXIT_USAGE)
+    return cmd_node(args)
+
+
+def _node_flags(node: argparse.ArgumentParser) -> None:
     node.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     node.add_argument("--data-dir", metavar="DIR", help=DATA_DIR_HELP)
     node.add_argument("--api-port", metavar="N", type=port,
@@ -111,15 +187,11 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     node.add_argument("--bootstrap", metavar="MULTIADDR", nargs="+", action="extend",
                       help="peer(s) to join through, /ip4/HOST/tcp/PORT/p2p/PEER_ID; "
                            "repeatable; replaces [p2p] bootstrap")
+    node.add_argument("--invite", metavar="TOKEN",
+                      help="an invite to claim at the first start (overrides [fog] invite)")
     node.add_argument("--json", action="store_true",
                       help="print the identity as one JSON object instead of a table")
     node.add_argument("--once", action="store_true",
                       help="open the key and state, print the identity and exit (no network)")
     node.add_argument("--log-json", action="store_true",
                       help="log JSON lines on stderr (overrides [node] log_json)")
-    node.set_defaults(func=cmd_node)
-
-    # `form node` itself runs the node; its one command asks a (maybe remote) node's API
-    leaf(node.add_subparsers(dest="node_command", metavar="COMMAND"), "status",
-         "the node's health and the nodes of its fog", cmd_node_status, common,
-         description="Ask the node (GET /health, /node/list) how it is and which nodes its fog has.")

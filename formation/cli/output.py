@@ -252,6 +252,11 @@ def ago(ms: Any) -> str:
     return f"{s // 3600}h ago"
 
 
+def when(ms: int) -> str:
+    """A unix-ms time as UTC, to the minute."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def size(n: int) -> str:
     if n < 1024 * 1024:
         return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} bytes"

@@ -50,6 +50,9 @@ class AsyncStore:
 
         return await self.run(read, self.store)
 
+    async def fog_members(self, fog_id: str) -> frozenset[str]:
+        return await self.run(self.store.fog_members, fog_id)
+
     async def list(self, kind: str, **filters: Any) -> list[dict]:
         return await self.run(self.store.list, kind, **filters)
 

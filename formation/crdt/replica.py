@@ -10,6 +10,7 @@ Validity (`_validate`) reads only the op and its causal past, never a clock, the
 or the stack depth, so every honest node reaches the same verdict. The wall clock enters in one
 place, admission: an op dated more than `max_future_ms` ahead of this node's clock waits in the
 pending buffer (bounded) instead of being delivered, so no peer can drag our clock forward.
+(About 400 lines: the validity rules and the buffer they guard are read together.)
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import codec
+from . import codec, membership
 from .hlc import to_ms
 from .intents import parse_request
 from .keys import PrivateKey, parse_signature, sha256
@@ -27,6 +27,9 @@ from .op import MAX_DEPS, Op, OpError, decode_op, make_op, user_request
 from .oplog import LogFormatError, OpLog
 from .registers import NodeRegister, OpMeta, UserRegister
 from .replica import IngestResult, Limits, Rejection, Replica, Stage, _record_row
+
+# member and expel records read per fog (a budget: the records of a fog's sybils are valid ops too)
+MAX_MEMBER_RECORDS = 100_000
 
 __all__ = ["IngestResult", "Limits", "LogFormatError", "Rejection", "Store"]
 
@@ -176,6 +179,12 @@ class Store:
 
     def list(self, kind: str, **filters) -> list[dict]:
         return self.log.list(kind, **filters)
+
+    def fog_members(self, fog_id: str) -> frozenset[str]:
+        """The fog's current members (membership.py), from its genesis, claims and expulsions."""
+        return membership.members(fog_id, self.get("fog", fog_id),
+                                  self.log.list("member", type=fog_id, limit=MAX_MEMBER_RECORDS),
+                                  self.log.list("expel", type=fog_id, limit=MAX_MEMBER_RECORDS))
 
     def search(self, kind: str, text: str, **filters) -> list[dict]:
         """Words of `text` must all appear in the name, description or tags (case-insensitive)."""

@@ -80,6 +80,13 @@ def _string(value: Any) -> str:
     return value
 
 
+def string(value: Any, _origin: Origin) -> str:
+    """Any text, empty included (what it must be is checked where it is used)."""
+    if not isinstance(value, str) or any(ord(ch) < 32 for ch in value):
+        raise Bad(f"expected a string on one line, got {show(value)}")
+    return value
+
+
 def path(value: Any, origin: Origin) -> str:
     path = Path(_string(value)).expanduser()
     return str(path if path.is_absolute() else (origin.base / path))

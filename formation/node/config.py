@@ -44,6 +44,7 @@ def _section_class(section: str) -> type:
 NodeConfig = _section_class("node")
 ApiConfig = _section_class("api")
 P2pConfig = _section_class("p2p")
+FogConfig = _section_class("fog")
 MeshConfig = _section_class("mesh")
 DnsConfig = _section_class("dns")
 VmConfig = _section_class("vm")
@@ -55,6 +56,7 @@ class Config:
     node: NodeConfig
     api: ApiConfig
     p2p: P2pConfig
+    fog: FogConfig
     mesh: MeshConfig
     dns: DnsConfig
     vm: VmConfig
@@ -77,6 +79,7 @@ _SECTIONS: dict[str, type] = {
     "node": NodeConfig,
     "api": ApiConfig,
     "p2p": P2pConfig,
+    "fog": FogConfig,
     "mesh": MeshConfig,
     "dns": DnsConfig,
     "vm": VmConfig,

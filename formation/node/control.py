@@ -5,6 +5,7 @@ For tools and tests on the same host (the HTTP API is the user-facing interface)
   {"cmd": "submit", "message": str, "body": base64, "signature": hex}   a user's signed write
   {"cmd": "get", "kind": str, "key": str}
   {"cmd": "sync", "peer": peer id or null}
+  {"cmd": "invite", "expires": seconds}   an invite token from this member (form invite create)
   {"cmd": "block" | "unblock", "peer": peer id}                           cut a link (tests)
   {"cmd": "watch", "since": seq}       then one line per committed op: {"seq", "id", "t"}
 Every answer is {"ok": true, ...} or {"ok": false, "error": code, "detail": text}.
@@ -24,6 +25,7 @@ import trio
 
 from formation.crdt.op import OpError
 
+from .fog import InviteError
 from .ports import ControlNode
 
 log = logging.getLogger("formation.node.control")
@@ -93,6 +95,16 @@ async def _handle(node: ControlNode, req: dict) -> dict:
             peers = [peer] if peer else node.p2p.connected()
             results = [await node.p2p.sync_with(p) for p in peers]
             return {"ok": True, "synced": [r.peer for r in results if r is not None and r.ok]}
+        if cmd == "invite":
+            expires = int(req.get("expires", 3600))
+            if not 60 <= expires <= 30 * 86400:
+                return _error("bad_request", "expires: seconds from 60 to 2592000 (30 days)")
+            try:
+                token = await node.create_invite(expires_s=expires)
+            except InviteError as exc:
+                return _error("refused", str(exc))
+            return {"ok": True, "token": token.encode(), "fog_id": token.invite["fog_id"],
+                    "serial": token.invite["serial"], "expires": token.invite["expires"]}
         if cmd == "block":
             await node.p2p.block(str(req["peer"]))
             return {"ok": True}

@@ -15,6 +15,7 @@ from formation.vm.spec import VmSpec
 
 from .config import Config
 from .events import Changes
+from .fog import InviteToken
 from .vmside import VmSide
 
 
@@ -43,8 +44,12 @@ class NodeState(Protocol):
     config: Config
     astore: AsyncStore
     changes: Changes
+    fog_id: str | None  # the fog this node belongs to; None before it joined one
 
     async def write(self, kind: str, key: str, value: Any) -> Op: ...
+
+    async def fog_nodes(self) -> list[dict]:
+        """The node records of the fog's admitted members (what placement considers)."""
 
 
 class SchedulerNode(NodeState, Protocol):
@@ -62,6 +67,8 @@ class RequestsNode(NodeState, Protocol):
 
 class ControlNode(RequestsNode, Protocol):
     p2p: PeerControl
+
+    async def create_invite(self, *, expires_s: int) -> InviteToken: ...
 
 
 class ApiNode(RequestsNode, Protocol):

@@ -17,13 +17,14 @@ import trio
 
 from formation.crdt.async_store import AsyncStore
 from formation.crdt.keys import PrivateKey, format_address, to_checksum
-from formation.crdt.op import Op
+from formation.crdt.op import Op, OpError
 from formation.crdt.store import Store
 from formation.p2p.service import P2PService, P2PSettings
 
-from . import capacity
+from . import capacity, fog
 from .config import Config
 from .events import Changes
+from .fog import InviteToken
 from .vmhost import VmHost, VmUnavailable
 from .vmside import VmSide, VmsOff, VmsOn, VmsStarting, runs_vms, vm_status
 
@@ -36,11 +37,13 @@ def now_ms() -> int:
 
 
 def open_node(config: Config, key: PrivateKey, store: Store) -> NodeRuntime:
-    """The node's parts, made: the one place construction does IO."""
+    """The node's parts, made: the one place construction does IO. Raises InviteError for an
+    invite token that cannot be used."""
+    invite = InviteToken.decode(config.fog.invite) if config.fog.invite else None
     astore = AsyncStore(store)
     p2p = P2PService(key, astore, P2PSettings(
         listen=[config.p2p.listen],
-        bootstrap=list(config.p2p.bootstrap),
+        bootstrap=list(dict.fromkeys([*config.p2p.bootstrap, *(invite.bootstrap if invite else ())])),
         sync_interval=float(config.p2p.sync_interval_seconds),
         sync_max_sessions_per_peer=config.p2p.sync_sessions_per_peer,
         sync_max_sessions=config.p2p.sync_sessions,
@@ -49,12 +52,12 @@ def open_node(config: Config, key: PrivateKey, store: Store) -> NodeRuntime:
     ))
     host, reason = VmHost.check(config, format_address(key.address))
     vms: VmSide = VmsStarting(host) if host is not None else VmsOff(reason)
-    return NodeRuntime(config, key, store, astore, p2p, vms)
+    return NodeRuntime(config, key, store, astore, p2p, vms, invite)
 
 
 class NodeRuntime:
     def __init__(self, config: Config, key: PrivateKey, store: Store, astore: AsyncStore,
-                 p2p: P2PService, vms: VmSide):
+                 p2p: P2PService, vms: VmSide, invite: InviteToken | None = None):
         self.config = config
         self.key = key
         self.address = format_address(key.address)
@@ -67,6 +70,9 @@ class NodeRuntime:
         self.api_urls: list[str] = []
         self.started_at = now_ms()
         self.heartbeat_error: str | None = None
+        self.invite = invite
+        self.fog_id: str | None = None  # the fog this node is a member of (found, made or joined in run)
+        self.admitted = False  # a member now, by the fog's records (membership.py)
 
     @property
     def peer_id(self) -> str:
@@ -79,8 +85,10 @@ class NodeRuntime:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.p2p.run)
+                await self._find_fog()
                 await self.register()
                 nursery.start_soon(self._heartbeat)
+                nursery.start_soon(self._watch_membership)
                 await nursery.start(serve_control, self, self.config.data_dir / "control.sock")
                 self.api_urls = await nursery.start(self._serve_api)
                 if isinstance(self.vms, VmsStarting):
@@ -90,6 +98,66 @@ class NodeRuntime:
                 task_status.started(self)
         finally:
             self.store.on_commit.remove(self.changes.on_commit)
+
+    async def _find_fog(self) -> None:
+        """This node's fog: its own member record; else the invite it was given; else, with no
+        bootstrap peer to join through, a new fog of its own (its genesis)."""
+        own = await self.astore.get("member", self.address)
+        if own is not None:
+            self.fog_id = own["fog_id"]
+        elif self.invite is not None:
+            record = fog.claim(self.key, self.invite, now_ms=now_ms())
+            try:
+                await self.write("member", self.address, record)
+            except OpError as exc:
+                raise fog.InviteError(f"the invite was refused: {exc.detail}") from None
+            self.fog_id = record["fog_id"]
+            log.info("claimed an invite of %s into fog %s", self.invite.invite["inviter"], self.fog_id)
+        elif not self.config.p2p.bootstrap:
+            genesis, member = fog.genesis(self.key, name=self.config.fog.name, now_ms=now_ms())
+            await self.write("fog", genesis["fog_id"], genesis)
+            await self.write("member", self.address, member)
+            self.fog_id = genesis["fog_id"]
+            log.info("made a new fog %s (this node is its genesis)", self.fog_id)
+        else:
+            log.warning("not a member of any fog: this node syncs the state and runs no workloads "
+                        "until it claims an invite (form join INVITE)")
+        await self._check_admitted()
+
+    async def _watch_membership(self) -> None:
+        """Admission follows the records as they arrive (a new node is admitted once it has
+        synced the genesis and its inviter's claim), at most once a second."""
+        while True:
+            seen = self.changes.last_seq
+            await self._check_admitted()
+            await self.changes.wait_past(seen)
+            await trio.sleep(1.0)
+
+    async def _check_admitted(self) -> None:
+        self.admitted = self.fog_id is not None and self.address in await self.astore.fog_members(self.fog_id)
+
+    async def fog_nodes(self) -> list[dict]:
+        """The node records of this fog's members: a node record without admission changes
+        nothing (no placement), however it describes itself."""
+        if self.fog_id is None:
+            return []
+        members = await self.astore.fog_members(self.fog_id)
+        return [n for n in await self.astore.list("node", limit=1_000_000) if n["address"] in members]
+
+    async def create_invite(self, *, expires_s: int) -> InviteToken:
+        """An invite from this member: the next of its serials, claimable for `expires_s`."""
+        await self._check_admitted()
+        if self.fog_id is None or not self.admitted:
+            raise fog.InviteError("this node is not a member of a fog (yet), so it cannot invite")
+        genesis = await self.astore.get("fog", self.fog_id)
+        if genesis is not None and genesis["policy"]["inviters"] == "genesis" and genesis["genesis"] != self.address:
+            raise fog.InviteError(f"fog {self.fog_id} admits only nodes its genesis invites")
+        limit = genesis["policy"]["max_admits"] if genesis is not None else 0
+        serial = await self.astore.run(_next_serial, self.store, limit)
+        if serial is None:
+            raise fog.InviteError(f"this member has made all the {limit} invites the fog's policy allows it")
+        return fog.make_invite(self.key, self.fog_id, serial=serial, bootstrap=self.announce_addrs(),
+                               expires_ms=now_ms() + expires_s * 1000)
 
     async def _serve_api(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         from hypercorn.config import Config as HypercornConfig
@@ -188,6 +256,11 @@ class NodeRuntime:
     def health_problems(self, connected: int, pending: int) -> list[str]:
         """What keeps this node from doing its part in the fog (an empty list: healthy)."""
         problems = []
+        if self.fog_id is None:
+            problems.append("not a member of any fog: claim an invite (form join INVITE)")
+        elif not self.admitted:
+            problems.append(f"not (or no longer) admitted to fog {self.fog_id}: the state does not "
+                            "show its invite yet, or the invite was claimed twice, or it was expelled")
         if self.config.p2p.bootstrap and connected == 0:
             problems.append("connected to no peer (bootstrap peers unreachable?)")
         if self.heartbeat_error:
@@ -204,6 +277,7 @@ class NodeRuntime:
                 # ops that came dated ahead of our clock (held, not refused) are due by now
                 await self.astore.tick(now_ms())
                 await self.register()
+                await self._check_admitted()
                 self.heartbeat_error = None
             except Exception as exc:  # noqa: BLE001 - a missed heartbeat is logged, not fatal
                 self.heartbeat_error = str(exc) or type(exc).__name__
@@ -227,7 +301,19 @@ class NodeRuntime:
             **state,
             "p2p": asdict(self.p2p.stats),
             "vms": vm_status(self.vms),
+            "fog": {"id": self.fog_id, "admitted": self.admitted},
         }
+
+
+def _next_serial(store: Store, limit: int) -> int | None:
+    """This node's next invite serial, at most `limit` (kept in the store, so that no serial is
+    handed out twice: two invites with one serial would admit neither)."""
+    raw = store.get_meta(fog.INVITE_SERIAL_META)
+    serial = (int(raw) if raw else 0) + 1
+    if serial > limit:
+        return None
+    store.set_meta(fog.INVITE_SERIAL_META, str(serial).encode())
+    return serial
 
 
 def _local_ipv4s() -> list[str]:

@@ -80,7 +80,7 @@ class Scheduler:
     async def reconcile(self) -> None:
         astore = self.node.astore
         instances = await astore.list("instance", limit=1_000_000)
-        nodes = await astore.list("node", limit=1_000_000)
+        nodes = await self.node.fog_nodes()
         me = self.node.address
         placements = place_all(instances, nodes, now_ms=self.wall_ms(), stale_ms=self.stale_ms)
         desired = {i["instance_id"]: i for i in instances if me in placements[i["instance_id"]]}

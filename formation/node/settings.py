@@ -42,6 +42,7 @@ class Setting:
 
 
 SECTION_DOCS = {
+    "fog": "Membership: the fog this node belongs to (made here, or joined with an invite).",
     "mesh": "formnet: the WireGuard mesh between nodes.",
 }
 
@@ -83,6 +84,13 @@ SETTINGS: tuple[Setting, ...] = (
       "Op bytes served to one peer by sync per window (MiB); a peer past it is refused until "
       "its budget refills."),
     S("p2p", "sync_budget_seconds", 60, int, c.positive, "The window of sync_budget_mb (seconds)."),
+    S("fog", "invite", "", str, c.string,
+      "An invite token (`fmi1.…`, made by a member with `form invite create`) this node claims at "
+      "its first start to become a member of that fog; its bootstrap peers are dialed too. Empty, "
+      "and with no bootstrap peers either, the node's first start makes a new fog of its own "
+      "(its genesis). A node with bootstrap peers but no invite syncs the state and runs no "
+      "workloads until it is admitted."),
+    S("fog", "name", "", str, c.string, "The name a new fog is given at its genesis (shown, not used)."),
     S("mesh", "wireguard_port", 51820, int, c.port, "UDP port of this node's WireGuard interface."),
     S("mesh", "overlay_cidr", "10.42.0.0/16", str, c.cidr,
       "Address range of the overlay network; every node takes its overlay address from it."),

@@ -116,10 +116,18 @@ async def _serve_until_signal(config: Config, key: PrivateKey, store: Store) -> 
     from .runtime import open_node
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            runtime = open_node(config, key, store)
-            await nursery.start(runtime.run)
-            async for signum in signals:
-                log.info("received %s: shutting down", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+        try:
+            async with trio.open_nursery() as nursery:
+                runtime = open_node(config, key, store)
+                await nursery.start(runtime.run)
+                async for signum in signals:
+                    log.info("received %s: shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+        except BaseExceptionGroup as group:  # one error out of the nursery: say it, not the group
+            leaf: BaseException = group
+            while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+                leaf = leaf.exceptions[0]
+            if leaf is group:
+                raise
+            raise leaf from None

@@ -5,6 +5,9 @@ py-libp2p 0.8.1 needs several fixes to deliver a burst of messages (../shared/no
 path: every connection starts a sync session, a random peer is synced with periodically, and a
 gap (an op whose deps we lack) triggers a sync with the peer that sent it. Correctness comes from
 sync; gossip makes it fast.
+
+Over 400 lines because the host, gossip, sync serving and the dialer share one peer table and
+one nursery; the protocols themselves are in gossip.py, sync.py and blobs.py.
 """
 
 from __future__ import annotations
@@ -45,6 +48,22 @@ def _libp2p_fixes() -> None:
     pubsub_mod.SUBSCRIPTION_CHANNEL_SIZE = 100_000
     # A.3 #3: each peer's outbound queue holds 32 RPCs and drops the rest silently.
     rpc_queue.RpcQueue.__init__.__defaults__ = (100_000, rpc_queue.DefaultMaxMessageSize)
+    # A.3 #7 (found here): a pubsub RPC that does not parse (protobuf DecodeError) escaped
+    # Pubsub.stream_handler, which catches only libp2p's own errors, and ended the whole host:
+    # any peer could stop a node with one malformed frame. It is a ParseError now: the stream is
+    # reset and the peer dropped, as for other unreadable input.
+    from google.protobuf.message import DecodeError
+    from libp2p.exceptions import ParseError
+
+    read_stream = pubsub_mod.Pubsub.continuously_read_stream
+
+    async def continuously_read_stream(self, stream) -> None:
+        try:
+            await read_stream(self, stream)
+        except DecodeError as exc:
+            raise ParseError(f"malformed pubsub RPC: {exc}") from None
+
+    pubsub_mod.Pubsub.continuously_read_stream = continuously_read_stream
     # libp2p logs every failed dial (including to the 0.0.0.0 listen addresses identify
     # reports) and every closed stream at WARNING/ERROR; our own lines say what matters.
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)

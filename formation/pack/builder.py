@@ -9,6 +9,9 @@ not ours to start: the caller hands in a `BuildMachine` (the node gives it the Q
 
 Image id = sha256 over (builder version, canonical Formfile, context digest, base id); a second
 build of the same inputs finds images/<id>/manifest.json and is a cache hit.
+
+Over 400 lines because planning the steps and following the build VM share the step list; the
+Formfile, the context and the base are their own modules.
 """
 
 from __future__ import annotations

@@ -563,3 +563,24 @@ async def test_an_equivocating_publisher_cannot_make_honest_nodes_score_each_oth
         by_gossip = b.svc.stats.ops_from_gossip - before
     assert allowed, "b scores honest a below its publish threshold"
     assert by_gossip == 1, "a's gossip no longer reaches b"
+
+
+# ---- 7. a malformed pubsub frame --------------------------------------------------------------
+
+
+async def test_a_pubsub_frame_that_does_not_parse_drops_the_stream_not_the_node():
+    """py-libp2p let a protobuf DecodeError out of its pubsub stream handler, ending the whole
+    host: one garbage frame stopped a node (seen under load in the 10-node test, as a truncated
+    frame). Now the stream is reset, the peer dropped, and the node goes on."""
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
+    from libp2p.utils.varint import encode_uvarint
+
+    writer = User(b"\x33" * 32)
+    async with open_fog(2) as fog, open_attacker(fog) as evil:
+        for m in fog:
+            stream = await evil.svc.host.new_stream(ID.from_base58(m.svc.peer_id), [PROTOCOL_ID_V11])
+            garbage = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length-delimited, length past the end
+            await stream.write(encode_uvarint(len(garbage)) + garbage)
+        await trio.sleep(1.0)  # the frames are read (and, before the fix, the hosts ended)
+        await keep_working(fog, writer, "garbage frame")

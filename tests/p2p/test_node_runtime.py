@@ -50,7 +50,9 @@ async def test_runtime_registers_answers_control_and_stops(tmp_path):
             return st, sub, got, bad, junk
 
         st, sub, got, bad, junk = await trio.to_thread.run_sync(control_session)
-        assert st["ok"] and st["ops"] == 1 and st["peer_id"] == rt.peer_id
+        # its genesis (fog and member records: a node alone makes its own fog) and its node record
+        assert st["ok"] and st["ops"] == 3 and st["peer_id"] == rt.peer_id
+        assert st["fog"]["admitted"] and st["fog"]["id"] == rt.fog_id
         assert sub["ok"] and sub["kind"] == "model"
         assert got["value"]["name"] == "via control"
         assert not bad["ok"] and bad["error"] == "bad_request" and "hash" in bad["detail"]

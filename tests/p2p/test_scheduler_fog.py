@@ -26,14 +26,14 @@ BID = "img-" + "ab" * 30  # a build id (HASH_ID) whose image every node holds
 
 
 class FogNode:
-    def __init__(self, i: int, root, bootstrap: list[str]):
+    def __init__(self, i: int, root, bootstrap: list[str], invite: str = ""):
         self.i = i
         data = root / f"n{i}"
         data.mkdir()
         cfg = load_config(None, {"node.data_dir": str(data), "vm.enabled": "false",
                                  "node.heartbeat_seconds": 1,
                                  "p2p.listen": f"/ip4/127.0.0.1/tcp/{free_port()}",
-                                 "p2p.bootstrap": bootstrap, "api.host": "127.0.0.1",
+                                 "p2p.bootstrap": bootstrap, "fog.invite": invite, "api.host": "127.0.0.1",
                                  "api.port": free_port()})
         self.runtime = open_node(cfg, PrivateKey(bytes([0x40 + i]) * 32), Store(str(data / "state.db")))
         self.vms = FakeVmHost(root / f"vmhost{i}", subnet=f"10.77.{i}.0/24")
@@ -85,12 +85,14 @@ async def open_fog(root, n: int = 3, *, timeout: float = 20.0):
     async with trio.open_nursery() as nursery:
         for i in range(n):
             boot = [a for m in nodes for a in m.runtime.p2p.addrs()]
-            node = FogNode(i, root, boot)
+            # node 0 makes the fog; each other node claims an invite of node 0's
+            invite = (await nodes[0].runtime.create_invite(expires_s=600)).encode() if nodes else ""
+            node = FogNode(i, root, boot, invite)
             await nursery.start(node.serve)
             nodes.append(node)
         with trio.fail_after(timeout):
-            while True:
-                seen = [len(await m.call("list", "node")) for m in nodes]
+            while True:  # every node knows every node as an admitted member
+                seen = [len(await m.runtime.fog_nodes()) for m in nodes]
                 if seen == [n] * n:
                     break
                 await trio.sleep(0.1)

@@ -76,8 +76,13 @@ class Node:
         self.store.on_commit.append(self.changes.on_commit)
         self.p2p = Peers("peer-1", "peer-2")
 
+    fog_id = None  # membership is not what these tests are about: every node record counts
+
     async def write(self, kind: str, key: str, value):
         return await self.astore.run(self.store.write, self.key, kind, key, value, now_ms=wall_ms())
+
+    async def fog_nodes(self) -> list[dict]:
+        return await self.astore.list("node", limit=1_000_000)
 
 
 class Rig:

@@ -121,7 +121,7 @@ async def _placement(call: Call, inst: dict) -> dict:
     """Where the fog places the instance now, and why it cannot place all of it (e.g. no node
     has the GPUs it asks for) instead of leaving it pending in silence."""
     instances = await call.runtime.astore.list("instance", limit=1_000_000)
-    nodes = await call.runtime.astore.list("node", limit=1_000_000)
+    nodes = await call.runtime.fog_nodes()
     now, stale = int(time.time() * 1000), stale_after_ms(call.runtime.config.node.heartbeat_seconds)
     placed = place_all(instances, nodes, now_ms=now, stale_ms=stale).get(inst["instance_id"], [])
     return {"nodes": placed, "problem": shortfall(inst, placed, nodes, now_ms=now, stale_ms=stale)}

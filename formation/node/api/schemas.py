@@ -17,6 +17,7 @@ import types
 import typing
 
 from formation.crdt.kinds import get_kind, registry
+from formation.crdt.kinds.fog_kinds import Fog, Invite, Policy
 from formation.crdt.kinds.node_kinds import STATES, Capacity
 from formation.crdt.kinds.owned import GRANTABLE, OwnedKind
 from formation.crdt.kinds.user_kinds import Gpu, Resources
@@ -84,7 +85,8 @@ SEARCH_SCHEMA = {
 
 # What the records' type hints cannot say, by field name (the same name means the same thing in
 # every record): the record nested in a field, the items of a list, the values of a map.
-NESTED = {"capacity": Capacity, "resources": Resources, "gpu": Gpu}
+NESTED = {"capacity": Capacity, "resources": Resources, "gpu": Gpu, "policy": Policy, "invite": Invite,
+          "fog": Fog}
 ITEMS = {name: STRING for name in ("tags", "multiaddrs", "capabilities", "targets", "endpoints")}
 VALUES = {"metadata": STRING, "authorized": {"type": "string", "enum": list(GRANTABLE)}}
 ENUMS = {"state": REPLICA_STATE}
