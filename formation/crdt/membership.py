@@ -6,7 +6,9 @@ invite (the fog's policy) and has not used up its admissions (invite serials 1..
 invite admitted no one else, and neither the node nor anyone on its invite lineage was expelled.
 So expelling a member removes everything admitted through it. Conflicts burn, as a double
 transfer does (docs/state.md): an invite claimed by two nodes, or two invites of one inviter
-with the same serial, admit no one; nobody can win a race with a stolen or reused invite.
+with the same serial, admit no one; nobody can win a race with a stolen invite. Once the
+inviter has sealed its invite to one claimant (`admit`), other claims of it are ignored, so a
+token that leaks after its use evicts no one.
 A member that left (`left`) is no longer a member but still vouches for the nodes it admitted.
 """
 
@@ -15,10 +17,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-from .kinds.fog_kinds import fog_id_of
+from .kinds.fog_kinds import fog_id_of, invite_id
 
 
-def members(fog_id: str, fog: dict | None, claims: Iterable[dict], expels: Iterable[dict]) -> frozenset[str]:
+def members(fog_id: str, fog: dict | None, claims: Iterable[dict], expels: Iterable[dict],
+            seals: Iterable[dict] = ()) -> frozenset[str]:
     """The addresses of the fog's current members (empty without its genesis record)."""
     if fog is None or fog.get("fog_id") != fog_id or fog_id_of(fog) != fog_id:
         return frozenset()
@@ -26,6 +29,7 @@ def members(fog_id: str, fog: dict | None, claims: Iterable[dict], expels: Itera
     expelled = {e["address"] for e in expels if e["fog"]["fog_id"] == fog_id}
     claims = [c for c in claims if c["fog_id"] == fog_id]
     left = {c["address"] for c in claims if c.get("left")}
+    sealed = {invite_id(s["invite"]): s["member"] for s in seals if s["invite"]["fog_id"] == fog_id}
     by_address: dict[str, dict] = {}
     claimants: dict[str, set[str]] = defaultdict(set)  # invite signature -> claimants
     serials: dict[tuple[str, int], set[str]] = defaultdict(set)  # (inviter, serial) -> invites
@@ -33,6 +37,8 @@ def members(fog_id: str, fog: dict | None, claims: Iterable[dict], expels: Itera
         invite = c.get("invite")
         if invite is None:
             continue
+        if sealed.get(invite_id(invite), c["address"]) != c["address"]:
+            continue  # the inviter sealed this invite to another claimant: this claim is nothing
         by_address[c["address"]] = c
         claimants[invite["signature"].lower()].add(c["address"])
         serials[(invite["inviter"], invite["serial"])].add(invite["signature"].lower())

@@ -80,6 +80,17 @@ class Observed:
     answers: bool | None = None  # the port answered; None: not probed
 
 
+@dataclass(frozen=True)
+class Handover:
+    """What the scheduler sees of an instance placed elsewhere now."""
+
+    now: float
+    deleted: bool  # the instance is gone (deleted by its owner): nothing to hand over
+    wanted: bool  # its owner wants it running (not stopped)
+    alive: bool  # our VM of it runs
+    taken_by: str | None  # a live member placed for it that reports it running, if any
+
+
 @dataclass
 class Replica:
     """What this node remembers of its replica of an instance. The fields before `reported` are
@@ -102,6 +113,7 @@ class Replica:
     context_known: bool = False  # `context` holds what the build needs (None: the Formfile alone)
     context: bytes | None = None
     context_missing_at: float | None = None  # when no connected node had it
+    retired_at: float | None = None  # when another node took the replica over (placement moved)
     console_size: int = -1
 
     SAVED = ("instance_id", "ip", "generation", "want_running", "restarts", "build_id",
@@ -140,7 +152,12 @@ class StartBuild:
     context: bytes | None
 
 
-Action = Report | Stop | Boot | FetchContext | StartBuild
+@dataclass(frozen=True)
+class Remove:
+    """Delete the VM, its disk and tap, and withdraw this node's status of it."""
+
+
+Action = Report | Stop | Boot | FetchContext | StartBuild | Remove
 
 
 # ---- the table --------------------------------------------------------------------------------
@@ -355,6 +372,37 @@ def _reason(event: Event, want: Desired, rep: Replica, obs: Observed) -> str:
 
 def _times(n: int) -> str:
     return f"{n} time{'s' * (n != 1)}"
+
+
+# ---- a replica no longer placed here: make before break ----------------------------------------
+
+RETIRE_GRACE = 600.0  # seconds a handed-over replica's stopped VM (and its disk) is kept
+
+
+def retire(rep: Replica, seen: Handover) -> tuple[Replica, list[Action]]:
+    """A replica placement no longer gives this node. Deleted instance: remove it at once. Else
+    keep it running until a node placed for it reports it running, then stop it, and remove its
+    stopped VM only after RETIRE_GRACE (placement may come back, e.g. a flapping node)."""
+    if seen.deleted:
+        return rep, [Remove()]
+    new = replace(rep, reported=dict(rep.reported))
+    if seen.taken_by is None and seen.wanted:
+        new.retired_at = None
+        return new, []  # nobody else runs it yet: ours keeps serving
+    actions: list[Action] = []
+    if new.retired_at is None:
+        new.retired_at = seen.now
+    if seen.alive:
+        new.want_running = False
+        actions.append(Stop())
+    if seen.now >= new.retired_at + RETIRE_GRACE:
+        return new, [Remove()]
+    reason = (f"placed on {seen.taken_by} now, which runs it" if seen.wanted
+              else "stopped by its owner (and placed elsewhere now)")
+    if new.reported != {"state": State.STOPPED.value, "reason": reason}:
+        new.reported = {"state": State.STOPPED.value, "reason": reason}
+        actions.append(Report(State.STOPPED, reason))
+    return new, actions
 
 
 def after_failure(rep: Replica, reason: str) -> tuple[Replica, list[Action]]:

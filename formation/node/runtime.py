@@ -17,8 +17,9 @@ import trio
 
 from formation.crdt.async_store import AsyncStore
 from formation.crdt.keys import PrivateKey, format_address, to_checksum
+from formation.crdt.kinds.fog_kinds import invite_id
 from formation.crdt.op import Op, OpError
-from formation.crdt.store import Store
+from formation.crdt.store import MAX_MEMBER_RECORDS, Store
 from formation.p2p.service import P2PService, P2PSettings
 
 from . import capacity, fog
@@ -130,8 +131,31 @@ class NodeRuntime:
         while True:
             seen = self.changes.last_seq
             await self._check_admitted()
+            try:
+                await self._seal_my_invites()
+            except OpError as exc:  # logged: the next change tries again
+                log.warning("could not seal an invite: %s", exc)
             await self.changes.wait_past(seen)
             await trio.sleep(1.0)
+
+    async def _seal_my_invites(self) -> None:
+        """Seal each invite of this member that exactly one node claimed to that node (`admit`),
+        so that the token, once used, can no longer void the admission (membership.py)."""
+        if self.fog_id is None or not self.admitted:
+            return
+        claimants: dict[str, set[str]] = {}
+        invites: dict[str, dict] = {}
+        for claim in await self.astore.list("member", type=self.fog_id, limit=MAX_MEMBER_RECORDS):
+            invite = claim.get("invite")
+            if invite is not None and invite["inviter"] == self.address:
+                iid = invite_id(invite)
+                claimants.setdefault(iid, set()).add(claim["address"])
+                invites[iid] = invite
+        for iid, who in claimants.items():
+            if len(who) == 1 and await self.astore.get("admit", iid) is None:
+                member = next(iter(who))
+                await self.write("admit", iid, {"invite": invites[iid], "member": member})
+                log.info("sealed invite %d to %s", invites[iid]["serial"], member)
 
     async def _check_admitted(self) -> None:
         self.admitted = self.fog_id is not None and self.address in await self.astore.fog_members(self.fog_id)

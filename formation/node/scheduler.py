@@ -5,7 +5,9 @@ names this node, with its desired_state and generation. Each pass, for each such
 scheduler gathers what it observes (is the VM alive, where its image stands, what the guest's
 console says, does its port answer), asks the planner (planner.py, no IO) what to do, saves the
 replica's memory and carries the actions out: report a state, stop, boot, find a build context,
-start a build. VMs no longer placed here are deleted with their tap and overlay. After a node
+start a build. A replica placed elsewhere now is made-before-broken (planner.retire): it keeps
+running until a node placed for it reports it running, is then stopped, and its VM, tap and
+overlay are deleted after a grace period (at once when the instance was deleted). After a node
 restart the VMs on the backend are adopted (QEMU runs daemonized, so they outlive the node).
 Every change of a replica's state is a signed instance_status op of this node.
 """
@@ -29,7 +31,7 @@ from formation.vm.spec import VmError
 
 from . import planner
 from .builds import BuildRefused
-from .placement import place_all, stale_after_ms
+from .placement import is_live, place_all, stale_after_ms
 from .planner import Action, Desired, Images, Observed, Replica
 from .ports import BuildsPort, SchedulerNode, VmHostPort
 from .vmhost import VmUnavailable
@@ -92,11 +94,35 @@ class Scheduler:
                 rep, actions = planner.after_failure(self.replicas[iid], _failure(exc))
                 await self._carry_out(inst, rep, actions)
         gone = {v for v in self.backend.list() if not v.startswith("build-")} | set(self.replicas)
+        by_id = {i["instance_id"]: i for i in instances}
+        live = {n["address"] for n in nodes if is_live(n, self.wall_ms(), self.stale_ms)} - {me}
         for iid in sorted(gone - set(desired)):
             try:
-                await self._remove(iid)
+                await self._hand_over(iid, by_id.get(iid), [a for a in placements.get(iid, []) if a in live])
             except (VmError, network.NetworkError, OSError) as exc:
-                log.warning("instance %s: removing it failed (next pass tries again): %s", iid, exc)
+                log.warning("instance %s: handing it over failed (next pass tries again): %s", iid, exc)
+
+    async def _hand_over(self, iid: str, inst: dict | None, placed: list[str]) -> None:
+        """Make before break: a replica placed elsewhere now keeps running until a node placed
+        for it reports it running (planner.retire)."""
+        rep = self.replicas.get(iid)
+        if rep is None:  # a VM on disk that no replica memory knows: not ours to keep
+            await self._remove(iid)
+            return
+        taken_by = None
+        for node in placed if inst is not None else []:
+            status = await self.node.astore.get("instance_status", f"{iid}@{node}")
+            if status is not None and status["state"] == "running":
+                taken_by = node
+                break
+        seen = planner.Handover(now=trio.current_time(), deleted=inst is None,
+                                wanted=inst is not None and inst["desired_state"] != "stopped",
+                                alive=self.backend.is_alive(iid), taken_by=taken_by)
+        rep, actions = planner.retire(rep, seen)
+        if any(isinstance(a, planner.Remove) for a in actions):
+            await self._remove(iid)
+            return
+        await self._carry_out(inst or {"instance_id": iid}, rep, actions)
 
     # ---- one instance: observe, plan, act ----------------------------------------------------
 
@@ -208,7 +234,7 @@ class Scheduler:
         log.info("instance %s booting at %s", iid, rep.ip)
 
     async def _remove(self, iid: str) -> None:
-        log.info("instance %s is not (or no longer) placed here: removing its VM", iid)
+        log.info("instance %s: removing its VM (deleted, or handed over long enough ago)", iid)
         await self.backend.delete(iid)  # the VM, its overlay and its tap
         rep = self.replicas.pop(iid, None)
         self._saved.pop(iid, None)

@@ -10,7 +10,7 @@ import time
 import pytest
 import trio
 
-from formation.crdt.keys import PrivateKey
+from formation.crdt.keys import PrivateKey, format_address
 from formation.crdt.store import Store
 from formation.node.config import load_config
 from formation.node.placement import place
@@ -251,6 +251,48 @@ async def test_a_replica_moves_when_its_node_goes_stale(tmp_path, no_taps):
             assert set(place(inst, nodes, now_ms=int(time.time() * 1000), stale_ms=stale_ms)) == \
                 {spare.address, survivor.address}
     print(f"replica moved {t_moved - t_stop:.2f} s after its node stopped (stale after {stale_ms} ms)")
+
+
+async def test_a_replica_placed_on_a_newcomer_is_handed_over_make_before_break(tmp_path, no_taps):
+    """A node joins and placement gives it a running replica: the old host keeps it running until
+    the newcomer reports it running, then stops it and keeps its disk (the grace period)."""
+    user = User(b"\x5c" * 32)
+    async with open_fog(tmp_path, n=2) as fog:
+        newcomer_key = PrivateKey(bytes([0x40 + 2]) * 32)  # FogNode(2)'s key
+        newcomer = {**(await fog[0].call("get", "node", fog[0].address)),
+                    "address": format_address(newcomer_key.address)}
+        for k in range(30):  # an instance that rendezvous hashing moves to the newcomer
+            iid = await create_instance(fog[0], user, replicas=1, name=f"web-{k}")
+            inst = await fog[0].call("get", "instance", iid)
+            nodes = await fog[0].call("list", "node", limit=100)
+            now = int(time.time() * 1000)
+            if place(inst, [*nodes, {**newcomer, "heartbeat": now}], now_ms=now) == [newcomer["address"]]:
+                break
+        else:
+            raise AssertionError("no instance of 30 would move to the newcomer")
+
+        async def running_on_old():
+            return [n for n in fog if n.driver.is_alive(iid) and
+                    (await n.statuses(iid)).get(n.address, {}).get("state") == "running"]
+
+        (old,) = await wait_for("the instance running on its first host", running_on_old)
+        boot = [a for m in fog for a in m.runtime.p2p.addrs()]
+        invite = (await fog[0].runtime.create_invite(expires_s=600)).encode()
+        new = FogNode(2, tmp_path, boot, invite)
+        await fog[0].nursery.start(new.serve)
+        await new.start_scheduler()
+
+        async def handed_over():
+            st = await old.statuses(iid)
+            return (st.get(new.address, {}).get("state") == "running"
+                    and st.get(old.address, {}).get("state") == "stopped")
+
+        await wait_for("the newcomer running it and the old host stopped", handed_over)
+        # the old replica was stopped only after the newcomer's ran, and its VM (disk) is kept
+        assert ("stop", iid) in old.driver.events and ("delete", iid) not in old.driver.events
+        assert old.driver.spec_of(iid) is not None and not old.driver.is_alive(iid)
+        assert new.driver.is_alive(iid)
+        new.stop()
 
 
 CTX_BID = "img-" + "cd" * 30

@@ -8,6 +8,7 @@ import pytest
 from formation.crdt.hlc import from_ms
 from formation.crdt.keys import PrivateKey, format_address
 from formation.crdt.kinds import Invalid
+from formation.crdt.kinds.fog_kinds import invite_id
 from formation.crdt.membership import members
 from formation.crdt.op import make_op
 from formation.crdt.store import Store
@@ -32,6 +33,7 @@ class Fog:
         self.id = self.genesis["fog_id"]
         self.claims = [self.me]
         self.expels: list[dict] = []
+        self.seals: list[dict] = []
         self.serials: dict[int, int] = {}
 
     def invite(self, inviter: int, *, serial: int | None = None) -> fog.InviteToken:
@@ -48,7 +50,7 @@ class Fog:
         self.expels.append({"fog": self.genesis, "address": addr(who), "reason": ""})
 
     def members(self) -> set[str]:
-        return set(members(self.id, self.genesis, self.claims, self.expels))
+        return set(members(self.id, self.genesis, self.claims, self.expels, self.seals))
 
 
 def test_the_genesis_alone_is_a_member():
@@ -95,6 +97,27 @@ def test_an_invite_claimed_twice_admits_neither():
     token = f.invite(1)
     f.claims += [fog.claim(key(2), token, now_ms=NOW), fog.claim(key(3), token, now_ms=NOW)]
     assert f.members() == {addr(1)}
+
+
+def test_a_sealed_invite_claimed_again_evicts_nobody():
+    f = Fog()
+    token = f.invite(1)
+    f.claims.append(fog.claim(key(2), token, now_ms=NOW))
+    f.seals.append({"invite": token.invite, "member": addr(2)})  # the inviter saw one claim
+    f.claims.append(fog.claim(key(3), token, now_ms=NOW + 5))  # the token leaked after its use
+    assert f.members() == {addr(1), addr(2)}
+
+
+def test_a_seal_by_another_than_the_inviter_is_refused():
+    f = Fog()
+    token = f.invite(1)
+    store = Store()
+    seal = {"invite": token.invite, "member": addr(3)}
+    with pytest.raises(Invalid):
+        write(store, 3, "admit", invite_id(token.invite), seal)
+    with pytest.raises(Invalid):  # keyed by another invite's id
+        write(store, 1, "admit", "0" * 32, seal)
+    write(store, 1, "admit", invite_id(token.invite), seal)
 
 
 def test_two_invites_with_one_serial_admit_neither():

@@ -184,3 +184,33 @@ def test_after_failure_reports_once():
     r, actions = planner.after_failure(rep("booting"), "qemu said no")
     assert actions == [Report(State.FAILED, "qemu said no")]
     assert planner.after_failure(r, "qemu said no")[1] == []
+
+
+# ---- make before break --------------------------------------------------------------------------
+
+def hand(now=100.0, deleted=False, wanted=True, alive=True, taken_by=None) -> planner.Handover:
+    return planner.Handover(now=now, deleted=deleted, wanted=wanted, alive=alive, taken_by=taken_by)
+
+
+@pytest.mark.parametrize(("before", "seen", "actions", "state"), [
+    (rep("running", **BOOTED), hand(deleted=True), [planner.Remove], None),
+    (rep("running", **BOOTED), hand(), [], None),  # nobody else runs it yet: keep serving
+    (rep("running", **BOOTED), hand(taken_by="0xb"), [Stop, Report], State.STOPPED),
+    (rep("running", **BOOTED), hand(wanted=False), [Stop, Report], State.STOPPED),
+    (rep("stopped", "placed on 0xb now, which runs it", **BOOTED, retired_at=50.0),
+     hand(alive=False, taken_by="0xb"), [], None),
+    (rep("stopped", **BOOTED, retired_at=100.0 - planner.RETIRE_GRACE),
+     hand(alive=False, taken_by="0xb"), [planner.Remove], None),
+], ids=["deleted", "not taken yet", "taken", "stopped by owner", "waiting out the grace", "grace over"])
+def test_a_replica_placed_elsewhere_is_handed_over(before, seen, actions, state):
+    after, done = planner.retire(before, seen)
+    assert kinds(done) == actions
+    assert [a.state for a in done if isinstance(a, Report)] == ([state] if state else [])
+    if Stop in actions:
+        assert not after.want_running and after.retired_at == seen.now
+
+
+def test_placement_coming_back_cancels_the_handover():
+    r, _ = planner.retire(rep("running", **BOOTED), hand(taken_by="0xb"))
+    r, actions = planner.retire(r, hand(now=200.0))  # the other node stopped running it
+    assert actions == [] and r.retired_at is None

@@ -7,6 +7,7 @@ Every op here is self-certifying, so its validity reads only the op (the one val
   (fog, inviter, serial, expiry, the invite key's address) and the proof that the claimant holds
   the invite key (its signature over the claimant's address). The genesis node's own record has
   no invite.
+- `admit` (key: the invite's id) is the inviter's seal: the one claimant its invite admits.
 - `expel` (key: "<fog id>:<address>") is written by the fog's genesis node and carries the fog's
   genesis record, so the op shows that its author is that fog's genesis.
 
@@ -133,11 +134,7 @@ class MemberKind(SelfRecordKind):
             return value  # a genesis node's own record: a member iff it is the fog's genesis
         if invite["fog_id"] != value["fog_id"]:
             raise Invalid("bad_field", "member field 'invite': for another fog")
-        signer = _signer(invite_message(invite["fog_id"], invite["inviter"], invite["serial"],
-                                        invite["expires"], invite["key"]),
-                         invite["signature"], "member field 'invite.signature'")
-        if signer != invite["inviter"]:
-            raise Invalid("bad_field", "member field 'invite.signature': not the inviter's")
+        _check_invite(invite, "member field 'invite'")
         if value["proof"] is None or _signer(claim_message(value["fog_id"], value["address"]),
                                              value["proof"], "member field 'proof'") != invite["key"]:
             raise Invalid("bad_field", "member field 'proof': not signed with the invite's key")
@@ -147,6 +144,49 @@ class MemberKind(SelfRecordKind):
 
     def index(self, value: dict) -> dict:
         return {"owner": value["address"], "type": value["fog_id"], "text": None}
+
+
+def invite_id(invite: dict) -> str:
+    """An invite's id: a hash of its signature (what its seal is keyed by)."""
+    sig = invite["signature"].lower().removeprefix("0x")
+    return hashlib.sha256(bytes.fromhex(sig)).hexdigest()[:32]
+
+
+def _check_invite(invite: dict, what: str) -> None:
+    signer = _signer(invite_message(invite["fog_id"], invite["inviter"], invite["serial"],
+                                    invite["expires"], invite["key"]), invite["signature"], f"{what}.signature")
+    if signer != invite["inviter"]:
+        raise Invalid("bad_field", f"{what}.signature: not the inviter's")
+
+
+@dataclass(frozen=True, slots=True)
+class Admit(Record):
+    invite: dict = field(nested(Invite))
+    member: str = field(address)  # the one claimant this invite admits
+
+
+class AdmitKind(Kind):
+    """The inviter seals its invite to the first node that claimed it (key: the invite's id):
+    from then on another claim of the same invite admits no one and voids nothing, so a token
+    that leaks after use cannot evict the node that used it."""
+
+    name = "admit"
+    record = Admit
+
+    def node_write(self, op: Op) -> dict | None:
+        if op.value is None:
+            raise Invalid("unauthorized", "a seal is never withdrawn")
+        value = self.validate(op.value)
+        invite = value["invite"]
+        if invite["inviter"] != node_address(op):
+            raise Invalid("unauthorized", "an invite is sealed by its inviter")
+        _check_invite(invite, "admit field 'invite'")
+        if op.key != invite_id(invite):
+            raise Invalid("bad_field", "an admit key is the id of its invite")
+        return value
+
+    def index(self, value: dict) -> dict:
+        return {"owner": value["member"], "type": value["invite"]["fog_id"], "text": None}
 
 
 @dataclass(frozen=True, slots=True)
