@@ -214,6 +214,7 @@ class DevFog:
             "api.host": HOST,
             "api.port": node.api_port,
             "vm.enabled": "false",  # a dev fog of many nodes on one host runs no VMs unless asked
+            "mesh.enabled": "false",  # nor WireGuard interfaces (one UDP port, the host's network)
         }
         values.update(self.settings)
         sections: dict[str, list[str]] = {}

@@ -32,6 +32,7 @@ class NodeInNetns:
             f'[node]\nheartbeat_seconds = 5\n'
             f'[api]\nhost = "{api_ip}"\nport = 3004\n'
             f'[p2p]\nlisten = "/ip4/{api_ip}/tcp/4001"\n'
+            f'[mesh]\nenabled = "false"\n'
             f'[vm]\nenabled = "true"\nsubnet = "10.213.12.0/24"\nbridge = "fmtbr1"\n'
             f'cache_dir = "{CACHE}"\nbuild_timeout_seconds = 300\n')
         self.proc: subprocess.Popen | None = None

@@ -7,6 +7,7 @@ import argparse
 
 from formation.argtypes import int_in
 from formation.cli import output
+from formation.cli.node import cmd_leave, control_flags
 from formation.cli.output import EXIT_OK, Column
 from formation.cli.parsing import group, leaf, paging, record_id
 from formation.cli.session import Context, authorize, check_id, context, transfer
@@ -130,6 +131,12 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     record_id(p)
     p.add_argument("--tail", metavar="BYTES", type=int_in(1, 8 * 1024 * 1024, "a number of bytes"),
                    help="the last BYTES of the console (node default 65536, at most 8 MiB)")
+    leave = man.add_parser("leave", help="this node leaves its fog (its operator, on its host)",
+                           description="The local node leaves its fog: its member record says so, "
+                                       "every member drops it from formnet by diff, and its replicas "
+                                       "move to other members (make before break).")
+    control_flags(leave)
+    leave.set_defaults(func=cmd_leave, parser=leave)
     for action, help_ in (("delete", "delete an instance (owner only)"),
                           ("start", "start an instance's replicas (operator or above)"),
                           ("stop", "stop an instance's replicas (operator or above)"),

@@ -23,6 +23,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         ("--api-port", "api.port", args.api_port),
         ("--bootstrap", "p2p.bootstrap", args.bootstrap),
         ("--vms", "vm.enabled", args.vms),
+        ("--mesh", "mesh.enabled", args.mesh),
         ("--invite", "fog.invite", getattr(args, "invite", None)),
     ):
         if value is not None:
@@ -60,8 +61,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_invite_create(args: argparse.Namespace) -> int:
-    """An invite token from the local node (its control socket: only its operator may invite)."""
+def control_call(args: argparse.Namespace, what: str, **request: Any) -> dict:
+    """One request to the local node's control socket (only its operator can open it)."""
     from formation.node.control import ControlClient
 
     config = load_config(args.config, {"node.data_dir": args.data_dir} if args.data_dir else {})
@@ -72,11 +73,29 @@ def cmd_invite_create(args: argparse.Namespace) -> int:
         raise output.CliError(f"cannot reach the node at {path} ({exc}); is `form node` running "
                               "with this data dir?", output.EXIT_UNREACHABLE) from None
     try:
-        answer = client.call(cmd="invite", expires=args.expires)
+        answer = client.call(**request)
     finally:
         client.close()
     if not answer.get("ok"):
-        raise output.CliError(f"the node made no invite: {answer.get('detail')}")
+        raise output.CliError(f"the node {what}: {answer.get('detail')}")
+    return answer
+
+
+def control_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--data-dir", metavar="DIR", help=DATA_DIR_HELP)
+
+
+def cmd_leave(args: argparse.Namespace) -> int:
+    answer = control_call(args, "did not leave", cmd="leave")
+    output.note(f"this node left fog {answer['fog_id']}: its peers drop it, its replicas move "
+                "to other members (it keeps running until they do); stop it with Ctrl-C")
+    return EXIT_OK
+
+
+def cmd_invite_create(args: argparse.Namespace) -> int:
+    """An invite token from the local node (its control socket: only its operator may invite)."""
+    answer = control_call(args, "made no invite", cmd="invite", expires=args.expires)
     if args.json:
         output.print_json({k: answer[k] for k in ("token", "fog_id", "serial", "expires")})
         return EXIT_OK
@@ -152,8 +171,7 @@ def register(commands, common: argparse.ArgumentParser) -> None:
         "create", help="make a single-use invite token",
         description="Ask the local node (its control socket) for an invite: the next of its "
                     "admissions, claimable once, until it expires.")
-    create.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
-    create.add_argument("--data-dir", metavar="DIR", help=DATA_DIR_HELP)
+    control_flags(create)
     create.add_argument("--expires", type=int, default=3600, metavar="SECONDS",
                         help="how long the invite can be claimed (default 3600)")
     create.add_argument("--json", action="store_true", help="print one JSON object")
@@ -182,6 +200,9 @@ def _node_flags(node: argparse.ArgumentParser) -> None:
                       help="HTTP API port (overrides [api] port)")
     node.add_argument("--vms", choices=("auto", "true", "false"),
                       help="run VMs: auto (if root and QEMU), true (required), false (overrides [vm] enabled)")
+    node.add_argument("--mesh", choices=("auto", "true", "false"),
+                      help="run formnet (WireGuard): auto (if root and wireguard-go), true, false "
+                           "(overrides [mesh] enabled)")
     node.add_argument("--p2p-port", metavar="N", type=port,
                       help="libp2p TCP port (replaces the port in [p2p] listen)")
     node.add_argument("--bootstrap", metavar="MULTIADDR", nargs="+", action="extend",

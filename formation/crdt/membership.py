@@ -6,10 +6,11 @@ invite (the fog's policy) and has not used up its admissions (invite serials 1..
 invite admitted no one else, and neither the node nor anyone on its invite lineage was expelled.
 So expelling a member removes everything admitted through it. Conflicts burn, as a double
 transfer does (docs/state.md): an invite claimed by two nodes, or two invites of one inviter
-with the same serial, admit no one; nobody can win a race with a stolen invite. Once the
-inviter has sealed its invite to one claimant (`admit`), other claims of it are ignored, so a
-token that leaks after its use evicts no one.
-A member that left (`left`) is no longer a member but still vouches for the nodes it admitted.
+with the same serial, admit no one. The inviter seals its invite to the first claimant it sees
+(`admit`); other claims of it are then ignored, so a token that leaks after its use evicts no
+one. Before the seal (about a second while the inviter is online) a second claim still burns the
+invite, and a thief who claims a stolen unused token first is the one sealed: tokens are secrets.
+A member that left (a `leave` record) is no longer a member but still vouches for the nodes it admitted.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from .kinds.fog_kinds import fog_id_of, invite_id
 
 
 def members(fog_id: str, fog: dict | None, claims: Iterable[dict], expels: Iterable[dict],
-            seals: Iterable[dict] = ()) -> frozenset[str]:
+            seals: Iterable[dict] = (), leaves: Iterable[dict] = ()) -> frozenset[str]:
     """The addresses of the fog's current members (empty without its genesis record)."""
     if fog is None or fog.get("fog_id") != fog_id or fog_id_of(fog) != fog_id:
         return frozenset()
     genesis, policy = fog["genesis"], fog["policy"]
     expelled = {e["address"] for e in expels if e["fog"]["fog_id"] == fog_id}
     claims = [c for c in claims if c["fog_id"] == fog_id]
-    left = {c["address"] for c in claims if c.get("left")}
+    left = {x["address"] for x in leaves if x["fog_id"] == fog_id}
     sealed = {invite_id(s["invite"]): s["member"] for s in seals if s["invite"]["fog_id"] == fog_id}
     by_address: dict[str, dict] = {}
     claimants: dict[str, set[str]] = defaultdict(set)  # invite signature -> claimants

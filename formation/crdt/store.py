@@ -185,7 +185,8 @@ class Store:
         return membership.members(fog_id, self.get("fog", fog_id),
                                   self.log.list("member", type=fog_id, limit=MAX_MEMBER_RECORDS),
                                   self.log.list("expel", type=fog_id, limit=MAX_MEMBER_RECORDS),
-                                  self.log.list("admit", type=fog_id, limit=MAX_MEMBER_RECORDS))
+                                  self.log.list("admit", type=fog_id, limit=MAX_MEMBER_RECORDS),
+                                  self.log.list("leave", type=fog_id, limit=MAX_MEMBER_RECORDS))
 
     def search(self, kind: str, text: str, **filters) -> list[dict]:
         """Words of `text` must all appear in the name, description or tags (case-insensitive)."""

@@ -6,6 +6,7 @@ For tools and tests on the same host (the HTTP API is the user-facing interface)
   {"cmd": "get", "kind": str, "key": str}
   {"cmd": "sync", "peer": peer id or null}
   {"cmd": "invite", "expires": seconds}   an invite token from this member (form invite create)
+  {"cmd": "leave"}                        this node leaves its fog (form manage leave)
   {"cmd": "block" | "unblock", "peer": peer id}                           cut a link (tests)
   {"cmd": "watch", "since": seq}       then one line per committed op: {"seq", "id", "t"}
 Every answer is {"ok": true, ...} or {"ok": false, "error": code, "detail": text}.
@@ -105,6 +106,12 @@ async def _handle(node: ControlNode, req: dict) -> dict:
                 return _error("refused", str(exc))
             return {"ok": True, "token": token.encode(), "fog_id": token.invite["fog_id"],
                     "serial": token.invite["serial"], "expires": token.invite["expires"]}
+        if cmd == "leave":
+            try:
+                fog_id = await node.leave()
+            except InviteError as exc:
+                return _error("refused", str(exc))
+            return {"ok": True, "fog_id": fog_id}
         if cmd == "block":
             await node.p2p.block(str(req["peer"]))
             return {"ok": True}

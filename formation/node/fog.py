@@ -16,11 +16,13 @@ import time
 from dataclasses import dataclass
 
 from formation.crdt.keys import PrivateKey, format_address
+from formation.crdt.kinds import Invalid
 from formation.crdt.kinds.fog_kinds import (
     Fog,
     Invite,
     Member,
     Policy,
+    check_invite,
     claim_message,
     fog_id_of,
     invite_message,
@@ -89,7 +91,11 @@ def make_invite(key: PrivateKey, fog_id: str, *, serial: int, expires_ms: int,
 
 
 def check_usable(token: InviteToken, now_ms: int | None = None) -> None:
-    """Raises InviteError when the token can no longer be claimed."""
+    """Raises InviteError when the token can no longer be claimed, or was never a member's."""
+    try:
+        check_invite(token.invite, "the invite")
+    except Invalid as exc:
+        raise InviteError(f"{exc.detail}: the token was altered or forged; ask for a new one") from None
     now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     if now_ms > token.invite["expires"]:
         raise InviteError("the invite expired; ask its member for a new one (`form invite create`)")

@@ -25,7 +25,9 @@ def stale_after_ms(heartbeat_seconds: int) -> int:
 
 
 def is_live(node: dict | None, now_ms: int, stale_ms: int) -> bool:
-    return node is not None and now_ms - node.get("heartbeat", 0) <= stale_ms
+    """A recent heartbeat; one dated further ahead than `stale_ms` is a lie, not a fresh beat
+    (it would keep the node "live" for as long as it names)."""
+    return node is not None and abs(now_ms - node.get("heartbeat", 0)) <= stale_ms
 
 
 def fits(node: dict, resources: dict) -> bool:

@@ -70,6 +70,8 @@ class ControlNode(RequestsNode, Protocol):
 
     async def create_invite(self, *, expires_s: int) -> InviteToken: ...
 
+    async def leave(self) -> str: ...
+
 
 class ApiNode(RequestsNode, Protocol):
     """What the HTTP API handlers use of the node."""

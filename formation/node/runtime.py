@@ -20,12 +20,16 @@ from formation.crdt.keys import PrivateKey, format_address, to_checksum
 from formation.crdt.kinds.fog_kinds import invite_id
 from formation.crdt.op import Op, OpError
 from formation.crdt.store import MAX_MEMBER_RECORDS, Store
+from formation.iproute import NetworkError
+from formation.mesh import wggo
+from formation.mesh.uapi import UapiError
 from formation.p2p.service import P2PService, P2PSettings
 
 from . import capacity, fog
 from .config import Config
 from .events import Changes
 from .fog import InviteToken
+from .formnet import Formnet, MeshStatus
 from .vmhost import VmHost, VmUnavailable
 from .vmside import VmSide, VmsOff, VmsOn, VmsStarting, runs_vms, vm_status
 
@@ -53,7 +57,23 @@ def open_node(config: Config, key: PrivateKey, store: Store) -> NodeRuntime:
     ))
     host, reason = VmHost.check(config, format_address(key.address))
     vms: VmSide = VmsStarting(host) if host is not None else VmsOff(reason)
-    return NodeRuntime(config, key, store, astore, p2p, vms, invite)
+    runtime = NodeRuntime(config, key, store, astore, p2p, vms, invite)
+    runtime.mesh_reason = mesh_problem(config)
+    if not runtime.mesh_reason:
+        port = config.mesh.wireguard_port
+        endpoints = [f"{ip}:{port}" for ip in _local_ipv4s() if not ip.startswith("127.")]
+        runtime.formnet = Formnet(runtime, vm_subnet=str(host.subnet) if host else None, endpoints=endpoints)
+    return runtime
+
+
+def mesh_problem(config: Config) -> str:
+    """Why this node runs no formnet ("" when it does); raises MeshError when it must."""
+    if config.mesh.enabled == "false":
+        return "formnet is disabled in the configuration (mesh.enabled = false)"
+    problem = wggo.requirements_problem()
+    if problem and config.mesh.enabled == "true":
+        raise wggo.MeshError(f"mesh.enabled = true but {problem}")
+    return problem
 
 
 class NodeRuntime:
@@ -66,12 +86,15 @@ class NodeRuntime:
         self.astore = astore
         self.p2p = p2p
         self.vms = vms
+        p2p.peer_source = self.fog_nodes  # dial the fog's members only, not whoever signs a record
         # the node's one commit notification: the API's /events, the control watch, the scheduler
         self.changes = Changes()
         self.api_urls: list[str] = []
         self.started_at = now_ms()
         self.heartbeat_error: str | None = None
         self.invite = invite
+        self.formnet: Formnet | None = None  # set by open_node when this node runs formnet
+        self.mesh_reason = "formnet is not set up"
         self.fog_id: str | None = None  # the fog this node is a member of (found, made or joined in run)
         self.admitted = False  # a member now, by the fog's records (membership.py)
 
@@ -87,6 +110,8 @@ class NodeRuntime:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.p2p.run)
                 await self._find_fog()
+                if self.formnet is not None:
+                    nursery.start_soon(self._run_formnet, self.formnet)
                 await self.register()
                 nursery.start_soon(self._heartbeat)
                 nursery.start_soon(self._watch_membership)
@@ -99,6 +124,15 @@ class NodeRuntime:
                 task_status.started(self)
         finally:
             self.store.on_commit.remove(self.changes.on_commit)
+
+    async def _run_formnet(self, formnet: Formnet) -> None:
+        try:
+            await formnet.run()
+        except (wggo.MeshError, UapiError, NetworkError, OSError) as exc:
+            if self.config.mesh.enabled == "true":
+                raise
+            formnet.status = MeshStatus(enabled=False, reason=f"formnet failed: {exc}")
+            log.error("formnet failed (the node goes on without it): %s", exc)
 
     async def _find_fog(self) -> None:
         """This node's fog: its own member record; else the invite it was given; else, with no
@@ -167,6 +201,15 @@ class NodeRuntime:
             return []
         members = await self.astore.fog_members(self.fog_id)
         return [n for n in await self.astore.list("node", limit=1_000_000) if n["address"] in members]
+
+    async def leave(self) -> str:
+        """This node leaves its fog: its member record says `left` (it still vouches for the
+        nodes it admitted). Its fog id."""
+        if self.fog_id is None:
+            raise fog.InviteError("this node is not a member of a fog")
+        await self.write("leave", self.address, {"address": self.address, "fog_id": self.fog_id})
+        await self._check_admitted()
+        return self.fog_id
 
     async def create_invite(self, *, expires_s: int) -> InviteToken:
         """An invite from this member: the next of its serials, claimable for `expires_s`."""
@@ -326,6 +369,8 @@ class NodeRuntime:
             "p2p": asdict(self.p2p.stats),
             "vms": vm_status(self.vms),
             "fog": {"id": self.fog_id, "admitted": self.admitted},
+            "mesh": (self.formnet.status.as_dict() if self.formnet is not None
+                     else {"enabled": False, "reason": self.mesh_reason}),
         }
 
 

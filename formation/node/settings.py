@@ -91,6 +91,11 @@ SETTINGS: tuple[Setting, ...] = (
       "(its genesis). A node with bootstrap peers but no invite syncs the state and runs no "
       "workloads until it is admitted."),
     S("fog", "name", "", str, c.string, "The name a new fog is given at its genesis (shown, not used)."),
+    S("mesh", "enabled", "auto", str, c.choice("auto", "true", "false", bools=True),
+      'formnet: a WireGuard interface whose peers are the fog\'s members (their `peer` records), '
+      'so that nodes and VMs reach each other by overlay address. "auto": on when the node runs '
+      'as root and wireguard-go (or kernel WireGuard) is there; "true" makes a missing '
+      'requirement an error at start.'),
     S("mesh", "wireguard_port", 51820, int, c.port, "UDP port of this node's WireGuard interface."),
     S("mesh", "overlay_cidr", "10.42.0.0/16", str, c.cidr,
       "Address range of the overlay network; every node takes its overlay address from it."),

@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import multiaddr
@@ -142,6 +142,8 @@ class P2PService:
         self.blocked: set[str] = set()  # peers we neither dial nor keep (partition tests, bans)
         self.banned: set[str] = set()
         self.on_sync: list[Callable[[sync.SyncResult], None]] = []
+        # the node records whose peers to dial (set by the node: its fog's members); None: all
+        self.peer_source: Callable[[], Awaitable[list[dict]]] | None = None
         # what this node hands out on /formation/blob/1 (set by the node; None serves nothing)
         self.blob_provider: blobs.Provider | None = None
         self._syncing: set[str] = set()  # peers we are running a session with (we asked)
@@ -457,8 +459,13 @@ class P2PService:
         log.info("connected to %s", peer[-8:])
 
     async def _learn_peers_from_state(self) -> None:
-        """Node records carry their multiaddrs: every node in the state is a peer to keep."""
-        nodes = await self.astore.list("node", limit=10_000)
+        """Node records carry their multiaddrs: the nodes `peer_source` names (the node gives the
+        fog's admitted members: a record anyone signs must not make us dial where it says) are
+        peers to keep; without a source, every node record."""
+        if self.peer_source is not None:
+            nodes = await self.peer_source()
+        else:
+            nodes = await self.astore.list("node", limit=10_000)
         for rec in nodes:
             for addr in rec.get("multiaddrs", []):
                 if "/p2p/" in addr:

@@ -12,17 +12,11 @@ import subprocess
 
 import trio
 
+from formation.iproute import NetworkError
+from formation.iproute import ip as _ip
+
 IFNAMSIZ = 15  # Linux interface names are at most 15 bytes
 TAP_PREFIX = "fmt"
-
-
-class NetworkError(Exception):
-    """An `ip` command failed: the command and ip's own message."""
-
-    def __init__(self, command: list[str], message: str):
-        super().__init__(f"{' '.join(command)}: {message}")
-        self.command = command
-        self.message = message
 
 
 def tap_name(vm_id: str) -> str:
@@ -40,19 +34,6 @@ def mac_for(vm_id: str) -> str:
 def _check_name(name: str) -> None:
     if not name or len(name.encode()) > IFNAMSIZ or "/" in name or name.strip() != name:
         raise ValueError(f"bad interface name {name!r} (1-{IFNAMSIZ} bytes, no '/' or spaces)")
-
-
-async def _ip(*args: str, netns: str | None = None, ok_if: tuple[str, ...] = ()) -> str:
-    """Run `ip [-n NS] ARGS`; its stdout. Fails with NetworkError unless stderr has one of ok_if."""
-    cmd = ["ip", *(["-n", netns] if netns else []), *args]
-    proc = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False,
-                                  stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        message = proc.stderr.decode(errors="replace").strip()
-        if any(s in message for s in ok_if):
-            return ""
-        raise NetworkError(cmd, message or f"exit status {proc.returncode}")
-    return proc.stdout.decode(errors="replace")
 
 
 async def link_exists(name: str, netns: str | None = None) -> bool:

@@ -44,7 +44,7 @@ def base_url(tmp_path_factory):
     port = free_port()
     log_file = open(data / "node.log", "w")  # noqa: SIM115 - the node writes it until teardown
     proc = subprocess.Popen(
-        [sys.executable, "-m", "formation.cli", "node", "--vms", "false", "--data-dir", str(data), "--api-port", str(port),
+        [sys.executable, "-m", "formation.cli", "node", "--vms", "false", "--mesh", "false", "--data-dir", str(data), "--api-port", str(port),
          "--p2p-port", str(free_port())],
         env={**os.environ, "FORMATION_PASSWORD": "fuzz"}, stdout=subprocess.DEVNULL,
         stderr=log_file, start_new_session=True)

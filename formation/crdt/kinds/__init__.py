@@ -1,12 +1,12 @@
 """The kinds of records in the replicated state. Importing this package registers them all."""
 
 from .base import Intent, Invalid, Kind, Route, get_kind, register, registry
-from .fog_kinds import AdmitKind, ExpelKind, FogKind, MemberKind
+from .fog_kinds import AdmitKind, ExpelKind, FogKind, LeaveKind, MemberKind
 from .node_kinds import InstanceStatusKind, NodeKind, PeerKind
 from .user_kinds import AccountKind, AgentKind, DnsKind, InstanceKind, ModelKind
 
 for _k in (AccountKind, NodeKind, PeerKind, InstanceKind, InstanceStatusKind, ModelKind, AgentKind, DnsKind,
-           FogKind, MemberKind, AdmitKind, ExpelKind):
+           FogKind, MemberKind, AdmitKind, LeaveKind, ExpelKind):
     register(_k())
 
 __all__ = ["Intent", "Invalid", "Kind", "Route", "get_kind", "register", "registry"]

@@ -7,6 +7,7 @@ Every op here is self-certifying, so its validity reads only the op (the one val
   (fog, inviter, serial, expiry, the invite key's address) and the proof that the claimant holds
   the invite key (its signature over the claimant's address). The genesis node's own record has
   no invite.
+- `leave` (key: the node's address, written by that node): it left the fog.
 - `admit` (key: the invite's id) is the inviter's seal: the one claimant its invite admits.
 - `expel` (key: "<fog id>:<address>") is written by the fog's genesis node and carries the fog's
   genesis record, so the op shows that its author is that fog's genesis.
@@ -29,7 +30,6 @@ from ..schema import (
     TIMESTAMP,
     Record,
     address,
-    boolean,
     field,
     integer,
     nested,
@@ -90,7 +90,6 @@ class Member(Record):
     fog_id: str = field(FOG_ID)
     invite: dict | None = field(optional(nested(Invite)), default=None)  # None: the genesis node
     proof: str | None = field(optional(SIGNATURE), default=None)  # the invite key's, over claim_message
-    left: bool = field(boolean, default=False)  # the node left; it still vouches for whom it admitted
     joined_at: int = field(TIMESTAMP, default=0)
 
 
@@ -134,7 +133,7 @@ class MemberKind(SelfRecordKind):
             return value  # a genesis node's own record: a member iff it is the fog's genesis
         if invite["fog_id"] != value["fog_id"]:
             raise Invalid("bad_field", "member field 'invite': for another fog")
-        _check_invite(invite, "member field 'invite'")
+        check_invite(invite, "member field 'invite'")
         if value["proof"] is None or _signer(claim_message(value["fog_id"], value["address"]),
                                              value["proof"], "member field 'proof'") != invite["key"]:
             raise Invalid("bad_field", "member field 'proof': not signed with the invite's key")
@@ -152,7 +151,8 @@ def invite_id(invite: dict) -> str:
     return hashlib.sha256(bytes.fromhex(sig)).hexdigest()[:32]
 
 
-def _check_invite(invite: dict, what: str) -> None:
+def check_invite(invite: dict, what: str = "invite") -> None:
+    """Raises Invalid unless the invite is signed by the inviter it names."""
     signer = _signer(invite_message(invite["fog_id"], invite["inviter"], invite["serial"],
                                     invite["expires"], invite["key"]), invite["signature"], f"{what}.signature")
     if signer != invite["inviter"]:
@@ -180,13 +180,30 @@ class AdmitKind(Kind):
         invite = value["invite"]
         if invite["inviter"] != node_address(op):
             raise Invalid("unauthorized", "an invite is sealed by its inviter")
-        _check_invite(invite, "admit field 'invite'")
+        check_invite(invite, "admit field 'invite'")
         if op.key != invite_id(invite):
             raise Invalid("bad_field", "an admit key is the id of its invite")
         return value
 
     def index(self, value: dict) -> dict:
         return {"owner": value["member"], "type": value["invite"]["fog_id"], "text": None}
+
+
+@dataclass(frozen=True, slots=True)
+class Leave(Record):
+    address: str = field(address)
+    fog_id: str = field(FOG_ID)
+
+
+class LeaveKind(SelfRecordKind):
+    """A node leaves its fog (key: its address, written by it). Its claim stays: it still vouches
+    for the nodes it admitted."""
+
+    name = "leave"
+    record = Leave
+
+    def index(self, value: dict) -> dict:
+        return {"owner": value["address"], "type": value["fog_id"], "text": None}
 
 
 @dataclass(frozen=True, slots=True)

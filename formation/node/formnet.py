@@ -1,0 +1,153 @@
+"""formnet on this node: its WireGuard interface, its `peer` record, and its peers kept equal to
+the fog members' peer records, changed by diff (one peer added, updated or removed at a time).
+
+What a peer is allowed to route is derived here, not taken from its record: its overlay address
+comes from the members (mesh/addressing.py, the same on every node), and the VM subnet it
+declares is kept only when it overlaps neither the overlay range nor another member's subnet
+(the member with the smaller address keeps a contested subnet), so no member can claim another's
+traffic. Members only: a node record or peer record without admission changes nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from formation.mesh import keys as wgkeys
+from formation.mesh.addressing import overlay_addresses
+from formation.mesh.uapi import PeerConfig, diff
+from formation.mesh.wggo import WireGuardGo, iface_name
+
+from .ports import NodeState
+
+log = logging.getLogger("formation.mesh")
+MIN_GAP = 0.3  # seconds between two passes over the peer records
+PASS_INTERVAL = 10.0
+KEY_FILE = "wireguard.key"
+
+
+@dataclass
+class MeshStatus:
+    enabled: bool = False
+    reason: str = ""
+    iface: str = ""
+    overlay_ip: str | None = None
+    peers: list[str] = field(default_factory=list)  # member addresses configured as peers
+
+    def as_dict(self) -> dict:
+        return {"enabled": self.enabled, "reason": self.reason, "iface": self.iface,
+                "overlay_ip": self.overlay_ip, "peers": len(self.peers)}
+
+
+def allowed_subnets(records: dict[str, dict], overlay_cidr: str) -> dict[str, str]:
+    """Each member's VM subnet, when it is a real network that overlaps neither the overlay nor a
+    subnet kept for a member with a smaller address."""
+    overlay = ipaddress.ip_network(overlay_cidr)
+    kept: dict[str, ipaddress.IPv4Network | ipaddress.IPv6Network] = {}
+    for member in sorted(records):
+        raw = records[member].get("vm_subnet")
+        if not raw:
+            continue
+        try:
+            net = ipaddress.ip_network(raw)
+        except ValueError:
+            continue
+        if net.overlaps(overlay) or net.is_loopback or net.prefixlen < 16 or \
+                any(net.overlaps(other) for other in kept.values()):
+            continue
+        kept[member] = net
+    return {m: str(n) for m, n in kept.items()}
+
+
+def desired_peers(me: str, members: frozenset[str], records: dict[str, dict],
+                  overlay_cidr: str) -> tuple[str | None, dict[bytes, PeerConfig], dict[bytes, str]]:
+    """(my overlay address, peers by public key, member of each peer) from the members' records."""
+    if me not in members:
+        return None, {}, {}
+    overlay = overlay_addresses(members, overlay_cidr)
+    subnets = allowed_subnets({m: r for m, r in records.items() if m in members}, overlay_cidr)
+    peers: dict[bytes, PeerConfig] = {}
+    owner: dict[bytes, str] = {}
+    for member in sorted(members - {me}):
+        rec = records.get(member)
+        if rec is None:
+            continue
+        try:
+            pub = wgkeys.from_b64(rec["public_key"])
+        except ValueError:
+            continue
+        if pub in peers:  # two members with one key: neither (it would route one's traffic to the other)
+            del peers[pub]
+            continue
+        allowed = (f"{overlay[member]}/32", *((subnets[member],) if member in subnets else ()))
+        endpoints = rec.get("endpoints") or []
+        peers[pub] = PeerConfig(pub, endpoints[0] if endpoints else None, allowed)
+        owner[pub] = member
+    return overlay.get(me), peers, owner
+
+
+class Formnet:
+    def __init__(self, node: NodeState, *, vm_subnet: str | None, endpoints: list[str]):
+        self.node = node
+        self.vm_subnet = vm_subnet
+        self.endpoints = endpoints
+        self.status = MeshStatus(enabled=False, reason="formnet is starting")
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.node.config.mesh
+        private = wgkeys.load_or_create(self.node.config.data_dir / KEY_FILE)
+        wg = WireGuardGo(iface_name(self.node.address))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(wg.run)
+            await wg.configure(private_key=private, listen_port=cfg.wireguard_port)
+            self.status.iface = wg.name
+            task_status.started()
+            current: dict[bytes, PeerConfig] = {}
+            routes: set[str] = set()
+            address: str | None = None
+            while True:
+                seen = self.node.changes.last_seq
+                address, current, routes = await self._pass(wg, private, address, current, routes)
+                with trio.move_on_after(PASS_INTERVAL):
+                    await self.node.changes.wait_past(seen)
+                await trio.sleep(MIN_GAP)
+
+    async def _pass(self, wg: WireGuardGo, private: bytes, address: str | None,
+                    current: dict[bytes, PeerConfig], routes: set[str]):
+        node, cidr = self.node, self.node.config.mesh.overlay_cidr
+        if node.fog_id is None:
+            self.status.reason = "not a member of a fog yet"
+            return address, current, routes
+        members = await node.astore.fog_members(node.fog_id)
+        records = {r["address"]: r for r in await node.astore.list("peer", limit=100_000)}
+        mine, desired, owner = desired_peers(node.address, members, records, cidr)
+        if mine is None:
+            self.status.reason = "not admitted to the fog (yet)"
+            desired = {}
+        elif mine != address:
+            await wg.up(f"{mine}/{ipaddress.ip_network(cidr).prefixlen}")
+            log.info("formnet: %s is %s", wg.name, mine)
+        if mine is not None:
+            await self._publish(private, mine, records.get(node.address))
+        changes = diff(current, desired)
+        if changes:
+            await wg.configure(changes=changes)
+            log.info("formnet: %d peer change(s), %d peer(s)", len(changes), len(desired))
+        wanted_routes = {ip for p in desired.values() for ip in p.allowed_ips[1:]}
+        for cidr_ in sorted(wanted_routes - routes):
+            await wg.route(cidr_)
+        for cidr_ in sorted(routes - wanted_routes):
+            await wg.unroute(cidr_)
+        self.status = MeshStatus(enabled=mine is not None, reason="" if mine else self.status.reason,
+                                 iface=wg.name, overlay_ip=mine, peers=sorted(owner.values()))
+        return mine, desired, wanted_routes
+
+    async def _publish(self, private: bytes, overlay_ip: str, record: dict | None) -> None:
+        """This node's peer record, written when it says something new."""
+        value = {"address": self.node.address, "public_key": wgkeys.b64(wgkeys.public_of(private)),
+                 "overlay_ip": overlay_ip, "endpoints": self.endpoints[:8], "vm_subnet": self.vm_subnet}
+        if record is None or any(record.get(k) != v for k, v in value.items()):
+            await self.node.write("peer", self.node.address, value)
