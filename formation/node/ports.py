@@ -80,6 +80,9 @@ class ApiNode(RequestsNode, Protocol):
 
     def health_problems(self, connected: int, pending: int) -> list[str]: ...
 
+    async def vm_subnets(self) -> dict[str, str]:
+        """Each member's VM subnet (where its replicas' addresses may be)."""
+
 
 class VmHostPort(Protocol):
     """The VM side of a host: its backend, its images, its bridge and addresses."""

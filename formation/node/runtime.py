@@ -29,7 +29,7 @@ from . import capacity, fog
 from .config import Config
 from .events import Changes
 from .fog import InviteToken
-from .formnet import Formnet, MeshStatus
+from .formnet import Formnet, MeshStatus, allowed_subnets
 from .vmhost import VmHost, VmUnavailable
 from .vmside import VmSide, VmsOff, VmsOn, VmsStarting, runs_vms, vm_status
 
@@ -201,6 +201,19 @@ class NodeRuntime:
             return []
         members = await self.astore.fog_members(self.fog_id)
         return [n for n in await self.astore.list("node", limit=1_000_000) if n["address"] in members]
+
+    async def vm_subnets(self) -> dict[str, str]:
+        """Each member's VM subnet as formnet routes it (only what it may claim, formnet.py), and
+        this node's own: where a replica's address may be."""
+        subnets: dict[str, str] = {}
+        if self.fog_id is not None:
+            members = await self.astore.fog_members(self.fog_id)
+            records = {r["address"]: r for r in await self.astore.list("peer", limit=100_000)
+                       if r["address"] in members}
+            subnets = allowed_subnets(records, self.config.mesh.overlay_cidr)
+        if not isinstance(self.vms, VmsOff):
+            subnets[self.address] = str(self.vms.host.subnet)
+        return subnets
 
     async def leave(self) -> str:
         """This node leaves its fog: its member record says `left` (it still vouches for the

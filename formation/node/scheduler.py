@@ -26,6 +26,7 @@ import trio
 from formation import guest
 from formation.files import write_atomic
 from formation.pack.builder import find_image
+from formation.pack.formfile import exposed_ports
 from formation.vm import network
 from formation.vm.spec import VmError
 
@@ -313,7 +314,7 @@ class Scheduler:
 
 
 def _desired(inst: dict) -> Desired:
-    ports = _exposed(inst)
+    ports = exposed_ports(inst.get("formfile"))
     return Desired(generation=inst["generation"], running=inst["desired_state"] != "stopped",
                    build_id=inst.get("build_id") or None, has_formfile=bool(inst.get("formfile")),
                    port=ports[0] if ports else None)
@@ -344,15 +345,6 @@ def _build_error(status: dict) -> str:
 def _hostname(name: str) -> str:
     out = "".join(c if c.isalnum() or c == "-" else "-" for c in name.lower()).strip("-")
     return out[:63] or "instance"
-
-
-def _exposed(inst: dict) -> list[int]:
-    from formation.pack.formfile import FormfileError, parse
-
-    try:
-        return list(parse(inst["formfile"]).expose) if inst.get("formfile") else []
-    except FormfileError:
-        return []
 
 
 async def _answers(ip: str, port: int) -> bool:

@@ -317,3 +317,13 @@ def canonical(ff: Formfile) -> str:
     if ff.entrypoint:
         out.append("ENTRYPOINT " + json.dumps(list(ff.entrypoint)))
     return "\n".join(out) + "\n"
+
+
+def exposed_ports(text: str | None) -> list[int]:
+    """The ports a Formfile EXPOSEs ([] without a Formfile, or for one that does not parse)."""
+    if not text:
+        return []
+    try:
+        return list(parse(text).expose)
+    except FormfileError:
+        return []

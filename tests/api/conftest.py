@@ -105,6 +105,10 @@ class FakeBuilder(Builder):
         return Image(plan.image_id, out / "image.raw", manifest, cached=False)
 
 
+VM_SUBNET = "127.77.0.0/24"
+VM_IP = "127.77.0.5"  # a replica's address in it
+
+
 class FakeScheduler:
     def __init__(self):
         self.consoles: dict[str, str] = {}
@@ -134,7 +138,8 @@ async def vm_node(tmp_path: Path, **builder_kw):
         builder = FakeBuilder(tmp_path / "vm", **builder_kw)
         service = BuildService(tmp_path / "vm", builder)
         await nursery.start(service.run)
-        rt.vms = VmsOn(FakeVmHost(tmp_path / "vmhost"), service, FakeScheduler())
+        # its VM subnet is on loopback, so that a test's "replica" (a server on 127.77.0.x) is in it
+        rt.vms = VmsOn(FakeVmHost(tmp_path / "vmhost", subnet=VM_SUBNET), service, FakeScheduler())
         try:
             yield rt
         finally:

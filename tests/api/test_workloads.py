@@ -23,7 +23,7 @@ from formation.crdt.keys import PrivateKey, format_address
 from formation.node.api.app import create_app
 from formation.node.api.workloads import CONTEXT_LIMIT
 from formation.node.vmside import VmsOff
-from tests.api.conftest import free_port, status_of, vm_node
+from tests.api.conftest import VM_IP, free_port, status_of, vm_node
 
 BUILD = "b" * 64
 
@@ -235,7 +235,8 @@ async def test_instance_logs_and_ips(vnode):
 
 @contextlib.asynccontextmanager
 async def agent_server(*, status: int = 200, content_type: str = "application/json"):
-    """A tiny HTTP/1.1 server on 127.0.0.1: answers every request with {"echo": <its JSON body>}."""
+    """A tiny HTTP/1.1 server on VM_IP (a replica's address): answers every request with
+    {"echo": <its JSON body>}."""
     seen: list[tuple[str, dict, bytes]] = []
 
     async def handle(stream):
@@ -257,7 +258,7 @@ async def agent_server(*, status: int = 200, content_type: str = "application/js
         await stream.aclose()
 
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host=VM_IP))
         try:
             yield listeners[0].socket.getsockname()[1], seen
         finally:
@@ -269,7 +270,8 @@ async def test_hire_proxies_to_a_running_replica(vnode):
     async with agent_server(status=201, content_type="application/vnd.answer+json") as (port, seen):
         aid = (await owner.post("/v1/agents", {"name": "bot", "build_id": BUILD, "port": port,
                                                "path": "/run"}))["id"]
-        iid = (await owner.post("/v1/instance/create", {"name": "bot", "build_id": BUILD}))["id"]
+        iid = (await owner.post("/v1/instance/create", {"name": "bot", "build_id": BUILD,
+                                                        "formfile": exposing(port)}))["id"]
         # no replica yet, then one that is booting: 503 naming the states
         with pytest.raises(ApiError) as e:
             await caller.post(f"/v1/agents/{aid}/hire", {"q": 1})
@@ -278,7 +280,14 @@ async def test_hire_proxies_to_a_running_replica(vnode):
         with pytest.raises(ApiError) as e:
             await caller.post(f"/v1/agents/{aid}/hire", {"q": 1})
         assert e.value.status == 503 and "booting" in e.value.detail
-        await status_of(vnode, vnode.key, iid, "running", "127.0.0.1")
+        # a node may report any address: only a VM address of its subnet is sent a hire
+        for bad in ("127.0.0.1", "127.77.0.1", "10.0.0.5"):  # loopback, the node's gateway, elsewhere
+            await status_of(vnode, vnode.key, iid, "running", bad)
+            with pytest.raises(ApiError) as e:
+                await caller.post(f"/v1/agents/{aid}/hire", {"q": 1})
+            assert e.value.status == 503 and "not a VM address" in e.value.detail, bad
+        assert len(seen) == 0
+        await status_of(vnode, vnode.key, iid, "running", VM_IP)
         resp = await signed(vnode, key(12), "POST", f"/v1/agents/{aid}/hire", {"question": "hi?"})
         assert resp.status_code == 201, resp.text
         assert resp.headers["content-type"] == "application/vnd.answer+json"
@@ -300,6 +309,10 @@ async def test_hire_proxies_to_a_running_replica(vnode):
 GHOST_BUILD = "f" * 64
 
 
+def exposing(port: int) -> str:
+    return f"NAME bot\nEXPOSE {port}\nENTRYPOINT [\"/bin/agent\"]\n"
+
+
 async def test_hire_failures(vnode):
     owner, mallory = AsyncClient(vnode.base_url, key(13)), AsyncClient(vnode.base_url, key(14))
     with pytest.raises(ApiError) as e:
@@ -316,15 +329,22 @@ async def test_hire_failures(vnode):
     # a running replica nobody listens on: 502
     dead = free_port()
     aid = (await owner.post("/v1/agents", {"name": "dead", "build_id": BUILD, "port": dead}))["id"]
-    iid = (await owner.post("/v1/instance/create", {"name": "dead", "build_id": BUILD}))["id"]
-    await status_of(vnode, vnode.key, iid, "running", "127.0.0.1")
+    iid = (await owner.post("/v1/instance/create", {"name": "dead", "build_id": BUILD,
+                                                    "formfile": exposing(dead)}))["id"]
+    await status_of(vnode, vnode.key, iid, "running", VM_IP)
     with pytest.raises(ApiError) as e:
         await owner.post(f"/v1/agents/{aid}/hire", {})
     assert e.value.status == 502 and e.value.error == "agent_unreachable"
+    # an agent on a port its instances' Formfile does not EXPOSE is not reached there
+    unexposed = (await owner.post("/v1/agents", {"name": "unexposed", "build_id": BUILD, "port": 9}))["id"]
+    with pytest.raises(ApiError) as e:
+        await owner.post(f"/v1/agents/{unexposed}/hire", {})
+    assert e.value.status == 503 and "does not EXPOSE port 9" in e.value.detail
     # a replica "running" on a node that stopped sending heartbeats is not tried
-    ghost = (await owner.post("/v1/instance/create", {"name": "ghost", "build_id": GHOST_BUILD}))["id"]
+    ghost = (await owner.post("/v1/instance/create", {"name": "ghost", "build_id": GHOST_BUILD,
+                                                      "formfile": exposing(8000)}))["id"]
     ghost_agent = (await owner.post("/v1/agents", {"name": "ghost", "build_id": GHOST_BUILD}))["id"]
-    await status_of(vnode, key(98), ghost, "running", "127.0.0.1")
+    await status_of(vnode, key(98), ghost, "running", VM_IP)
     with pytest.raises(ApiError) as e:
         await owner.post(f"/v1/agents/{ghost_agent}/hire", {})
     assert e.value.status == 503 and "stopped sending heartbeats" in e.value.detail

@@ -9,6 +9,7 @@ agent_unreachable.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 
 import httpx
@@ -16,6 +17,7 @@ import trio
 from quart import Response
 
 from formation.crdt.kinds.owned import level_of
+from formation.pack.formfile import exposed_ports
 
 from . import views
 from .http import ApiError, Call, Endpoint, json_body
@@ -54,7 +56,12 @@ async def _targets(call: Call, agent: dict) -> list[tuple[dict, str]]:
     running: list[tuple[dict, str]] = []
     states: list[str] = []
     scheduler = scheduler_of(call)
+    subnets = await call.runtime.vm_subnets()
     for inst in instances:
+        if agent["port"] not in exposed_ports(inst.get("formfile")):
+            states.append(f"{inst['instance_id']}: its Formfile does not EXPOSE port {agent['port']}, "
+                          "the agent's port")
+            continue
         statuses = await views.replica_statuses(call, inst["instance_id"])
         states += [f"{inst['instance_id']}@{s['node']}: {s['state']}" + (f" ({s['reason']})" if s.get("reason") else "")
                    + ("" if s["node_alive"] else " [its node stopped sending heartbeats]") for s in statuses]
@@ -66,13 +73,33 @@ async def _targets(call: Call, agent: dict) -> list[tuple[dict, str]]:
             ip = s.get("ip")
             if s["node"] == call.runtime.address and scheduler is not None:
                 ip = scheduler.local_ip(inst["instance_id"]) or ip
-            if ip:
-                running.append((s, ip))
+            why = _not_a_replica_address(ip, subnets.get(s["node"]))
+            if why:
+                states.append(f"{inst['instance_id']}@{s['node']}: {why}")
+                continue
+            running.append((s, ip))
     if not running:
         raise ApiError(503, "no_replica", f"no running replica of agent {agent['agent_id']} (build "
                                           f"{build}): " + "; ".join(states))
     running.sort(key=lambda t: t[0]["node"] != call.runtime.address)
     return running
+
+
+def _not_a_replica_address(ip: str | None, subnet: str | None) -> str:
+    """Why a reported replica address is not one to send a hire to ("" when it is): it must be a
+    VM address in the subnet allocated to its node, never the node itself (its gateway), loopback
+    or anything else a node could name to turn the relay against its own host."""
+    if not ip:
+        return "no address reported"
+    if subnet is None:
+        return "its node has no VM subnet this node routes to (formnet)"
+    try:
+        addr, net = ipaddress.ip_address(ip), ipaddress.ip_network(subnet)
+    except ValueError:
+        return f"reported address {ip!r} is not an IP address"
+    if addr not in net or addr in (net.network_address, net.broadcast_address, net.network_address + 1):
+        return f"reported address {ip} is not a VM address of its node ({subnet})"
+    return ""
 
 
 def _url(ip: str, port: int, path: str) -> str:
