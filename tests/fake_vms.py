@@ -29,7 +29,7 @@ class FakeVmHost:
 
     def describe(self) -> dict:
         return {"accel": self.driver.accel, "machine": "microvm", "bridge": self.bridge,
-                "subnet": str(self.subnet), "kernel": "fake"}
+                "subnet": str(self.subnet), "kernel": "fake", "nat": False}
 
     def add_image(self, build_id: str) -> Path:
         """An image `find_image` finds: images/<build_id>/manifest.json and image.raw."""

@@ -118,6 +118,10 @@ SETTINGS: tuple[Setting, ...] = (
       "<data_dir>/cache. Nodes on one host may share it (everything in it is content-addressed)."),
     S("vm", "build_timeout_seconds", 1800, int, c.positive,
       "A build (all RUN and INSTALL steps in the build VM) taking longer fails."),
+    S("vm", "nat", True, bool, c.boolean,
+      "VMs reach beyond their host (the internet) with the host's address (nftables masquerade; "
+      "needs the nft command). Traffic between the fog's VMs and nodes is not translated: it goes "
+      "over formnet with the VMs' own addresses. Builds are sealed whatever this says."),
     S("vm", "build_network", False, bool, c.boolean,
       "Whether RUN steps may open outbound connections (pip install, curl ...), through QEMU's "
       "user-mode NAT. Off: builds are sealed; packages come from INSTALL (fetched by the host)."),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import trio
 
+from formation.mesh.wggo import iface_name
 from formation.pack.builder import Builder
 from formation.vm import network
 from formation.vm.backend import VmBackend
@@ -54,6 +55,7 @@ class VmHost:
     def __init__(self, config: Config, address: str):
         vm = config.vm
         self.config = config
+        self.address = address
         self.data_dir = config.data_dir
         self.cache_dir = Path(vm.cache_dir) if vm.cache_dir else config.data_dir / "cache"
         # images are immutable and content-addressed: nodes sharing a cache share them
@@ -64,6 +66,7 @@ class VmHost:
         self.machine = vm.machine
         self.driver: VmBackend = QemuDriver(self.data_dir / "vms", None if vm.accel == "auto" else vm.accel)
         self.kit: BootKit | None = None
+        self.nat = False  # VMs reach beyond the host (set up by `setup`)
 
     @classmethod
     def check(cls, config: Config, address: str) -> tuple[VmHost | None, str]:
@@ -89,7 +92,14 @@ class VmHost:
             self.kit = await trio.to_thread.run_sync(ensure_kit, self.cache_dir / "kit", progress)
         except KitError as exc:
             raise VmUnavailable(str(exc)) from None
-        await network.ensure_bridge(self.bridge, f"{self.gateway}/{self.subnet.prefixlen}")
+        # forwarding: VMs reach other nodes' VMs over formnet, and beyond the host with NAT
+        await network.ensure_bridge(self.bridge, f"{self.gateway}/{self.subnet.prefixlen}",
+                                    ip_forward=True)
+        if self.config.vm.nat and shutil.which("nft"):
+            await network.ensure_nat(str(self.subnet), mesh_iface=iface_name(self.address))
+            self.nat = True
+        elif self.config.vm.nat:
+            log.warning("VMs have no way out of this host: vm.nat needs nft (apt-get install nftables)")
         self.images_dir.mkdir(parents=True, exist_ok=True)
         log.info("VMs on: accel %s, %s, bridge %s %s/%d, kernel %s", self.driver.accel, self.machine,
                  self.bridge, self.gateway, self.subnet.prefixlen, self.kit.kernel_version)
@@ -97,7 +107,8 @@ class VmHost:
     def describe(self) -> dict:
         """What `form node status` and /health say of the VM side."""
         return {"accel": self.driver.accel, "machine": self.machine, "bridge": self.bridge,
-                "subnet": str(self.subnet), "kernel": self.kit.kernel_version if self.kit else None}
+                "subnet": str(self.subnet), "kernel": self.kit.kernel_version if self.kit else None,
+                "nat": self.nat}
 
     def builder(self) -> Builder:
         vm = self.config.vm

@@ -67,6 +67,27 @@ async def ensure_bridge(name: str, gateway_cidr: str, netns: str | None = None, 
         await _enable_forwarding(netns)
 
 
+NAT_TABLE = "formation"
+
+
+async def ensure_nat(subnet: str, *, mesh_iface: str, netns: str | None = None) -> None:
+    """VMs of `subnet` reach beyond this host through it: their connections leave with the host's
+    address (nftables masquerade), except over the fog's own interface `mesh_iface` (formnet),
+    where they keep their addresses. Replaces this table's rules whole, so a restarted node calls
+    it again."""
+    ruleset = (f"table ip {NAT_TABLE} {{}}\ndelete table ip {NAT_TABLE}\n"
+               f"table ip {NAT_TABLE} {{\n  chain postrouting {{\n"
+               f"    type nat hook postrouting priority srcnat; policy accept;\n"
+               f"    ip saddr {subnet} ip daddr != {subnet} oifname != \"{mesh_iface}\" masquerade\n"
+               f"  }}\n}}\n")
+    cmd = ["nft", "-f", "-"]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    proc = await trio.run_process(cmd, stdin=ruleset.encode(), capture_stderr=True, check=False)
+    if proc.returncode != 0:
+        raise NetworkError(cmd, proc.stderr.decode(errors="replace").strip())
+
+
 async def _enable_forwarding(netns: str | None) -> None:
     # /proc/sys/net is per namespace: the write must happen from a process inside it
     cmd = ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]

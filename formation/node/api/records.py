@@ -52,7 +52,7 @@ def write_status(kind: str, action: str) -> int:
 
 VM_STATUS = obj({"enabled": BOOLEAN, "reason": STRING},
                 {"accel": STRING, "machine": STRING, "bridge": STRING, "subnet": STRING, "replicas": COUNT,
-                 "kernel": nullable(STRING)})
+                 "kernel": nullable(STRING), "nat": BOOLEAN})
 HEALTH = obj({"status": {"type": "string", "enum": ["healthy", "degraded"]}, "problems": array(STRING),
               "version": STRING, "address": {"type": "string", "pattern": "^0x[0-9a-fA-F]{40}$"},
               "peer_id": STRING, "ops": COUNT, "peers": COUNT, "vms": VM_STATUS})
