@@ -30,6 +30,18 @@ def is_live(node: dict | None, now_ms: int, stale_ms: int) -> bool:
     return node is not None and abs(now_ms - node.get("heartbeat", 0)) <= stale_ms
 
 
+def live_nodes(nodes: Iterable[dict], now_ms: int, stale_ms: int) -> list[dict]:
+    """The nodes placement may use: a recent heartbeat, and — when there is anyone else to say
+    so — another such node that lists it among the nodes it is connected to (`seen`). A node's
+    own records are its claim; another member's connection is evidence, so a member that
+    publishes fresh heartbeats but serves nobody is not placed on."""
+    beating = [n for n in nodes if is_live(n, now_ms, stale_ms)]
+    if len(beating) <= 1:
+        return beating
+    vouched = {a for n in beating for a in n.get("seen") or [] if a != n["address"]}
+    return [n for n in beating if n["address"] in vouched]
+
+
 def fits(node: dict, resources: dict) -> bool:
     cap = node.get("capacity") or {}
     gpu = (resources.get("gpu") or {}).get("count", 0)
@@ -56,7 +68,7 @@ def place_all(instances: Iterable[dict], nodes: Iterable[dict], *, now_ms: int,
     left on each node in creation order (oldest first, then id), so a new instance never moves
     an older one; a stopped instance keeps its room, so starting it again lands where it was.
     vCPUs and disk are checked per instance only (vCPUs are shared, overlays are thin)."""
-    live = [n for n in nodes if is_live(n, now_ms, stale_ms)]
+    live = live_nodes(nodes, now_ms, stale_ms)
     left = {n["address"]: [(n.get("capacity") or {}).get("memory_mb", 0),
                            (n.get("capacity") or {}).get("gpus", 0)] for n in live}
     out: dict[str, list[str]] = {}
@@ -82,7 +94,7 @@ def shortfall(instance: dict, placed: list[str], nodes: Iterable[dict], *, now_m
     wanted = instance.get("replicas", 1)
     if len(placed) >= wanted:
         return None
-    live = [n for n in nodes if is_live(n, now_ms, stale_ms)]
+    live = live_nodes(nodes, now_ms, stale_ms)
     res = instance.get("resources") or {}
     gpus = (res.get("gpu") or {}).get("count", 0)
     needs = [("runs VMs", lambda c: c.get("vms", True) is not False),

@@ -92,6 +92,7 @@ class NodeRuntime:
         self.api_urls: list[str] = []
         self.started_at = now_ms()
         self.heartbeat_error: str | None = None
+        self.seen: list[str] = []  # members this node is connected to, as of its last heartbeat
         self.invite = invite
         self.formnet: Formnet | None = None  # set by open_node when this node runs formnet
         self.mesh_reason = "formnet is not set up"
@@ -294,7 +295,18 @@ class NodeRuntime:
         return op
 
     async def register(self) -> Op:
+        self.seen = await self._connected_members()
         return await self.write("node", self.address, self.node_record())
+
+    async def _connected_members(self) -> list[str]:
+        """The fog's members this node is connected to now (their records name their peer ids)."""
+        connected = set(self.p2p.connected())
+        out = []
+        for rec in await self.fog_nodes():
+            ids = {a.rsplit("/p2p/", 1)[1] for a in rec.get("multiaddrs", []) if "/p2p/" in a}
+            if rec["address"] != self.address and ids & connected:
+                out.append(rec["address"])
+        return sorted(out)[:256]
 
     def announce_addrs(self) -> list[str]:
         suffix = "/p2p/" + self.peer_id
@@ -319,6 +331,7 @@ class NodeRuntime:
             "api_url": self.public_api_url(),
             "started_at": self.started_at,
             "heartbeat": now_ms(),
+            "seen": self.seen,
         }
 
     def public_api_url(self) -> str | None:

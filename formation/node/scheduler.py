@@ -32,7 +32,7 @@ from formation.vm.spec import VmError
 
 from . import planner
 from .builds import BuildRefused
-from .placement import is_live, place_all, stale_after_ms
+from .placement import live_nodes, place_all, stale_after_ms
 from .planner import Action, Desired, Images, Observed, Replica
 from .ports import BuildsPort, SchedulerNode, VmHostPort
 from .vmhost import VmUnavailable
@@ -96,7 +96,7 @@ class Scheduler:
                 await self._carry_out(inst, rep, actions)
         gone = {v for v in self.backend.list() if not v.startswith("build-")} | set(self.replicas)
         by_id = {i["instance_id"]: i for i in instances}
-        live = {n["address"] for n in nodes if is_live(n, self.wall_ms(), self.stale_ms)} - {me}
+        live = {n["address"] for n in live_nodes(nodes, self.wall_ms(), self.stale_ms)} - {me}
         for iid in sorted(gone - set(desired)):
             try:
                 await self._hand_over(iid, by_id.get(iid), [a for a in placements.get(iid, []) if a in live])

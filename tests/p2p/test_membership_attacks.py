@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 
 import pytest
 import trio
@@ -24,7 +25,7 @@ from formation.crdt.kinds.fog_kinds import claim_message, invite_id, invite_mess
 from formation.crdt.op import make_op
 from formation.crdt.store import Store, wall_ms
 from formation.node import fog as fogs
-from formation.node.placement import place_all
+from formation.node.placement import live_nodes, place_all
 from formation.vm import network
 from tests.p2p.attacker import assert_no_honest_strikes, open_attacker
 from tests.p2p.test_scheduler_fog import (
@@ -80,6 +81,8 @@ async def open_fog(root, inviters: tuple[int | None, ...] = (None, 0), *, expire
             tokens.append(token)
         everyone = {n.address for n in nodes}
         await wait_for("every node sees every node admitted", lambda: _all_see(nodes, everyone), timeout=timeout)
+        await wait_for("every node sees every node live (vouched for by another)",
+                       lambda: _all_live(nodes, everyone), timeout=timeout)
         for node in nodes:
             await node.start_scheduler()
         try:
@@ -103,6 +106,12 @@ async def fog_addresses(node: FogNode) -> set[str]:
 
 async def _all_see(nodes: list[FogNode], want: set[str]) -> bool:
     return all([await fog_addresses(n) == want for n in nodes])
+
+
+async def _all_live(nodes: list[FogNode], want: set[str]) -> bool:
+    now = int(time.time() * 1000)
+    return all([{r["address"] for r in live_nodes(await n.runtime.fog_nodes(), now, 3_000)} == want
+                for n in nodes])
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import trio
 from formation.crdt.keys import PrivateKey, format_address
 from formation.crdt.store import Store
 from formation.node.config import load_config
-from formation.node.placement import place
+from formation.node.placement import live_nodes, place
 from formation.node.runtime import open_node
 from formation.node.scheduler import Scheduler
 from formation.node.vmside import VmsOn
@@ -91,8 +91,9 @@ async def open_fog(root, n: int = 3, *, timeout: float = 20.0):
             await nursery.start(node.serve)
             nodes.append(node)
         with trio.fail_after(timeout):
-            while True:  # every node knows every node as an admitted member
-                seen = [len(await m.runtime.fog_nodes()) for m in nodes]
+            while True:  # every node knows every node as an admitted member, vouched for as live
+                now = int(time.time() * 1000)
+                seen = [len(live_nodes(await m.runtime.fog_nodes(), now, 3_000)) for m in nodes]
                 if seen == [n] * n:
                     break
                 await trio.sleep(0.1)
@@ -266,7 +267,9 @@ async def test_a_replica_placed_on_a_newcomer_is_handed_over_make_before_break(t
             inst = await fog[0].call("get", "instance", iid)
             nodes = await fog[0].call("list", "node", limit=100)
             now = int(time.time() * 1000)
-            if place(inst, [*nodes, {**newcomer, "heartbeat": now}], now_ms=now) == [newcomer["address"]]:
+            # once it has joined, the others list it among the nodes they are connected to
+            vouched = [{**n, "seen": [*n.get("seen", []), newcomer["address"]]} for n in nodes]
+            if place(inst, [*vouched, {**newcomer, "heartbeat": now}], now_ms=now) == [newcomer["address"]]:
                 break
         else:
             raise AssertionError("no instance of 30 would move to the newcomer")

@@ -2,14 +2,20 @@
 
 import random
 
-from formation.node.placement import place, place_all, shortfall
+from formation.node.placement import live_nodes, place, place_all, shortfall
 
 NOW = 10_000_000
 
 
-def node(i, *, vcpus=8, mem=16384, disk=100, beat=NOW, gpus=0):
-    return {"address": f"0x{i:040x}", "heartbeat": beat,
-            "capacity": {"vcpus": vcpus, "memory_mb": mem, "disk_gb": disk, "gpus": gpus}}
+def addr(i: int) -> str:
+    return f"0x{i:040x}"
+
+
+def node(i, *, vcpus=8, mem=16384, disk=100, beat=NOW, gpus=0, seen=None):
+    # by default every node is connected to every other (what `seen` says): all are vouched for
+    return {"address": addr(i), "heartbeat": beat,
+            "capacity": {"vcpus": vcpus, "memory_mb": mem, "disk_gb": disk, "gpus": gpus},
+            "seen": [addr(j) for j in range(100) if j != i] if seen is None else seen}
 
 
 def inst(i, replicas=2, **res):
@@ -91,3 +97,18 @@ def test_shortfall_says_why_an_instance_is_not_placed():
     assert "no live node in the fog" in shortfall(ok, [], [node(0, beat=0)], now_ms=NOW)
     no_vms = [{**node(0), "capacity": {**node(0)["capacity"], "vms": False}}]
     assert shortfall(ok, [], no_vms, now_ms=NOW).endswith("no live node runs VMs")
+
+
+def test_a_node_is_live_on_another_members_evidence_not_its_own_claim():
+    stale = 90_000
+    honest = [node(1, seen=[addr(2)]), node(2, seen=[addr(1)])]
+    liar = node(3, seen=[addr(1), addr(2)], beat=NOW + 60_000)  # fresh claims, nobody sees it
+    assert [n["address"] for n in live_nodes([*honest, liar], NOW, stale)] == [addr(1), addr(2)]
+    far_future = node(4, beat=NOW + 10**9)  # a heartbeat dated ahead is no heartbeat
+    assert far_future not in live_nodes([*honest, far_future], NOW, stale)
+    # vouched for only by a node that is itself stale: not live
+    ghost = node(5, seen=[addr(6)], beat=NOW - 10**6)
+    lonely = node(6, seen=[addr(5)])
+    assert live_nodes([ghost, lonely], NOW, stale) == [lonely]  # alone: its own heartbeat counts
+    assert place(inst(1, replicas=3), [*honest, liar], now_ms=NOW, stale_ms=stale) == \
+        place(inst(1, replicas=3), honest, now_ms=NOW, stale_ms=stale)

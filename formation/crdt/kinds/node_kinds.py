@@ -35,6 +35,7 @@ class Capacity(Record):
     vms: bool = field(boolean, default=True)  # false: the node runs no VMs (placement skips it)
 
 
+ADDRESS = address  # the check, under a name no record field shadows
 MULTIADDR = text(512, min_len=2, pattern=r"/[A-Za-z0-9/._:%-]+", what="a multiaddr like /ip4/1.2.3.4/tcp/53333")
 
 
@@ -49,6 +50,8 @@ class Node(Record):
     api_url: str | None = field(optional(text(512)), default=None)
     started_at: int = field(TIMESTAMP, default=0)
     heartbeat: int = field(TIMESTAMP, default=0)  # unix ms of the node's last heartbeat
+    # the nodes it is connected to now (addresses): other members' evidence that it is up
+    seen: list = field(list_of(ADDRESS, 256, unique=True), factory=list)
 
 
 class SelfRecordKind(Kind):
