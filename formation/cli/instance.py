@@ -7,7 +7,7 @@ import argparse
 
 from formation.argtypes import int_in
 from formation.cli import output
-from formation.cli.node import cmd_leave, control_flags
+from formation.cli.node import cmd_formnet_status, cmd_leave, control_flags, join_flags
 from formation.cli.output import EXIT_OK, Column
 from formation.cli.parsing import group, leaf, paging, record_id
 from formation.cli.session import Context, authorize, check_id, context, transfer
@@ -131,6 +131,19 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     record_id(p)
     p.add_argument("--tail", metavar="BYTES", type=int_in(1, 8 * 1024 * 1024, "a number of bytes"),
                    help="the last BYTES of the console (node default 65536, at most 8 MiB)")
+    # the original's names: `form manage join` is `form join`; formnet comes up with the node
+    join = man.add_parser("join", help="join a fog with an invite (the same as `form join`)",
+                          description="The same as `form join`: claim INVITE (or --genesis) and run "
+                                      "the node; formnet comes up with it (`form manage formnet-up` "
+                                      "says how it is).")
+    join_flags(join)
+    up = man.add_parser("formnet-up", help="how this node's formnet is (it comes up with the node)",
+                        description="formnet starts with `form node`/`form join` when the node runs "
+                                    "as root with wireguard-go: this shows its interface, overlay "
+                                    "address and peers, or why it is off.")
+    control_flags(up)
+    up.add_argument("--json", action="store_true", help="print one JSON object")
+    up.set_defaults(func=cmd_formnet_status, parser=up)
     leave = man.add_parser("leave", help="this node leaves its fog (its operator, on its host)",
                            description="The local node leaves its fog: its member record says so, "
                                        "every member drops it from formnet by diff, and its replicas "

@@ -160,10 +160,7 @@ def register(commands, common: argparse.ArgumentParser) -> None:
                     "create` on a member), dialing the peers it names; or with --genesis start a "
                     "new fog whose first member is this node. Once joined, `form node` runs it "
                     "again (the membership is in the state).")
-    join.add_argument("invite", nargs="?", metavar="INVITE", help="the invite token (fmi1....)")
-    join.add_argument("--genesis", action="store_true", help="start a new fog instead")
-    _node_flags(join)
-    join.set_defaults(func=cmd_join)
+    join_flags(join)
 
     invite = commands.add_parser("invite", help="invite a new host into this node's fog")
     invite_commands = invite.add_subparsers(dest="invite_command", metavar="COMMAND")
@@ -182,6 +179,26 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     leaf(node.add_subparsers(dest="node_command", metavar="COMMAND"), "status",
          "the node's health and the nodes of its fog", cmd_node_status, common,
          description="Ask the node (GET /health, /node/list) how it is and which nodes its fog has.")
+
+
+def join_flags(join: argparse.ArgumentParser) -> None:
+    join.add_argument("invite", nargs="?", metavar="INVITE", help="the invite token (fmi1....)")
+    join.add_argument("--genesis", action="store_true", help="start a new fog instead")
+    _node_flags(join)
+    join.set_defaults(func=cmd_join, parser=join)
+
+
+def cmd_formnet_status(args: argparse.Namespace) -> int:
+    mesh = control_call(args, "did not answer", cmd="status")["mesh"]
+    if args.json:
+        output.print_json(mesh)
+        return EXIT_OK
+    if not mesh.get("enabled"):
+        output.fields([("formnet", f"off: {mesh.get('reason') or 'not up yet'}")])
+        return EXIT_OK
+    output.fields([("formnet", "up"), ("interface", mesh.get("iface")),
+                   ("overlay ip", mesh.get("overlay_ip")), ("peers", str(mesh.get("peers")))])
+    return EXIT_OK
 
 
 def cmd_join(args: argparse.Namespace) -> int:

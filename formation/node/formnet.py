@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -25,7 +26,7 @@ from .ports import NodeState
 
 log = logging.getLogger("formation.mesh")
 MIN_GAP = 0.3  # seconds between two passes over the peer records
-PASS_INTERVAL = 10.0
+PASS_INTERVAL = 5.0  # also how often a silent peer's next endpoint is tried
 KEY_FILE = "wireguard.key"
 
 
@@ -89,12 +90,28 @@ def desired_peers(me: str, members: frozenset[str], records: dict[str, dict],
     return overlay.get(me), peers, owner
 
 
+HANDSHAKE_STALE = 180  # seconds: WireGuard re-handshakes every 2 minutes on a live tunnel
+TRY_ENDPOINT = 5.0  # seconds an endpoint candidate gets before the next one is tried
+
+
+def next_endpoint(count: int, index: int, set_at: float, last_handshake: int, now: float,
+                  wall_now: int) -> tuple[int, float]:
+    """Which of a peer's `count` endpoint candidates to use: keep the current one while handshakes
+    come (or while it is still being tried), else move on to the next, round and round."""
+    if count <= 1 or (last_handshake and wall_now - last_handshake < HANDSHAKE_STALE):
+        return index, set_at
+    if now - set_at < TRY_ENDPOINT:
+        return index, set_at
+    return (index + 1) % count, now
+
+
 class Formnet:
     def __init__(self, node: NodeState, *, vm_subnet: str | None, endpoints: list[str]):
         self.node = node
         self.vm_subnet = vm_subnet
         self.endpoints = endpoints
         self.status = MeshStatus(enabled=False, reason="formnet is starting")
+        self._tries: dict[bytes, tuple[int, float]] = {}  # peer -> (endpoint index, since)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.node.config.mesh
@@ -132,6 +149,7 @@ class Formnet:
             log.info("formnet: %s is %s", wg.name, mine)
         if mine is not None:
             await self._publish(private, mine, records.get(node.address))
+        desired = await self._reachable(wg, desired, records, owner)
         changes = diff(current, desired)
         if changes:
             await wg.configure(changes=changes)
@@ -144,6 +162,25 @@ class Formnet:
         self.status = MeshStatus(enabled=mine is not None, reason="" if mine else self.status.reason,
                                  iface=wg.name, overlay_ip=mine, peers=sorted(owner.values()))
         return mine, desired, wanted_routes
+
+    async def _reachable(self, wg: WireGuardGo, desired: dict[bytes, PeerConfig],
+                         records: dict[str, dict], owner: dict[bytes, str]) -> dict[bytes, PeerConfig]:
+        """Each peer's endpoint: one of the candidates its record lists, moving on to the next
+        while no handshake comes (the first may be an address only its own LAN reaches)."""
+        handshakes = {k: int(p.get("last_handshake_time_sec", "0") or 0)
+                      for k, p in (await wg.device()).public_keys.items()}
+        now, wall = trio.current_time(), int(time.time())
+        out = {}
+        for key, peer in desired.items():
+            candidates = records[owner[key]].get("endpoints") or []
+            index, since = self._tries.get(key, (0, now))
+            index, since = next_endpoint(len(candidates), index % max(1, len(candidates)), since,
+                                         handshakes.get(key, 0), now, wall)
+            self._tries[key] = (index, since)
+            out[key] = replace(peer, endpoint=candidates[index] if candidates else None)
+        for gone in set(self._tries) - set(desired):
+            del self._tries[gone]
+        return out
 
     async def _publish(self, private: bytes, overlay_ip: str, record: dict | None) -> None:
         """This node's peer record, written when it says something new."""

@@ -6,6 +6,7 @@ other host's overlay address. A host that leaves is removed from the others' pee
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -88,11 +89,17 @@ def test_three_hosts_join_and_reach_each_other_over_formnet(tmp_path):
         except AssertionError:
             raise AssertionError(logs(tmp_path)) from None
         print(f"join --genesis to a full 3-node mesh with pings: {t_meshed:.1f} s")
+        env = {**os.environ, "FORMATION_PASSWORD": "test", "PYTHONPATH": str(ROOT)}
+        shown = subprocess.run([sys.executable, "-m", "formation.cli", "manage", "formnet-up", "--json",
+                                "--data-dir", str(data[0])], env=env, capture_output=True, text=True,
+                               timeout=30)
+        assert shown.returncode == 0, shown.stderr
+        mesh = json.loads(shown.stdout)
+        assert mesh["enabled"] and mesh["peers"] == 2 and mesh["overlay_ip"] == overlay[0]
 
         assert len(set(overlay)) == 3
 
         # a member leaves (form manage leave): the others drop its peer by diff, the rest stays up
-        env = {**os.environ, "FORMATION_PASSWORD": "test", "PYTHONPATH": str(ROOT)}
         left = subprocess.run([sys.executable, "-m", "formation.cli", "manage", "leave", "--data-dir",
                                str(data[2])], env=env, capture_output=True, text=True, timeout=30)
         assert left.returncode == 0, left.stderr

@@ -10,6 +10,7 @@ import trio
 from formation.crdt.async_store import AsyncStore
 from formation.crdt.store import Store
 from formation.p2p.service import P2PService, P2PSettings
+from formation.vm import network
 from tests.support import Node
 
 
@@ -74,3 +75,15 @@ async def converged(members, timeout: float = 30.0) -> float:
 @pytest.fixture
 def fog():
     return open_fog
+
+
+@pytest.fixture
+def no_taps(monkeypatch):
+    """The scheduler removes a VM's tap itself (network.delete_link): record it, touch no host link."""
+    deleted: list[str] = []
+
+    async def delete_link(name: str, netns: str | None = None) -> None:
+        deleted.append(name)
+
+    monkeypatch.setattr(network, "delete_link", delete_link)
+    return deleted

@@ -26,7 +26,6 @@ from formation.crdt.op import make_op
 from formation.crdt.store import Store, wall_ms
 from formation.node import fog as fogs
 from formation.node.placement import live_nodes, place_all
-from formation.vm import network
 from tests.p2p.attacker import assert_no_honest_strikes, open_attacker
 from tests.p2p.test_scheduler_fog import (
     FogNode,
@@ -113,17 +112,6 @@ async def _all_live(nodes: list[FogNode], want: set[str]) -> bool:
     return all([{r["address"] for r in live_nodes(await n.runtime.fog_nodes(), now, 3_000)} == want
                 for n in nodes])
 
-
-@pytest.fixture
-def no_taps(monkeypatch):
-    """The scheduler removes a VM's tap itself: record it, touch no host link."""
-    deleted: list[str] = []
-
-    async def delete_link(name: str, netns: str | None = None) -> None:
-        deleted.append(name)
-
-    monkeypatch.setattr(network, "delete_link", delete_link)
-    return deleted
 
 
 def count_passes(nodes: list[FogNode]) -> dict[int, int]:

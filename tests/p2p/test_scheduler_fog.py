@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import time
 
-import pytest
 import trio
 
 from formation.crdt.keys import PrivateKey, format_address
@@ -17,7 +16,6 @@ from formation.node.placement import live_nodes, place
 from formation.node.runtime import open_node
 from formation.node.scheduler import Scheduler
 from formation.node.vmside import VmsOn
-from formation.vm import network
 from tests.fake_vms import FakeBuilds, FakeVmHost
 from tests.p2p.test_node_runtime import free_port
 from tests.support import User, current_version
@@ -104,17 +102,6 @@ async def open_fog(root, n: int = 3, *, timeout: float = 20.0):
         finally:
             nursery.cancel_scope.cancel()
 
-
-@pytest.fixture
-def no_taps(monkeypatch):
-    """The scheduler removes a VM's tap itself (network.delete_link): record it, touch no host link."""
-    deleted: list[str] = []
-
-    async def delete_link(name: str, netns: str | None = None) -> None:
-        deleted.append(name)
-
-    monkeypatch.setattr(network, "delete_link", delete_link)
-    return deleted
 
 
 async def wait_for(what: str, check, timeout: float = 30.0, poll: float = 0.1):

@@ -109,3 +109,15 @@ def test_the_key_file_is_made_once_and_private(tmp_path):
     k = keys.load_or_create(path)
     assert keys.load_or_create(path) == k and len(k) == 32
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_silent_peer_is_tried_at_its_next_endpoint_round_and_round():
+    from formation.node.formnet import HANDSHAKE_STALE, TRY_ENDPOINT, next_endpoint
+
+    wall = 1_000_000
+    assert next_endpoint(3, 0, 0.0, 0, TRY_ENDPOINT - 1, wall) == (0, 0.0)  # still being tried
+    assert next_endpoint(3, 0, 0.0, 0, TRY_ENDPOINT, wall) == (1, TRY_ENDPOINT)  # no handshake: next
+    assert next_endpoint(3, 2, 0.0, 0, 100.0, wall) == (0, 100.0)  # round and round
+    assert next_endpoint(3, 1, 0.0, wall - 10, 100.0, wall) == (1, 0.0)  # handshakes come: keep it
+    assert next_endpoint(3, 1, 0.0, wall - HANDSHAKE_STALE, 100.0, wall) == (2, 100.0)  # gone stale
+    assert next_endpoint(1, 0, 0.0, 0, 100.0, wall) == (0, 0.0)  # one candidate: nothing to try
