@@ -116,3 +116,46 @@ def test_three_hosts_join_and_reach_each_other_over_formnet(tmp_path):
         for d in data[:2]:  # what each interface really has, asked over its UAPI socket
             device = trio.run(WireGuardGo(status(d)["mesh"]["iface"]).device)
             assert len(device.public_keys) == 1
+
+
+def test_a_cut_host_comes_back_with_its_tunnels_and_the_state_it_missed(tmp_path):
+    """Cut one host's link: the other two keep reaching each other; what is written meanwhile
+    reaches the cut host once its link is back, and so do the tunnels, with no manual step."""
+    from tests.multihost import cut, heal
+
+    with hosts(3) as hs:
+        data = [tmp_path / f"node{h.index}" for h in hs]
+        start(hs[0], data[0], "join", "--genesis", "--p2p-port", "4001")
+        wait("the genesis node", lambda: status(data[0]), 60)
+        for i in (1, 2):
+            c = ControlClient(data[0] / "control.sock", timeout=10)
+            try:
+                token = c.call(cmd="invite", expires=600)["token"]
+            finally:
+                c.close()
+            start(hs[i], data[i], "join", token, "--p2p-port", "4001")
+
+        def meshed():
+            sts = [status(d) for d in data]
+            if not all(s and s["mesh"]["enabled"] and s["mesh"]["peers"] == 2 for s in sts):
+                return None
+            return [s["mesh"]["overlay_ip"] for s in sts]
+
+        try:
+            overlay = wait("three nodes meshed", meshed, 90)
+            cut(hs[2])
+            assert wait("h1 -> h2 while h3 is cut", lambda: hs[0].ping(overlay[1], 1.0), 20)
+            assert not hs[0].ping(overlay[2], 1.0)
+            # a member leaves while h3 is away: h3 learns it only after the link is back
+            leave = subprocess.run([sys.executable, "-m", "formation.cli", "manage", "leave", "--data-dir",
+                                    str(data[1])], capture_output=True, text=True, timeout=30,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+            assert leave.returncode == 0, leave.stderr
+            time.sleep(2)
+            assert status(data[2])["mesh"]["peers"] == 2  # h3 has not heard of it
+            heal(hs[2])
+            assert wait("h1 -> h3 after the link is back", lambda: hs[0].ping(overlay[2], 1.0), 60)
+            assert wait("h3 hears of the leave and drops that peer",
+                        lambda: status(data[2])["mesh"]["peers"] == 1, 60)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{logs(tmp_path)}") from None
