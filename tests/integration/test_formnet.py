@@ -59,29 +59,44 @@ def logs(tmp_path: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(tmp_path.glob("*.log")))
 
 
+def form_fog(hs, data: list[Path], tmp_path: Path) -> list[str]:
+    """Host 1 runs `form join --genesis`, the others `form join <invite of host 1>`; the overlay
+    addresses once every node has the others as peers."""
+    start(hs[0], data[0], "join", "--genesis")
+    wait("the genesis node", lambda: status(data[0]), 60)
+    for i in range(1, len(hs)):
+        c = ControlClient(data[0] / "control.sock", timeout=10)
+        try:
+            token = c.call(cmd="invite", expires=600)["token"]
+        finally:
+            c.close()
+        start(hs[i], data[i], "join", token)
+
+    def meshed():
+        sts = [status(d) for d in data]
+        if not all(s and s["mesh"]["enabled"] and s["mesh"]["peers"] == len(hs) - 1 for s in sts):
+            return None
+        return [s["mesh"]["overlay_ip"] for s in sts]
+
+    try:
+        return wait(f"{len(hs)} nodes meshed", meshed, 90)
+    except AssertionError:
+        raise AssertionError(logs(tmp_path)) from None
+
+
+def form(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FORMATION_PASSWORD": "test", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "formation.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=30)
+
+
 def test_three_hosts_join_and_reach_each_other_over_formnet(tmp_path):
     with hosts(3) as hs:
         data = [tmp_path / f"node{h.index}" for h in hs]
         t0 = time.monotonic()
-        start(hs[0], data[0], "join", "--genesis")
-        wait("the genesis node", lambda: status(data[0]), 60)
-        for i in (1, 2):
-            c = ControlClient(data[0] / "control.sock", timeout=10)
-            try:
-                token = c.call(cmd="invite", expires=600)["token"]
-            finally:
-                c.close()
-            start(hs[i], data[i], "join", token)
-
-        def meshed():
-            sts = [status(d) for d in data]
-            if not all(s and s["mesh"]["enabled"] and s["mesh"]["peers"] == 2 for s in sts):
-                return None
-            return [s["mesh"]["overlay_ip"] for s in sts]
-
+        overlay = form_fog(hs, data, tmp_path)
+        t_meshed = time.monotonic() - t0
         try:
-            overlay = wait("three nodes meshed (each with 2 peers)", meshed, 90)
-            t_meshed = time.monotonic() - t0
             for h in hs:
                 for j, ip in enumerate(overlay):
                     if j != h.index - 1:
@@ -89,10 +104,7 @@ def test_three_hosts_join_and_reach_each_other_over_formnet(tmp_path):
         except AssertionError:
             raise AssertionError(logs(tmp_path)) from None
         print(f"join --genesis to a full 3-node mesh with pings: {t_meshed:.1f} s")
-        env = {**os.environ, "FORMATION_PASSWORD": "test", "PYTHONPATH": str(ROOT)}
-        shown = subprocess.run([sys.executable, "-m", "formation.cli", "manage", "formnet-up", "--json",
-                                "--data-dir", str(data[0])], env=env, capture_output=True, text=True,
-                               timeout=30)
+        shown = form("manage", "formnet-up", "--json", "--data-dir", str(data[0]))
         assert shown.returncode == 0, shown.stderr
         mesh = json.loads(shown.stdout)
         assert mesh["enabled"] and mesh["peers"] == 2 and mesh["overlay_ip"] == overlay[0]
@@ -100,8 +112,7 @@ def test_three_hosts_join_and_reach_each_other_over_formnet(tmp_path):
         assert len(set(overlay)) == 3
 
         # a member leaves (form manage leave): the others drop its peer by diff, the rest stays up
-        left = subprocess.run([sys.executable, "-m", "formation.cli", "manage", "leave", "--data-dir",
-                               str(data[2])], env=env, capture_output=True, text=True, timeout=30)
+        left = form("manage", "leave", "--data-dir", str(data[2]))
         assert left.returncode == 0, left.stderr
 
         def dropped():
@@ -125,31 +136,13 @@ def test_a_cut_host_comes_back_with_its_tunnels_and_the_state_it_missed(tmp_path
 
     with hosts(3) as hs:
         data = [tmp_path / f"node{h.index}" for h in hs]
-        start(hs[0], data[0], "join", "--genesis", "--p2p-port", "4001")
-        wait("the genesis node", lambda: status(data[0]), 60)
-        for i in (1, 2):
-            c = ControlClient(data[0] / "control.sock", timeout=10)
-            try:
-                token = c.call(cmd="invite", expires=600)["token"]
-            finally:
-                c.close()
-            start(hs[i], data[i], "join", token, "--p2p-port", "4001")
-
-        def meshed():
-            sts = [status(d) for d in data]
-            if not all(s and s["mesh"]["enabled"] and s["mesh"]["peers"] == 2 for s in sts):
-                return None
-            return [s["mesh"]["overlay_ip"] for s in sts]
-
+        overlay = form_fog(hs, data, tmp_path)
         try:
-            overlay = wait("three nodes meshed", meshed, 90)
             cut(hs[2])
             assert wait("h1 -> h2 while h3 is cut", lambda: hs[0].ping(overlay[1], 1.0), 20)
             assert not hs[0].ping(overlay[2], 1.0)
             # a member leaves while h3 is away: h3 learns it only after the link is back
-            leave = subprocess.run([sys.executable, "-m", "formation.cli", "manage", "leave", "--data-dir",
-                                    str(data[1])], capture_output=True, text=True, timeout=30,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+            leave = form("manage", "leave", "--data-dir", str(data[1]))
             assert leave.returncode == 0, leave.stderr
             time.sleep(2)
             assert status(data[2])["mesh"]["peers"] == 2  # h3 has not heard of it
