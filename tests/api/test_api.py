@@ -228,3 +228,19 @@ async def test_health_says_what_is_wrong(tmp_path):
         assert any("disk full" in p for p in rt.health_problems(connected=1, pending=0))
         assert rt.health_problems(connected=1, pending=rt.store.limits.pending_ops) != []
         assert rt.public_api_url() is None  # the API listens on loopback: nobody else can use it
+
+
+async def test_events_do_not_name_deleted_private_records(node):
+    """A deleted record's value is gone, and with it who could see it: the stream does not send
+    such deletions (a stranger would learn the ids of someone's private instances)."""
+    owner, stranger = AsyncClient(node.base_url, key(52)), AsyncClient(node.base_url, key(53))
+    secret = (await owner.post("/v1/models", {"name": "secret", "is_private": True}))["id"]
+    await owner.delete(f"/v1/models/{secret}")
+    marker = await stranger.post("/v1/models", {"name": "after"})
+    seen = []
+    with trio.fail_after(10):
+        async for ev in stranger.events(since="0"):
+            seen.append(ev)
+            if ev.get("op_id") == marker["op_id"]:
+                break
+    assert all(ev.get("key") != secret for ev in seen), [ev for ev in seen if ev.get("key") == secret]

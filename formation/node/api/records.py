@@ -224,7 +224,12 @@ async def events(call: Call):
             out = []
             for m in metas:
                 value = await runtime.astore.get(m.kind, m.key)
-                shown = value if value is None or views.visible(m.kind, value, call.who) else False
+                # a deletion names a record whose value is gone: who could see it is unknown, so
+                # only deletions of public kinds are streamed (others would leak private ids)
+                if value is None:
+                    shown = None if m.kind in views.PUBLIC else False
+                else:
+                    shown = value if views.visible(m.kind, value, call.who) else False
                 if shown is not False and m.kind not in views.NEVER_SHOWN:
                     out.append(json.dumps({"event": "op", "seq": m.seq, "op_id": m.id.hex(),
                                            "kind": m.kind, "key": m.key, "value": shown}) + "\n")
