@@ -20,6 +20,8 @@ from collections.abc import Iterable
 
 from .kinds.fog_kinds import fog_id_of, invite_id
 
+KINDS = frozenset({"fog", "member", "admit", "leave", "expel"})  # the records membership reads
+
 
 def members(fog_id: str, fog: dict | None, claims: Iterable[dict], expels: Iterable[dict],
             seals: Iterable[dict] = (), leaves: Iterable[dict] = ()) -> frozenset[str]:

@@ -52,6 +52,7 @@ class Store:
         self.log = OpLog(path, synchronous=synchronous)
         self.replica = Replica(limits)
         self.on_commit: list = []  # callables(last_seq) run after each durable batch
+        self._members: dict[str, frozenset[str]] = {}  # fog id -> members, until membership changes
         self._load()
 
     @property
@@ -181,7 +182,14 @@ class Store:
         return self.log.list(kind, **filters)
 
     def fog_members(self, fog_id: str) -> frozenset[str]:
-        """The fog's current members (membership.py), from its genesis, claims and expulsions."""
+        """The fog's current members (membership.py), from its genesis, claims and expulsions;
+        computed again only after a batch touched a membership record (the scheduler, formnet,
+        the dialer and the API ask often, and a fog's claims may be many)."""
+        if fog_id not in self._members:
+            self._members[fog_id] = self._compute_members(fog_id)
+        return self._members[fog_id]
+
+    def _compute_members(self, fog_id: str) -> frozenset[str]:
         return membership.members(fog_id, self.get("fog", fog_id),
                                   self.log.list("member", type=fog_id, limit=MAX_MEMBER_RECORDS),
                                   self.log.list("expel", type=fog_id, limit=MAX_MEMBER_RECORDS),
@@ -285,6 +293,8 @@ class Store:
         if stage:
             self.log.commit(stage.rows, stage.record_rows())  # raises: memory is untouched
             self.replica.apply(stage)
+            if any(kind in membership.KINDS for kind, _ in stage.registers):
+                self._members.clear()
             for cb in self.on_commit:
                 cb(self.replica.seq)
         return res

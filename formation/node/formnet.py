@@ -23,6 +23,7 @@ from formation.mesh.uapi import PeerConfig, diff
 from formation.mesh.wggo import WireGuardGo, iface_name
 
 from .ports import NodeState
+from .vmhost import VM_SPACE
 
 log = logging.getLogger("formation.mesh")
 MIN_GAP = 0.3  # seconds between two passes over the peer records
@@ -44,10 +45,12 @@ class MeshStatus:
 
 
 def allowed_subnets(records: dict[str, dict], overlay_cidr: str) -> dict[str, str]:
-    """Each member's VM subnet, when it is a real network that overlaps neither the overlay nor a
-    subnet kept for a member with a smaller address."""
+    """Each member's VM subnet, when it lies in the fog's VM space (vmhost.VM_SPACE: never a LAN,
+    loopback or default route that every node would then send into the tunnel), overlaps neither
+    the overlay nor a subnet kept for a member with a smaller address."""
     overlay = ipaddress.ip_network(overlay_cidr)
-    kept: dict[str, ipaddress.IPv4Network | ipaddress.IPv6Network] = {}
+    low, high = VM_SPACE
+    kept: dict[str, ipaddress.IPv4Network] = {}
     for member in sorted(records):
         raw = records[member].get("vm_subnet")
         if not raw:
@@ -56,16 +59,18 @@ def allowed_subnets(records: dict[str, dict], overlay_cidr: str) -> dict[str, st
             net = ipaddress.ip_network(raw)
         except ValueError:
             continue
-        if net.overlaps(overlay) or net.is_loopback or net.prefixlen < 16 or \
-                any(net.overlaps(other) for other in kept.values()):
+        if net.version != 4 or not (low <= net.network_address and net.broadcast_address <= high) \
+                or net.overlaps(overlay) or any(net.overlaps(other) for other in kept.values()):
             continue
         kept[member] = net
     return {m: str(n) for m, n in kept.items()}
 
 
-def desired_peers(me: str, members: frozenset[str], records: dict[str, dict],
-                  overlay_cidr: str) -> tuple[str | None, dict[bytes, PeerConfig], dict[bytes, str]]:
-    """(my overlay address, peers by public key, member of each peer) from the members' records."""
+def desired_peers(me: str, members: frozenset[str], records: dict[str, dict], overlay_cidr: str,
+                  own_subnet: str | None = None) -> tuple[str | None, dict[bytes, PeerConfig], dict[bytes, str]]:
+    """(my overlay address, peers by public key, member of each peer) from the members' records.
+    A peer's subnet that overlaps this node's own VM subnet is not routed to it, whoever keeps
+    the subnet in the fog's view: this node's VMs are on its bridge."""
     if me not in members:
         return None, {}, {}
     overlay = overlay_addresses(members, overlay_cidr)
@@ -83,7 +88,10 @@ def desired_peers(me: str, members: frozenset[str], records: dict[str, dict],
         if pub in peers:  # two members with one key: neither (it would route one's traffic to the other)
             del peers[pub]
             continue
-        allowed = (f"{overlay[member]}/32", *((subnets[member],) if member in subnets else ()))
+        subnet = subnets.get(member)
+        if subnet and own_subnet and ipaddress.ip_network(subnet).overlaps(ipaddress.ip_network(own_subnet)):
+            subnet = None
+        allowed = (f"{overlay[member]}/32", *((subnet,) if subnet else ()))
         endpoints = rec.get("endpoints") or []
         peers[pub] = PeerConfig(pub, endpoints[0] if endpoints else None, allowed)
         owner[pub] = member
@@ -103,6 +111,16 @@ def next_endpoint(count: int, index: int, set_at: float, last_handshake: int, no
     if now - set_at < TRY_ENDPOINT:
         return index, set_at
     return (index + 1) % count, now
+
+
+async def member_peers(node: NodeState) -> tuple[frozenset[str], dict[str, dict]]:
+    """The fog's members and their `peer` records (what formnet and the hire rules read)."""
+    if node.fog_id is None:
+        return frozenset(), {}
+    members = await node.astore.fog_members(node.fog_id)
+    records = {r["address"]: r for r in await node.astore.list("peer", limit=100_000)
+               if r["address"] in members}
+    return members, records
 
 
 class Formnet:
@@ -138,9 +156,8 @@ class Formnet:
         if node.fog_id is None:
             self.status.reason = "not a member of a fog yet"
             return address, current, routes
-        members = await node.astore.fog_members(node.fog_id)
-        records = {r["address"]: r for r in await node.astore.list("peer", limit=100_000)}
-        mine, desired, owner = desired_peers(node.address, members, records, cidr)
+        members, records = await member_peers(node)
+        mine, desired, owner = desired_peers(node.address, members, records, cidr, self.vm_subnet)
         if mine is None:
             self.status.reason = "not admitted to the fog (yet)"
             desired = {}

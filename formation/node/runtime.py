@@ -29,7 +29,7 @@ from . import capacity, fog
 from .config import Config
 from .events import Changes
 from .fog import InviteToken
-from .formnet import Formnet, MeshStatus, allowed_subnets
+from .formnet import Formnet, MeshStatus, allowed_subnets, member_peers
 from .vmhost import VmHost, VmUnavailable
 from .vmside import VmSide, VmsOff, VmsOn, VmsStarting, runs_vms, vm_status
 
@@ -163,13 +163,17 @@ class NodeRuntime:
     async def _watch_membership(self) -> None:
         """Admission follows the records as they arrive (a new node is admitted once it has
         synced the genesis and its inviter's claim), at most once a second."""
+        scanned: frozenset[str] | None = None  # the members when this node last looked for claims
         while True:
             seen = self.changes.last_seq
             await self._check_admitted()
-            try:
-                await self._seal_my_invites()
-            except OpError as exc:  # logged: the next change tries again
-                log.warning("could not seal an invite: %s", exc)
+            members = await self.astore.fog_members(self.fog_id) if self.fog_id else frozenset()
+            if members != scanned:  # a first claim of one of our invites adds a member
+                try:
+                    await self._seal_my_invites()
+                    scanned = members
+                except OpError as exc:  # logged: the next change tries again
+                    log.warning("could not seal an invite: %s", exc)
             await self.changes.wait_past(seen)
             await trio.sleep(1.0)
 
@@ -206,12 +210,8 @@ class NodeRuntime:
     async def vm_subnets(self) -> dict[str, str]:
         """Each member's VM subnet as formnet routes it (only what it may claim, formnet.py), and
         this node's own: where a replica's address may be."""
-        subnets: dict[str, str] = {}
-        if self.fog_id is not None:
-            members = await self.astore.fog_members(self.fog_id)
-            records = {r["address"]: r for r in await self.astore.list("peer", limit=100_000)
-                       if r["address"] in members}
-            subnets = allowed_subnets(records, self.config.mesh.overlay_cidr)
+        _, records = await member_peers(self)
+        subnets = allowed_subnets(records, self.config.mesh.overlay_cidr)
         if not isinstance(self.vms, VmsOff):
             subnets[self.address] = str(self.vms.host.subnet)
         return subnets

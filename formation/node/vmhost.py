@@ -35,6 +35,11 @@ class VmUnavailable(Exception):
     pass
 
 
+# the fog's VM address space: where "auto" subnets come from, and the only VM subnets formnet
+# routes to another member (a member naming a LAN range must not capture the hosts' own traffic)
+VM_SPACE = (ipaddress.ip_address("10.200.0.0"), ipaddress.ip_address("10.249.255.255"))
+
+
 def auto_subnet(address: str) -> str:
     """A /24 in 10.200.0.0-10.249.255.0 chosen by the node's address, so that nodes of one fog
     (whose VM subnets formnet will route) rarely collide without any coordination."""

@@ -73,8 +73,21 @@ def test_overlay_addresses_are_the_same_for_every_order_and_unique():
 def test_a_member_cannot_route_the_overlay_or_another_members_subnet():
     recs = {member(1): record(1, subnet="10.201.1.0/24"), member(2): record(2, subnet="10.201.1.0/25"),
             member(3): record(3, subnet="10.42.5.0/24"), member(4): record(4, subnet="0.0.0.0/0"),
-            member(5): record(5, subnet="10.202.0.0/24"), member(6): record(6, subnet="bogus")}
-    assert allowed_subnets(recs, CIDR) == {member(1): "10.201.1.0/24", member(5): "10.202.0.0/24"}
+            member(5): record(5, subnet="10.202.0.0/24"), member(6): record(6, subnet="bogus"),
+            member(7): record(7, subnet="192.168.1.0/24"), member(8): record(8, subnet="10.213.0.0/16")}
+    # a LAN range or a net wider than the fog's VM space (10.200-10.249) would pull hosts' own
+    # traffic into the tunnel on every node
+    assert allowed_subnets(recs, CIDR) == {member(1): "10.201.1.0/24", member(5): "10.202.0.0/24",
+                                           member(8): "10.213.0.0/16"}
+    assert allowed_subnets({member(9): record(9, subnet="10.0.0.0/8")}, CIDR) == {}
+
+
+def test_a_peer_claiming_this_nodes_own_subnet_is_not_routed_there():
+    me = member(5)
+    members = frozenset({me, member(2)})
+    recs = {member(2): record(2, subnet="10.205.0.0/24")}  # smaller address: the fog keeps it for 2
+    _, peers, _ = desired_peers(me, members, recs, CIDR, own_subnet="10.205.0.0/24")
+    assert peers[pub(2)].allowed_ips == (f"{overlay_addresses(members, CIDR)[member(2)]}/32",)
 
 
 def test_peers_are_members_only_with_derived_addresses():
