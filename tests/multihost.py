@@ -7,13 +7,17 @@
         assert hs.internet.token in h3.http_get(hs.internet.url)
         cut(h2)                       # h2's link to the bridge goes down ...
         heal(h2)                      # ... and up again
+        block(h1, h2)                 # h1 and h2 no longer reach each other (both reach h3) ...
+        unblock(h1, h2)               # ... and do again
         proc = h1.popen("wireguard-go", "-f", f"wg{h1.name}")  # killed and waited for on exit
+        srv = h2.serve_http(h2.ip)    # "<token> <client address>" to any GET; srv.requests()
     assert not hs.leftovers()
 
 Layout of one run, tag = "fm" + 4 random hex digits (or prefix + 4 hex):
     <tag>br     bridge namespace with br0; the veth <tag>v<i> of host i is a port of br0
     <tag><i>    host i (1..n): lo up, eth0 = 10.A.B.i/24, net.ipv4.ip_forward=1
-    <tag>net    the internet stand-in (internet=True): eth0 = 10.A.B.254/24, HTTP on port 80
+    <tag>net    the internet stand-in (internet=True): eth0 = 10.A.B.254/24, HTTP on port 80;
+                `hs.internet.requests()` lists who asked it what
 10.A.B.0/24 is picked at random (A in 200..250) among the subnets the root namespace does not use.
 Nothing is created in the root namespace. Everything is removed on exit, also when the body
 raises or is cancelled (trio.Cancelled, KeyboardInterrupt): first the processes started through
@@ -87,13 +91,19 @@ import sys, urllib.request
 sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])).read().decode())
 """
 
-# answers every GET with "<token> <client address>", so a test sees which source address arrived
+# answers every GET with "<token> <client address>", so a test sees which source address arrived;
+# GET /.requests answers the requests so far instead, one "<client address> <path>" line each
 _SERVER = r"""
 import http.server, sys
 addr, port, token = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+seen = []
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = f"{token} {self.client_address[0]}\n".encode()
+        if self.path == "/.requests":
+            body = "".join(f"{a} {p}\n" for a, p in list(seen)).encode()
+        else:
+            seen.append((self.client_address[0], self.path))
+            body = f"{token} {self.client_address[0]}\n".encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
@@ -161,17 +171,62 @@ class Host:
             return None
         return proc.stdout if proc.returncode == 0 else None
 
+    def serve_http(self, addr: str, port: int = 0) -> HttpServer:
+        """An HTTP server on addr:port (0: any free port) in this namespace, answering every GET
+        with "<token> <client address>" (stopped with the other popen'd processes)."""
+        token = secrets.token_hex(8)
+        proc = self.popen(sys.executable, "-c", _SERVER, addr, str(port), token,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        ready, _, _ = select.select([proc.stdout], [], [], 15)
+        line = proc.stdout.readline().decode() if ready else ""
+        if not line.startswith("ready "):
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
+            raise RuntimeError(f"the HTTP server on {self.name} {addr}:{port} did not start: "
+                               f"{err.decode()[-2000:]}")
+        return HttpServer(self, addr, int(line.split()[1]), token)
+
+
+class HttpServer:
+    """A server started by `Host.serve_http`: its address, port and token, and who asked it what."""
+
+    def __init__(self, host: Host, ip_: str, port: int, token: str):
+        self.host, self.ip, self.port, self.token = host, ip_, port, token
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.ip}:{self.port}/"
+
+    def requests(self) -> list[tuple[str, str]] | None:
+        """(client address, path) of every GET the server answered so far (None if it did not
+        say): asked from its own namespace, so the asking is not one of them."""
+        body = self.host.http_get(self.url + ".requests")
+        if body is None:
+            return None
+        return [tuple(line.split(" ", 1)) for line in body.splitlines() if " " in line]
+
 
 class Internet(Host):
     """The stand-in for the outside world: a host with an HTTP server on ip:port whose answer to
     any GET is "<token> <client address>"."""
 
-    port: int
-    token: str
+    server: HttpServer
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def token(self) -> str:
+        return self.server.token
 
     @property
     def url(self) -> str:
-        return f"http://{self.ip}:{self.port}/"
+        return self.server.url
+
+    def requests(self) -> list[tuple[str, str]] | None:
+        """(client address, path) of every GET the server answered so far."""
+        return self.server.requests()
 
 
 class Hosts(list):
@@ -216,6 +271,70 @@ def heal(host: Host) -> None:
     ip("-n", host.bridge, "link", "set", host.link, "up")
 
 
+_BLOCK_TABLE = "fmblock"
+
+
+def block(a: Host, b: Host) -> None:
+    """Drop every IPv4 packet between a and b, both ways, until `unblock(a, b)`; each still reaches
+    every other host. Done in the bridge namespace (nftables' bridge family: the hosts see
+    nothing of it) where the kernel has that family, else in the two hosts' own namespaces."""
+    if _bridge_filter(a.bridge):
+        _nft(a.bridge, f"add element bridge {_BLOCK_TABLE} cut {{ {a.ip} . {b.ip}, {b.ip} . {a.ip} }}")
+        return
+    for me, other in ((a, b), (b, a)):
+        _host_filter(me.name)
+        _nft(me.name, f"add element inet {_BLOCK_TABLE} cut {{ {other.ip} }}")
+
+
+def unblock(a: Host, b: Host) -> None:
+    if _nft(a.bridge, f"list table bridge {_BLOCK_TABLE}", check=False).returncode == 0:
+        _nft(a.bridge, f"delete element bridge {_BLOCK_TABLE} cut {{ {a.ip} . {b.ip}, {b.ip} . {a.ip} }}",
+             check=False)
+    for me, other in ((a, b), (b, a)):
+        if _nft(me.name, f"list table inet {_BLOCK_TABLE}", check=False).returncode == 0:
+            _nft(me.name, f"delete element inet {_BLOCK_TABLE} cut {{ {other.ip} }}", check=False)
+
+
+def _nft(netns: str, script: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=script, text=True,
+                          capture_output=True, timeout=10)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"nft in {netns}: {proc.stderr.strip()}\n{script}")
+    return proc
+
+
+def _bridge_filter(netns: str) -> bool:
+    """The bridge namespace's filter (made once): frames between two ports whose IPv4 addresses
+    are a pair in the set `cut` are dropped. False where the kernel has no bridge family."""
+    if _nft(netns, f"list table bridge {_BLOCK_TABLE}", check=False).returncode == 0:
+        return True
+    return _nft(netns, f"""table bridge {_BLOCK_TABLE} {{
+  set cut {{ type ipv4_addr . ipv4_addr; }}
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    ip saddr . ip daddr @cut drop
+  }}
+}}
+""", check=False).returncode == 0
+
+
+def _host_filter(netns: str) -> None:
+    if _nft(netns, f"list table inet {_BLOCK_TABLE}", check=False).returncode == 0:
+        return
+    _nft(netns, f"""table inet {_BLOCK_TABLE} {{
+  set cut {{ type ipv4_addr; }}
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    ip saddr @cut drop
+  }}
+  chain output {{
+    type filter hook output priority 0; policy accept;
+    ip daddr @cut drop
+  }}
+}}
+""")
+
+
 @contextlib.contextmanager
 def hosts(n: int, *, prefix: str | None = None, internet: bool = False) -> Iterator[Hosts]:
     """n hosts (1 <= n <= 250) joined through a bridge namespace; see the module docstring."""
@@ -258,16 +377,7 @@ def _attach(net: _Net, cls: type, name: str, index: int, subnet: ipaddress.IPv4N
 
 
 def _serve(inet: Internet) -> None:
-    inet.token = secrets.token_hex(8)
-    proc = inet.popen(sys.executable, "-c", _SERVER, inet.ip, str(INTERNET_PORT), inet.token,
-                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    ready, _, _ = select.select([proc.stdout], [], [], 15)
-    line = proc.stdout.readline().decode() if ready else ""
-    if not line.startswith("ready "):
-        proc.kill()
-        _, err = proc.communicate(timeout=10)
-        raise RuntimeError(f"the internet stand-in's HTTP server did not start: {err.decode()[-2000:]}")
-    inet.port = int(line.split()[1])
+    inet.server = inet.serve_http(inet.ip, INTERNET_PORT)
 
 
 def _add_netns(net: _Net, name: str) -> None:

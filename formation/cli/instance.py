@@ -8,7 +8,7 @@ import argparse
 from formation.argtypes import int_in
 from formation.cli import output
 from formation.cli.node import cmd_formnet_status, cmd_leave, control_flags, join_flags
-from formation.cli.output import EXIT_OK, Column
+from formation.cli.output import EXIT_OK, EXIT_USAGE, CliError, Column
 from formation.cli.parsing import group, leaf, paging, record_id
 from formation.cli.session import Context, authorize, check_id, context, transfer
 
@@ -81,9 +81,23 @@ def cmd_manage_action(args: argparse.Namespace) -> int:
 
 
 def cmd_manage_get_ip(args: argparse.Namespace) -> int:
-    ctx, res = _read(args, "ips")
-    return output.listing(ctx.json, res, "replicas", REPLICA_COLUMNS,
-                          f"no node reports a replica of instance {args.id} yet")
+    """The replicas of one instance, or (--build-id, as in the original's workflow) of every
+    instance of a build that you may see. Their addresses are reachable over formnet."""
+    if (args.id is None) == (args.build_id is None):
+        raise CliError("give an instance ID or --build-id BUILD_ID (one of them)", EXIT_USAGE)
+    if args.id is not None:
+        ctx, res = _read(args, "ips")
+        return output.listing(ctx.json, res, "replicas", REPLICA_COLUMNS,
+                              f"no node reports a replica of instance {args.id} yet")
+    build = check_id(args.build_id, "build id")
+    ctx = context(args)
+    instances = ctx.call("GET", f"{INSTANCE_BASE}/{build}/get_by_build_id").get("instances") or []
+    rows = [{"instance_id": inst["instance_id"], **r} for inst in instances
+            for r in ctx.call("GET", f"{INSTANCE_BASE}/{inst['instance_id']}/ips").get("replicas") or []]
+    empty = (f"no instance of build {build} that you may see" if not instances
+             else f"no node reports a replica of build {build}'s {len(instances)} instance(s) yet")
+    return output.listing(ctx.json, {"build_id": build, "replicas": rows}, "replicas",
+                          [("INSTANCE", lambda r: r.get("instance_id")), *REPLICA_COLUMNS], empty)
 
 
 def cmd_manage_logs(args: argparse.Namespace) -> int:
@@ -119,9 +133,13 @@ def register(commands, common: argparse.ArgumentParser) -> None:
                    cmd_manage_authorize, common), "address", "level")
     record_id(leaf(man, "transfer", "give an instance to another address (owner only)",
                    cmd_manage_transfer, common), "address")
-    record_id(leaf(man, "get-ip", "the IP address of each replica of an instance", cmd_manage_get_ip,
-                   common, description="Each replica of an instance: the node that hosts it, its "
-                                       "state and its IP address (GET /instance/ID/ips)."))
+    p = leaf(man, "get-ip", "the IP address of each replica of an instance (or of a build's instances)",
+             cmd_manage_get_ip, common,
+             description="Each replica of an instance: the node that hosts it, its state and its IP "
+                         "address (GET /instance/ID/ips), reachable from every member over formnet. "
+                         "With --build-id: the replicas of every instance of that build you may see.")
+    p.add_argument("id", metavar="ID", nargs="?", help="the instance id")
+    p.add_argument("--build-id", metavar="BUILD_ID", help="every instance of this build instead")
     record_id(leaf(man, "metrics", "VM state, CPU time and memory of an instance's replica on the "
                    "node you ask", cmd_manage_metrics, common))
     p = leaf(man, "logs", "the console of an instance's replica on the node you ask", cmd_manage_logs,

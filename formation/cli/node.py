@@ -155,11 +155,15 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     node.set_defaults(func=cmd_node)
 
     join = commands.add_parser(
-        "join", help="join a fog with an invite (or start a new one: --genesis), and run the node",
-        description="Run the node as a member of a fog: claim INVITE (a token from `form invite "
-                    "create` on a member), dialing the peers it names; or with --genesis start a "
-                    "new fog whose first member is this node. Once joined, `form node` runs it "
-                    "again (the membership is in the state).")
+        "join", help="join a fog in one command (or start a new one: --genesis), and run the node",
+        description="Join a fog step by step, each step printed: check the invite (a token from "
+                    "`form invite create` on a member), create or unlock the operator key, reach "
+                    "the fog's peers and sync its state, check the invite is unused, write the "
+                    "data dir and formation.toml (and with --systemd a unit), claim the invite, "
+                    "and run the node (formnet comes up with it). A step that fails says why and "
+                    "undoes what this run wrote; run again, it resumes. With --genesis, start a "
+                    "new fog; with a MULTIADDR instead of a token, sync from that peer without "
+                    "being a member.")
     join_flags(join)
 
     invite = commands.add_parser("invite", help="invite a new host into this node's fog")
@@ -182,10 +186,10 @@ def register(commands, common: argparse.ArgumentParser) -> None:
 
 
 def join_flags(join: argparse.ArgumentParser) -> None:
-    join.add_argument("invite", nargs="?", metavar="INVITE", help="the invite token (fmi1....)")
-    join.add_argument("--genesis", action="store_true", help="start a new fog instead")
-    _node_flags(join)
-    join.set_defaults(func=cmd_join, parser=join)
+    """`form join`'s arguments (join.py); `form manage join` is the same command."""
+    from formation.cli.join import join_flags as flags
+
+    flags(join)
 
 
 def cmd_formnet_status(args: argparse.Namespace) -> int:
@@ -199,15 +203,6 @@ def cmd_formnet_status(args: argparse.Namespace) -> int:
     output.fields([("formnet", "up"), ("interface", mesh.get("iface")),
                    ("overlay ip", mesh.get("overlay_ip")), ("peers", str(mesh.get("peers")))])
     return EXIT_OK
-
-
-def cmd_join(args: argparse.Namespace) -> int:
-    if args.genesis == bool(args.invite):
-        raise output.CliError("give an invite token, or --genesis to start a new fog (not both)",
-                              output.EXIT_USAGE)
-    if args.genesis and args.bootstrap:
-        raise output.CliError("--genesis starts a new fog: it takes no --bootstrap", output.EXIT_USAGE)
-    return cmd_node(args)
 
 
 def _node_flags(node: argparse.ArgumentParser) -> None:

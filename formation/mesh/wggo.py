@@ -4,12 +4,14 @@ among them: ../shared/notes/infra.md); wireguard-go is the same protocol in user
 here at ~50 ms to a first ping and ~690 Mbit/s.
 
 /var/run/wireguard/ is not per network namespace, so interface names must be unique per host
-(`iface_name` derives one from the node's address).
+(`iface_name` derives one from the node's address). `WireGuardInterface` is what this and the
+kernel's interface (kernel.py) share; backend.py chooses between them at run time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -21,6 +23,7 @@ from formation.iproute import ip
 
 from .uapi import GET_REQUEST, Device, PeerChange, parse_answer, set_request
 
+log = logging.getLogger("formation.mesh")
 SOCKET_DIR = Path("/var/run/wireguard")
 START_TIMEOUT = 10.0
 MAX_ANSWER = 1 << 20
@@ -36,18 +39,70 @@ def iface_name(address: str) -> str:
 
 
 def requirements_problem() -> str:
+    """Why this host can run no WireGuard interface ("" when it may: which implementation is
+    chosen when formnet starts, backend.py)."""
     if os.geteuid() != 0:
         return "the node is not running as root (a WireGuard interface needs it)"
-    if not shutil.which("wireguard-go"):
-        return "wireguard-go is not installed (apt-get install wireguard-go)"
     if not shutil.which("ip"):
         return "ip (iproute2) is not installed"
+    if not shutil.which("wireguard-go") and not shutil.which("wg"):
+        return ("neither wireguard-go nor wg (wireguard-tools, for the kernel module) is installed "
+                "(apt-get install wireguard-go)")
     return ""
 
 
-class WireGuardGo:
+class WireGuardInterface:
+    """What both implementations share: the interface's address, routes and forwarding."""
+
+    kind = ""
+
     def __init__(self, name: str):
         self.name = name
+        self._forward_warned = False
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        raise NotImplementedError
+
+    async def configure(self, *, private_key: bytes | None = None, listen_port: int | None = None,
+                        changes: list[PeerChange] = ()) -> None:
+        raise NotImplementedError
+
+    async def device(self) -> Device:
+        raise NotImplementedError
+
+    async def up(self, address_cidr: str) -> None:
+        await ip("address", "replace", address_cidr, "dev", self.name)
+        await ip("link", "set", self.name, "up")
+
+    def forward(self) -> bool:
+        """Packets that come in on this interface may be routed out of it: how this node relays
+        between two of its peers (relay.py). Only this interface's flag, not the host-wide
+        ip_forward: nothing from elsewhere is routed because of it. Checked with each pass (a
+        host-wide `ip_forward=0` clears it). /proc/sys/net belongs to the network namespace of
+        whoever opens it: this process's. False when it cannot be set."""
+        path = Path("/proc/sys/net/ipv4/conf") / self.name / "forwarding"
+        try:
+            if path.read_text().strip() != "1":
+                path.write_text("1\n")
+            return True
+        except OSError as exc:
+            if not self._forward_warned:
+                log.warning("%s: cannot turn on forwarding (this node cannot relay): %s", self.name, exc)
+                self._forward_warned = True
+            return False
+
+    async def route(self, cidr: str) -> None:
+        await ip("route", "replace", cidr, "dev", self.name)
+
+    async def unroute(self, cidr: str) -> None:
+        await ip("route", "del", cidr, "dev", self.name, ok_if=("No such process", "not found"))
+
+
+class WireGuardGo(WireGuardInterface):
+    kind = "wireguard-go"
+
+    def __init__(self, name: str):
+        super().__init__(name)
         self.socket = SOCKET_DIR / f"{name}.sock"
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -97,13 +152,3 @@ class WireGuardGo:
 
     async def device(self) -> Device:
         return await self.request(GET_REQUEST)
-
-    async def up(self, address_cidr: str) -> None:
-        await ip("address", "replace", address_cidr, "dev", self.name)
-        await ip("link", "set", self.name, "up")
-
-    async def route(self, cidr: str) -> None:
-        await ip("route", "replace", cidr, "dev", self.name)
-
-    async def unroute(self, cidr: str) -> None:
-        await ip("route", "del", cidr, "dev", self.name, ok_if=("No such process", "not found"))

@@ -9,14 +9,28 @@ joins, only the replicas whose ranking changes move.
 clocks disagree can briefly disagree about a node at the edge of the timeout; the reconcile loop
 settles it on its next pass. Memory and GPUs are booked against each node's advertised capacity
 in the instances' creation order (place_all), so a node is not overcommitted.
+
+A node's own records are claims; placement moves on other members' evidence:
+- liveness: another live member lists it among its connections (`seen`);
+- doubts: a replica placed on a node that does not report it running within the placement
+  deadline is noted by the members that watch it (`Doubts`, published in their node records as
+  "<instance>@<node>"); once DOUBTERS_NEEDED other members (fewer if the fog has fewer) doubt
+  it, that node is passed over for that instance, by every node alike, until the doubt lapses;
+- capacity against reports: a node that reports running more memory than twice what it
+  declares (a retiring replica may overlap its successor, never more) contradicts itself and
+  is not placed on.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 DEFAULT_STALE_MS = 90_000  # three missed 30 s heartbeats
+DOUBTERS_NEEDED = 2  # one member's word alone moves nothing (unless it is the only other one)
+DOUBT_TTL = 3600.0  # seconds: a doubted node is tried again after this
+MAX_DOUBTS = 256  # what a node record holds (node_kinds.Node.doubts)
 
 
 def stale_after_ms(heartbeat_seconds: int) -> int:
@@ -42,6 +56,45 @@ def live_nodes(nodes: Iterable[dict], now_ms: int, stale_ms: int) -> list[dict]:
     return [n for n in beating if n["address"] in vouched]
 
 
+def overclaims(node: dict, running_mb: Mapping[str, int]) -> bool:
+    """It reports running more memory than twice its declared capacity: its claims disagree."""
+    declared = (node.get("capacity") or {}).get("memory_mb", 0)
+    return running_mb.get(node["address"], 0) > 2 * declared
+
+
+def running_memory(statuses: Iterable[dict], instances: Iterable[dict]) -> dict[str, int]:
+    """Memory each node reports running: its `running` instance_status reports, priced by the
+    instances' resources (a report of an unknown instance costs nothing)."""
+    memory = {i["instance_id"]: (i.get("resources") or {}).get("memory_mb", 0) for i in instances}
+    out: dict[str, int] = {}
+    for s in statuses:
+        if s.get("state") == "running":
+            out[s["node"]] = out.get(s["node"], 0) + memory.get(s["instance_id"], 0)
+    return out
+
+
+def doubters(live: Iterable[dict]) -> dict[str, set[str]]:
+    """"<instance>@<node>" -> the live members that doubt that replica (not the node itself)."""
+    out: dict[str, set[str]] = {}
+    for n in live:
+        for d in n.get("doubts") or []:
+            if d.rpartition("@")[2] != n["address"]:
+                out.setdefault(d, set()).add(n["address"])
+    return out
+
+
+def observers(live: Iterable[dict]) -> set[str]:
+    """Who watches placements: the live members that run VMs (their schedulers do)."""
+    return {n["address"] for n in live if (n.get("capacity") or {}).get("vms", True) is not False}
+
+
+def passed_over(doubted: Mapping[str, set[str]], watching: set[str], instance_id: str, address: str) -> bool:
+    who = doubted.get(f"{instance_id}@{address}")
+    if not who:
+        return False
+    return len(who) >= min(DOUBTERS_NEEDED, len(watching - {address}))
+
+
 def fits(node: dict, resources: dict) -> bool:
     cap = node.get("capacity") or {}
     gpu = (resources.get("gpu") or {}).get("count", 0)
@@ -56,19 +109,31 @@ def score(instance_id: str, address: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{instance_id}|{address}".encode()).digest()[:8], "big")
 
 
-def place(instance: dict, nodes: Iterable[dict], *, now_ms: int, stale_ms: int = DEFAULT_STALE_MS) -> list[str]:
+def place(instance: dict, nodes: Iterable[dict], *, now_ms: int, stale_ms: int = DEFAULT_STALE_MS,
+          statuses: Iterable[dict] = ()) -> list[str]:
     """Addresses of the nodes that should run `instance`'s replicas, best first, if it were the
     only instance."""
-    return place_all([instance], nodes, now_ms=now_ms, stale_ms=stale_ms)[instance["instance_id"]]
+    return place_all([instance], nodes, now_ms=now_ms, stale_ms=stale_ms, statuses=statuses)[instance["instance_id"]]
+
+
+def candidates(nodes: Iterable[dict], instances: list[dict], statuses: Iterable[dict], *,
+               now_ms: int, stale_ms: int) -> list[dict]:
+    """The live nodes whose capacity claims do not contradict their reports."""
+    used = running_memory(statuses, instances)
+    return [n for n in live_nodes(nodes, now_ms, stale_ms) if not overclaims(n, used)]
 
 
 def place_all(instances: Iterable[dict], nodes: Iterable[dict], *, now_ms: int,
-              stale_ms: int = DEFAULT_STALE_MS) -> dict[str, list[str]]:
+              stale_ms: int = DEFAULT_STALE_MS, statuses: Iterable[dict] = ()) -> dict[str, list[str]]:
     """Every instance's replicas. Memory and GPUs are not overcommitted: instances take what is
     left on each node in creation order (oldest first, then id), so a new instance never moves
     an older one; a stopped instance keeps its room, so starting it again lands where it was.
-    vCPUs and disk are checked per instance only (vCPUs are shared, overlays are thin)."""
-    live = live_nodes(nodes, now_ms, stale_ms)
+    vCPUs and disk are checked per instance only (vCPUs are shared, overlays are thin).
+    `statuses`: the instance_status reports (running ones count; see the module's docstring)."""
+    instances = list(instances)
+    live = candidates(nodes, instances, statuses, now_ms=now_ms, stale_ms=stale_ms)
+    doubted = doubters(live)
+    watching = observers(live)
     left = {n["address"]: [(n.get("capacity") or {}).get("memory_mb", 0),
                            (n.get("capacity") or {}).get("gpus", 0)] for n in live}
     out: dict[str, list[str]] = {}
@@ -77,7 +142,8 @@ def place_all(instances: Iterable[dict], nodes: Iterable[dict], *, now_ms: int,
         memory = resources.get("memory_mb", 0)
         gpus = (resources.get("gpu") or {}).get("count", 0)
         fit = [n for n in live if fits(n, resources)
-               and left[n["address"]][0] >= memory and left[n["address"]][1] >= gpus]
+               and left[n["address"]][0] >= memory and left[n["address"]][1] >= gpus
+               and not passed_over(doubted, watching, inst["instance_id"], n["address"])]
         ranked = sorted(fit, key=lambda n: (score(inst["instance_id"], n["address"]), n["address"]),
                         reverse=True)[: inst.get("replicas", 1)]
         for n in ranked:
@@ -88,13 +154,13 @@ def place_all(instances: Iterable[dict], nodes: Iterable[dict], *, now_ms: int,
 
 
 def shortfall(instance: dict, placed: list[str], nodes: Iterable[dict], *, now_ms: int,
-              stale_ms: int = DEFAULT_STALE_MS) -> str | None:
+              stale_ms: int = DEFAULT_STALE_MS, statuses: Iterable[dict] = ()) -> str | None:
     """Why `instance` got fewer replicas than it asks for (None when it got them all): what no
     live node offers, or that the nodes that could are full."""
     wanted = instance.get("replicas", 1)
     if len(placed) >= wanted:
         return None
-    live = live_nodes(nodes, now_ms, stale_ms)
+    live = candidates(nodes, [instance], statuses, now_ms=now_ms, stale_ms=stale_ms)
     res = instance.get("resources") or {}
     gpus = (res.get("gpu") or {}).get("count", 0)
     needs = [("runs VMs", lambda c: c.get("vms", True) is not False),
@@ -108,4 +174,51 @@ def shortfall(instance: dict, placed: list[str], nodes: Iterable[dict], *, now_m
     for what, ok in needs:
         if not any(ok(n.get("capacity") or {}) for n in live):
             return f"{got}: no live node {what if what == 'runs VMs' else 'has ' + what}"
+    doubted, watching = doubters(live), observers(live)
+    passed = [n for n in live if passed_over(doubted, watching, instance["instance_id"], n["address"])]
+    if passed:
+        return (f"{got}: the nodes that fit are full or too few ({len(live)} live; {len(passed)} passed "
+                f"over for this instance: they did not run it in time)")
     return f"{got}: the nodes that fit are full or too few ({len(live)} live)"
+
+
+@dataclass
+class Doubts:
+    """What one node saw of the replicas placed on other nodes: a pair (instance, node) placed
+    and wanted running but not reported running at the instance's generation for `deadline`
+    seconds becomes a doubt, published in the watcher's node record. A doubt lapses when the
+    node reports the replica running, when the instance is gone, or after DOUBT_TTL (the node
+    gets another chance). Times are the watcher's own monotonic clock: nobody else's claim of
+    time enters."""
+
+    deadline: float
+    pending: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
+    since: dict[str, float] = field(default_factory=dict)  # "<instance>@<node>" -> doubted at
+
+    def observe(self, now: float, expected: Mapping[tuple[str, str], int], running: set[tuple[str, str]],
+                instances: set[str]) -> bool:
+        """`expected`: (instance, node) -> the generation placement wants running there;
+        `running`: the pairs reported running at their instance's generation; `instances`: the
+        ids that exist. True when the published list changed."""
+        before = self.published()
+        for pair, generation in expected.items():
+            if pair in running:
+                self.pending.pop(pair, None)
+                continue
+            first = self.pending.get(pair)
+            if first is None or first[0] != generation:
+                self.pending[pair] = (generation, now)
+            elif now - first[1] >= self.deadline:
+                self.since.setdefault(f"{pair[0]}@{pair[1]}", now)
+        for pair in [p for p in self.pending if p not in expected]:
+            del self.pending[pair]
+        for key, at in list(self.since.items()):
+            iid, _, node = key.rpartition("@")
+            if iid not in instances or (iid, node) in running or now - at >= DOUBT_TTL:
+                del self.since[key]
+        return self.published() != before
+
+    def published(self) -> list[str]:
+        """The newest MAX_DOUBTS doubts, sorted (what the node record carries)."""
+        newest = sorted(self.since, key=lambda k: (-self.since[k], k))[:MAX_DOUBTS]
+        return sorted(newest)

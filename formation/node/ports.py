@@ -55,6 +55,18 @@ class NodeState(Protocol):
 class SchedulerNode(NodeState, Protocol):
     p2p: Peers
 
+    async def register(self) -> Op:
+        """Write the node record now (e.g. when the scheduler's doubts changed)."""
+        ...
+
+    def routes_vms(self) -> bool:
+        """Whether formnet is up here, routing the members' VM subnets."""
+        ...
+
+    async def vm_subnets(self) -> dict[str, str]:
+        """Each member's VM subnet (where its replicas' addresses may be)."""
+        ...
+
 
 class RequestsNode(NodeState, Protocol):
     """A node that relays users' signed requests and reports on itself (API, control socket)."""

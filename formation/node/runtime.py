@@ -207,6 +207,9 @@ class NodeRuntime:
         members = await self.astore.fog_members(self.fog_id)
         return [n for n in await self.astore.list("node", limit=1_000_000) if n["address"] in members]
 
+    def routes_vms(self) -> bool:
+        return self.formnet is not None and self.formnet.status.enabled
+
     async def vm_subnets(self) -> dict[str, str]:
         """Each member's VM subnet as formnet routes it (only what it may claim, formnet.py), and
         this node's own: where a replica's address may be."""
@@ -332,6 +335,7 @@ class NodeRuntime:
             "started_at": self.started_at,
             "heartbeat": now_ms(),
             "seen": self.seen,
+            "doubts": self.vms.scheduler.doubts.published() if isinstance(self.vms, VmsOn) else [],
         }
 
     def public_api_url(self) -> str | None:

@@ -15,6 +15,7 @@ Every change of a replica's state is a signed instance_status op of this node.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import time
@@ -30,9 +31,10 @@ from formation.pack.formfile import exposed_ports
 from formation.vm import network
 from formation.vm.spec import VmError
 
-from . import planner
+from . import fogview, planner
 from .builds import BuildRefused
-from .placement import live_nodes, place_all, stale_after_ms
+from .fogview import FogView
+from .placement import Doubts, live_nodes, stale_after_ms
 from .planner import Action, Desired, Images, Observed, Replica
 from .ports import BuildsPort, SchedulerNode, VmHostPort
 from .vmhost import VmUnavailable
@@ -58,9 +60,14 @@ class Scheduler:
         self.builds = builds
         self.backend = vms.driver
         self.wall_ms = clock  # heartbeats and reports are dated by it; timers use trio's clock
+        self.reach = _answers  # (ip, port) -> does it take a TCP connection
         self.dir = node.config.data_dir / "instances"
         self.replicas: dict[str, Replica] = {}
         self._saved: dict[str, str] = {}  # what is on disk, by instance
+        # replicas placed on other nodes that do not run there in time (placement.Doubts)
+        self.doubts = Doubts(deadline=float(node.config.node.placement_deadline_seconds))
+        # (instance, node) said running there, but its replica did not answer from here
+        self._unverified: set[tuple[str, str]] = set()
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -81,11 +88,10 @@ class Scheduler:
                 await changes.wait_past(seen)
 
     async def reconcile(self) -> None:
-        astore = self.node.astore
-        instances = await astore.list("instance", limit=1_000_000)
-        nodes = await self.node.fog_nodes()
-        me = self.node.address
-        placements = place_all(instances, nodes, now_ms=self.wall_ms(), stale_ms=self.stale_ms)
+        view = await fogview.read(self.node, now_ms=self.wall_ms(), stale_ms=self.stale_ms)
+        instances, nodes, me = view.instances, view.nodes, self.node.address
+        placements = view.placements()
+        await self._watch(view, placements)
         desired = {i["instance_id"]: i for i in instances if me in placements[i["instance_id"]]}
         for iid, inst in desired.items():
             try:
@@ -103,6 +109,19 @@ class Scheduler:
             except (VmError, network.NetworkError, OSError) as exc:
                 log.warning("instance %s: handing it over failed (next pass tries again): %s", iid, exc)
 
+    async def _watch(self, view: FogView, placements: dict[str, list[str]]) -> None:
+        """Note the replicas placed on other nodes that do not run there in time; the node
+        record carries the doubts (placement.Doubts), published at once when they change."""
+        generation = {i["instance_id"]: i.get("generation", 0) for i in view.instances}
+        running = {(s["instance_id"], s["node"]) for s in view.statuses
+                   if s.get("generation", 0) == generation.get(s["instance_id"])} - self._unverified
+        expected = {(i["instance_id"], n): i.get("generation", 0) for i in view.instances
+                    if i.get("desired_state") != "stopped"
+                    for n in placements.get(i["instance_id"], []) if n != self.node.address}
+        if self.doubts.observe(trio.current_time(), expected, running, set(generation)):
+            log.info("doubts now: %s", self.doubts.published() or "none")
+            await self.node.register()
+
     async def _hand_over(self, iid: str, inst: dict | None, placed: list[str]) -> None:
         """Make before break: a replica placed elsewhere now keeps running until a node placed
         for it reports it running (planner.retire)."""
@@ -113,9 +132,13 @@ class Scheduler:
         taken_by = None
         for node in placed if inst is not None else []:
             status = await self.node.astore.get("instance_status", f"{iid}@{node}")
-            if status is not None and status["state"] == "running":
+            if status is None or status["state"] != "running":
+                continue
+            if await self._runs_there(inst, status):
+                self._unverified.discard((iid, node))
                 taken_by = node
                 break
+            self._unverified.add((iid, node))
         seen = planner.Handover(now=trio.current_time(), deleted=inst is None,
                                 wanted=inst is not None and inst["desired_state"] != "stopped",
                                 alive=self.backend.is_alive(iid), taken_by=taken_by)
@@ -124,6 +147,21 @@ class Scheduler:
             await self._remove(iid)
             return
         await self._carry_out(inst or {"instance_id": iid}, rep, actions)
+
+    async def _runs_there(self, inst: dict, status: dict) -> bool:
+        """Does the replica another node says it runs answer here? Its address must lie in the
+        subnet formnet routes to that node, and an EXPOSEd port must take a connection. A node
+        that reaches no other node's VMs (formnet off or down, no port to try) has no way to
+        check and takes the report as it is (docs/node.md: make before break)."""
+        ports = exposed_ports(inst.get("formfile"))
+        if not ports or not self.node.routes_vms():
+            return True
+        subnet = (await self.node.vm_subnets()).get(status["node"])
+        try:
+            inside = subnet is not None and ipaddress.ip_address(status.get("ip") or "") in ipaddress.ip_network(subnet)
+        except ValueError:
+            inside = False
+        return inside and await self.reach(status["ip"], ports[0])
 
     # ---- one instance: observe, plan, act ----------------------------------------------------
 

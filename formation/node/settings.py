@@ -61,6 +61,10 @@ SETTINGS: tuple[Setting, ...] = (
     S("node", "heartbeat_seconds", 30, int, c.positive,
       "How often the node refreshes its signed `node` record (its heartbeat in the shared state) "
       "and delivers ops that arrived dated ahead of its clock."),
+    S("node", "placement_deadline_seconds", 900, int, c.positive,
+      "How long a replica placed on another node may take to report running (its image built "
+      "and booted) before this node doubts it there. Once enough members doubt it, the replica "
+      "is placed elsewhere (the doubted node is tried again an hour later)."),
     S("api", "host", "127.0.0.1", str, c.host,
       "The local HTTP API that `form` and users' signed requests talk to. Bound to the loopback "
       'address by default; set "0.0.0.0" (or a specific address) to serve other hosts.'),

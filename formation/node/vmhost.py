@@ -40,6 +40,11 @@ class VmUnavailable(Exception):
 VM_SPACE = (ipaddress.ip_address("10.200.0.0"), ipaddress.ip_address("10.249.255.255"))
 
 
+def in_vm_space(subnet: ipaddress.IPv4Network) -> bool:
+    low, high = VM_SPACE
+    return low <= subnet.network_address and subnet.broadcast_address <= high
+
+
 def auto_subnet(address: str) -> str:
     """A /24 in 10.200.0.0-10.249.255.0 chosen by the node's address, so that nodes of one fog
     (whose VM subnets formnet will route) rarely collide without any coordination."""
@@ -101,7 +106,11 @@ class VmHost:
         await network.ensure_bridge(self.bridge, f"{self.gateway}/{self.subnet.prefixlen}",
                                     ip_forward=True)
         if self.config.vm.nat and shutil.which("nft"):
-            await network.ensure_nat(str(self.subnet), mesh_iface=iface_name(self.address))
+            # the members route a VM subnet back over formnet only inside the fog's VM space
+            # (formnet.allowed_subnets); from elsewhere, a VM's packets would arrive with a source
+            # the peer's WireGuard drops, so they leave with this host's overlay address instead
+            await network.ensure_nat(str(self.subnet),
+                                     mesh_iface=iface_name(self.address) if in_vm_space(self.subnet) else None)
             self.nat = True
         elif self.config.vm.nat:
             log.warning("VMs have no way out of this host: vm.nat needs nft (apt-get install nftables)")

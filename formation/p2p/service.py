@@ -12,6 +12,7 @@ one nursery; the protocols themselves are in gossip.py, sync.py and blobs.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -274,6 +275,10 @@ class P2PService:
                     with trio.move_on_after(2) as cs:
                         cs.shield = True
                         await self._flush_gossip()
+                        # py-libp2p leaves the connections open past the host's end: a process
+                        # that runs the service again under the same peer id (form join, then
+                        # the node) would leave its peers writing into the dead ones
+                        await self._close_connections()
 
     async def _gossip_out(self) -> None:
         while True:
@@ -473,6 +478,17 @@ class P2PService:
                         self.add_peer(addr)
                     except Exception:  # noqa: BLE001 - a malformed address in someone's record
                         continue
+
+    async def _close_connections(self) -> None:
+        """Close every connection's socket. By the time the service ends, cancellation has
+        marked py-libp2p's connections closed without closing their muxers (0.8.1), so its own
+        close_peer skips them; close the muxer (GO_AWAY, then the socket) directly."""
+        network = self.host.get_network()
+        for conns in list(network.connections.values()):
+            for conn in list(conns):
+                with contextlib.suppress(Exception):  # already gone: nothing to close
+                    if not conn.muxed_conn.is_closed:
+                        await conn.muxed_conn.close()
 
     async def _disconnect(self, peer: str) -> None:
         from libp2p.peer.id import ID

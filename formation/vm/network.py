@@ -70,15 +70,19 @@ async def ensure_bridge(name: str, gateway_cidr: str, netns: str | None = None, 
 NAT_TABLE = "formation"
 
 
-async def ensure_nat(subnet: str, *, mesh_iface: str, netns: str | None = None) -> None:
+async def ensure_nat(subnet: str, *, mesh_iface: str | None, netns: str | None = None) -> None:
     """VMs of `subnet` reach beyond this host through it: their connections leave with the host's
     address (nftables masquerade), except over the fog's own interface `mesh_iface` (formnet),
-    where they keep their addresses. Replaces this table's rules whole, so a restarted node calls
-    it again."""
+    where they keep their addresses (None: a subnet the other members do not route back, which
+    is masqueraded there too, to this host's overlay address). Replaces this table's rules whole,
+    so a restarted node calls it again."""
+    if mesh_iface is not None:
+        _check_name(mesh_iface)
+    keep = f' oifname != "{mesh_iface}"' if mesh_iface else ""
     ruleset = (f"table ip {NAT_TABLE} {{}}\ndelete table ip {NAT_TABLE}\n"
                f"table ip {NAT_TABLE} {{\n  chain postrouting {{\n"
                f"    type nat hook postrouting priority srcnat; policy accept;\n"
-               f"    ip saddr {subnet} ip daddr != {subnet} oifname != \"{mesh_iface}\" masquerade\n"
+               f"    ip saddr {subnet} ip daddr != {subnet}{keep} masquerade\n"
                f"  }}\n}}\n")
     cmd = ["nft", "-f", "-"]
     if netns:

@@ -17,6 +17,7 @@ from formation.crdt.keys import PrivateKey, format_address
 from formation.crdt.store import Store
 from formation.node.builds import BuildService
 from formation.node.config import load_config
+from formation.node.placement import Doubts
 from formation.node.runtime import open_node
 from formation.node.vmside import VmsOn
 from formation.pack.builder import Builder, BuildFailure, Image
@@ -114,6 +115,7 @@ class FakeScheduler:
         self.consoles: dict[str, str] = {}
         self.ips: dict[str, str] = {}
         self.replicas: dict[str, object] = {}  # what /health counts
+        self.doubts = Doubts(deadline=900.0)  # what the node record publishes
 
     def console_log(self, instance_id: str, tail_bytes: int | None) -> str | None:
         text = self.consoles.get(instance_id)

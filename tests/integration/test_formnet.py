@@ -152,3 +152,48 @@ def test_a_cut_host_comes_back_with_its_tunnels_and_the_state_it_missed(tmp_path
                         lambda: status(data[2])["mesh"]["peers"] == 1, 60)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{logs(tmp_path)}") from None
+
+
+@pytest.mark.skipif(shutil.which("wg") is None, reason="wg (wireguard-tools) is not installed")
+def test_the_kernel_interfaces_configuration_through_wg_carries_traffic():
+    """The kernel backend (formation/mesh/kernel.py) configures its interface with `wg set` and
+    reads it with `wg show dump`. No kernel here has the module, but wg speaks to wireguard-go
+    too: two wireguard-go interfaces configured only through KernelWireGuard reach each other,
+    and an entry's allowed IPs are cleared, and the entry removed, as formnet's diffs say."""
+    from formation.mesh import keys
+    from formation.mesh.kernel import KernelWireGuard
+    from formation.mesh.uapi import PeerChange, PeerConfig
+    from formation.mesh.wggo import SOCKET_DIR
+
+    with hosts(2) as hs:
+        names = [f"wg{h.name}" for h in hs]
+        env = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
+        for h, name in zip(hs, names, strict=True):
+            h.popen("wireguard-go", "-f", name, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait("wireguard-go sockets", lambda: all((SOCKET_DIR / f"{n}.sock").exists() for n in names), 15)
+        private = [keys.new_private() for _ in hs]
+        public = [keys.public_of(k) for k in private]
+        ifaces = [KernelWireGuard(n) for n in names]
+
+        def peer(j: int, allowed=None) -> PeerConfig:
+            return PeerConfig(public[j], f"{hs[j].ip}:51820", (f"10.99.0.{j + 1}/32",) if allowed is None else allowed)
+
+        async def configure():
+            for i, wg in enumerate(ifaces):
+                await wg.configure(private_key=private[i], listen_port=51820,
+                                   changes=[PeerChange(peer(1 - i))])
+
+        trio.run(configure)
+        for i, (h, name) in enumerate(zip(hs, names, strict=True)):
+            assert h.run("ip", "addr", "add", f"10.99.0.{i + 1}/24", "dev", name).returncode == 0
+            assert h.run("ip", "link", "set", name, "up").returncode == 0
+        assert wait("h1 -> h2 over the interfaces wg configured", lambda: hs[0].ping("10.99.0.2", 1.0), 20)
+        dev = trio.run(ifaces[0].device)
+        got = dev.public_keys[public[1]]
+        assert dev.listen_port == 51820 and got["allowed_ips"] == ["10.99.0.2/32"]
+        assert got["endpoint"] == f"{hs[1].ip}:51820" and int(got["last_handshake_time_sec"]) > 0
+        assert int(got["rx_bytes"]) > 0 and got["persistent_keepalive_interval"] == "25"
+        trio.run(lambda: ifaces[0].configure(changes=[PeerChange(peer(1, ()))]))
+        assert trio.run(ifaces[0].device).public_keys[public[1]]["allowed_ips"] == []
+        trio.run(lambda: ifaces[0].configure(changes=[PeerChange(peer(1), remove=True)]))
+        assert trio.run(ifaces[0].device).public_keys == {}

@@ -25,9 +25,11 @@ from formation.crdt.kinds.fog_kinds import claim_message, invite_id, invite_mess
 from formation.crdt.op import make_op
 from formation.crdt.store import Store, wall_ms
 from formation.node import fog as fogs
-from formation.node.placement import live_nodes, place_all
+from formation.node import fogview
+from formation.node.placement import live_nodes, score
 from tests.p2p.attacker import assert_no_honest_strikes, open_attacker
 from tests.p2p.test_scheduler_fog import (
+    BID,
     FogNode,
     all_report_running,
     booted_on,
@@ -141,9 +143,8 @@ def _true(pred):
 
 async def placement(node: FogNode, iid: str) -> set[str]:
     """Where `node` places `iid`: over its fog's node records, as its scheduler does."""
-    instances = await node.call("list", "instance", limit=10_000)
-    nodes = await node.runtime.fog_nodes()
-    return set(place_all(instances, nodes, now_ms=wall_ms(), stale_ms=node.scheduler.stale_ms).get(iid, []))
+    view = await fogview.read(node.runtime, now_ms=wall_ms(), stale_ms=node.scheduler.stale_ms)
+    return set(view.placements().get(iid, []))
 
 
 def lifecycle(node: FogNode) -> list[str]:
@@ -446,6 +447,107 @@ async def test_an_admitted_member_lying_about_its_capacity_stops_no_honest_vm(tm
         assert not honest.driver.is_alive(big) and big not in [v for _, v in honest.driver.events]
         assert "stop" not in lifecycle(honest) and "delete" not in lifecycle(honest)
         assert_no_honest_strikes([Honest(n) for n in fog])
+
+
+async def test_a_member_placed_for_a_replica_it_never_runs_loses_it_in_time(tmp_path, no_taps):
+    """The liar wins placements by rendezvous hashing and runs none of them (no report at all):
+    once the placement deadline passes (2 s in these fogs), the honest node doubts it, every
+    node places the replica elsewhere, and nothing the honest node ran was stopped."""
+    user = User(b"\x94" * 32)
+    async with open_fog(tmp_path) as (fog, _):
+        honest, liar = fog
+
+        async def silent(inst):  # the liar's scheduler never boots nor reports its replicas
+            return None
+
+        liar.scheduler._step = silent
+        passes = count_passes(fog)
+        placed: dict[str, set[str]] = {}
+        while {honest.address, liar.address} - set().union(*placed.values()):
+            iid = await create_instance(honest, user, replicas=1, name=f"web{len(placed)}")
+            placed[iid] = await wait_for("a placement", lambda iid=iid: placement(honest, iid), timeout=5)
+            assert len(placed) < 20
+        mine = [i for i, h in placed.items() if h == {honest.address}]
+        stolen = [i for i, h in placed.items() if h == {liar.address}]
+
+        async def all_on_honest():
+            return all([booted_on(fog, i) == {honest.address} and await all_report_running(fog, i, {honest.address})
+                        for i in placed])
+
+        await wait_for("every replica running on the honest node", all_on_honest, timeout=20)
+        await more_passes(passes, 2)
+        record = await liar.call("get", "node", honest.address)  # what the liar holds of the doubt
+        assert {f"{i}@{liar.address}" for i in stolen} <= set(record["doubts"])
+        for n in fog:
+            for iid in stolen:
+                assert await placement(n, iid) == {honest.address}
+        assert "stop" not in lifecycle(honest) and "delete" not in lifecycle(honest)
+        assert all(honest.driver.vms[i].boots == 1 for i in mine)
+        assert_no_honest_strikes([Honest(n) for n in fog])
+
+
+async def test_a_member_saying_it_runs_a_replica_it_does_not_stops_no_honest_one(tmp_path, no_taps):
+    """Make before break checks the successor: a member placed for a running honest replica
+    reports it running without running it; the honest node, which reaches the members' VM
+    subnets (formnet, stood in for here: an address answers when a fake VM runs there), finds
+    nothing answering, keeps its replica, and doubts the liar until placement gives it back."""
+    user = User(b"\x95" * 32)
+    formfile = "NAME web\nEXPOSE 8080\nENTRYPOINT [\"/bin/web\"]\n"
+    async with open_fog(tmp_path, inviters=(None,)) as (fog, _):
+        (honest,) = fog
+        liar_address = format_address(PrivateKey(bytes([0x40 + 1]) * 32).address)  # FogNode(1)'s key
+        for k in range(30):
+            iid = await create_instance(honest, user, replicas=1, name=f"web{k}", formfile=formfile)
+            if score(iid, liar_address) > score(iid, honest.address):
+                break
+        else:
+            raise AssertionError("no instance of 30 would move to the liar")
+        await wait_for("the replica running on the honest node",
+                       lambda: all_report_running(fog, iid, {honest.address}), timeout=10)
+        inst = await honest.call("get", "instance", iid)
+
+        async def lie(inst_):  # says "running" for what it is placed for, runs nothing
+            await liar.runtime.write("instance_status", f"{inst_['instance_id']}@{liar.address}",
+                                     {"instance_id": inst_["instance_id"], "node": liar.address, "state": "running",
+                                      "ip": "10.77.1.9", "generation": inst_["generation"], "updated_at": wall_ms()})
+
+        honest.runtime.routes_vms = lambda: True
+
+        async def subnets():
+            return {honest.address: "10.77.0.0/24", liar_address: "10.77.1.0/24"}
+
+        honest.runtime.vm_subnets = subnets
+        asked: list[tuple[str, int]] = []
+
+        async def reach(ip, port):  # the fake fog's network: an address answers if a VM runs there
+            asked.append((ip, port))
+            return any(n.driver.is_alive(iid) and n.scheduler.local_ip(iid) == ip for n in fog)
+
+        honest.scheduler.reach = reach
+        token = (await honest.runtime.create_invite(expires_s=600)).encode()
+        liar = FogNode(1, tmp_path, list(honest.runtime.p2p.addrs()), token)
+        liar.scheduler._step = lie
+        await honest.nursery.start(liar.serve)
+        await liar.start_scheduler()
+        await wait_for("the liar saying it runs the replica",
+                       lambda: all_report_running([honest], iid, {honest.address, liar.address}), timeout=15)
+        await wait_for("the honest node checking it", lambda: _true(lambda: ("10.77.1.9", 8080) in asked)(), timeout=10)
+
+        async def doubted():
+            return f"{iid}@{liar.address}" in (await liar.call("get", "node", honest.address))["doubts"]
+
+        await wait_for("the honest node doubting the liar", doubted, timeout=15)
+        await wait_for("placement back on the honest node", lambda: _is(placement(honest, iid), {honest.address}),
+                       timeout=10)
+        assert honest.driver.is_alive(iid) and honest.driver.vms[iid].boots == 1
+        assert "stop" not in lifecycle(honest) and "delete" not in lifecycle(honest)
+        assert (await honest.statuses(iid))[honest.address]["state"] == "running"
+        assert inst["build_id"] == BID
+        liar.stop()
+
+
+async def _is(awaitable, want) -> bool:
+    return await awaitable == want
 
 
 # ---- c. expulsion -----------------------------------------------------------------------------

@@ -110,6 +110,11 @@ def test_two_members_with_one_key_get_no_peer():
     recs = {member(2): record(2, key=9), member(3): record(3, key=9)}
     _, peers, _ = desired_peers(me, members, recs, CIDR)
     assert peers == {}
+    # nor does a third one with that key (it got the peer before), and none is named an owner
+    members |= {member(4)}
+    recs[member(4)] = record(4, key=9)
+    _, peers, owner = desired_peers(me, members, recs, CIDR)
+    assert peers == {} and owner == {}
 
 
 def test_a_node_not_admitted_has_no_address_and_no_peer():

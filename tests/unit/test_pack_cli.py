@@ -175,6 +175,15 @@ async def test_ship_builds_deploys_and_waits(form, cfg, tmp_path, app_dir):
         assert out.split()[:3] == ["NODE", "STATE", "IP"] and "10.7.0.2" in out and "running" in out
         ips = await form.json("manage", "get-ip", iid)
         assert ips["replicas"][0]["ip"] == "10.7.0.2"
+        # as in the original's workflow: by build id, every instance of the build
+        _, out, _ = await form("manage", "get-ip", "--build-id", inst["build_id"])
+        assert out.split()[:4] == ["INSTANCE", "NODE", "STATE", "IP"] and iid in out and "10.7.0.2" in out
+        by_build = await form.json("manage", "get-ip", "--build-id", inst["build_id"])
+        assert [(r["instance_id"], r["ip"]) for r in by_build["replicas"]] == [(iid, "10.7.0.2")]
+        _, out, _ = await form("manage", "get-ip", "--build-id", "e" * 64)
+        assert "no instance of build" in out
+        _, _, err = await form("manage", "get-ip", code=2)
+        assert "give an instance ID or --build-id" in err
         rt.vms.scheduler.consoles[iid] = "boot\nready\n"
         _, out, _ = await form("manage", "logs", iid)
         assert out == "boot\nready\n"

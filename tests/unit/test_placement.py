@@ -2,7 +2,15 @@
 
 import random
 
-from formation.node.placement import live_nodes, place, place_all, shortfall
+from formation.node.placement import (
+    DOUBT_TTL,
+    MAX_DOUBTS,
+    Doubts,
+    live_nodes,
+    place,
+    place_all,
+    shortfall,
+)
 
 NOW = 10_000_000
 
@@ -112,3 +120,70 @@ def test_a_node_is_live_on_another_members_evidence_not_its_own_claim():
     assert live_nodes([ghost, lonely], NOW, stale) == [lonely]  # alone: its own heartbeat counts
     assert place(inst(1, replicas=3), [*honest, liar], now_ms=NOW, stale_ms=stale) == \
         place(inst(1, replicas=3), honest, now_ms=NOW, stale_ms=stale)
+
+
+def test_a_replica_not_run_in_time_is_placed_elsewhere_on_two_members_word():
+    nodes = [node(i) for i in range(1, 6)]
+    first = place(inst(7, replicas=1), nodes, now_ms=NOW)[0]
+    others = [n for n in nodes if n["address"] != first]
+    # one member's doubt moves nothing where two others could say so
+    others[0]["doubts"] = [f"inst-7@{first}"]
+    assert place(inst(7, replicas=1), nodes, now_ms=NOW) == [first]
+    # the doubted node's own "doubt" of itself is no evidence either
+    next(n for n in nodes if n["address"] == first)["doubts"] = [f"inst-7@{first}"]
+    assert place(inst(7, replicas=1), nodes, now_ms=NOW) == [first]
+    others[1]["doubts"] = [f"inst-7@{first}"]
+    moved = place(inst(7, replicas=1), nodes, now_ms=NOW)
+    assert moved and moved != [first]
+    # only that instance moves: the doubted node keeps the rest of its placements
+    assert all(place(inst(i, replicas=1), nodes, now_ms=NOW) ==
+               place(inst(i, replicas=1), [node(j) for j in range(1, 6)], now_ms=NOW) for i in range(20) if i != 7)
+    assert "did not run it in time" in shortfall(inst(7, replicas=5), place(inst(7, replicas=5), nodes, now_ms=NOW),
+                                                 nodes, now_ms=NOW)
+    # with one other member, its word is all there is
+    pair = [node(1), node(2)]
+    only = place(inst(8, replicas=1), pair, now_ms=NOW)[0]
+    other = next(n for n in pair if n["address"] != only)
+    other["doubts"] = [f"inst-8@{only}"]
+    assert place(inst(8, replicas=1), pair, now_ms=NOW) == [other["address"]]
+
+
+def test_a_node_reporting_more_than_it_declares_is_not_placed_on():
+    nodes = [node(1, mem=4096), node(2, mem=4096)]
+    big = [{"instance_id": f"big-{i}", "resources": {"memory_mb": 3000}} for i in range(3)]
+    reports = [{"instance_id": b["instance_id"], "node": addr(1), "state": "running"} for b in big]
+    assert place(inst(1, replicas=2), nodes, now_ms=NOW, statuses=reports[:2]) == \
+        place(inst(1, replicas=2), nodes, now_ms=NOW)  # 6000 MB of 4096: a retiring overlap
+    placed = place_all([*big, inst(1, replicas=2)], nodes, now_ms=NOW, statuses=reports)  # 9000 > 2 x 4096
+    assert placed["inst-1"] == [addr(2)]
+    # reports of something else (stopped, unknown instances) cost nothing
+    noise = [{**r, "state": "stopped"} for r in reports] + [{"instance_id": "nope", "node": addr(1), "state": "running"}]
+    assert len(place_all([*big, inst(1, replicas=2)], nodes, now_ms=NOW, statuses=noise)["inst-1"]) == 2
+
+
+def test_doubts_come_from_the_watchers_own_clock_and_lapse():
+    book = Doubts(deadline=60.0)
+    pair = ("inst-1", addr(2))
+    assert not book.observe(0.0, {pair: 1}, set(), {"inst-1"})
+    assert not book.observe(59.0, {pair: 1}, set(), {"inst-1"})
+    assert book.observe(60.0, {pair: 1}, set(), {"inst-1"})
+    assert book.published() == [f"inst-1@{addr(2)}"]
+    # a new generation restarts nothing already doubted, and running ends the doubt
+    assert book.observe(61.0, {pair: 1}, {pair}, {"inst-1"}) and book.published() == []
+    # a generation change restarts the wait
+    book.observe(100.0, {pair: 1}, set(), {"inst-1"})
+    book.observe(150.0, {pair: 2}, set(), {"inst-1"})
+    assert not book.observe(200.0, {pair: 2}, set(), {"inst-1"})
+    assert book.observe(210.0, {pair: 2}, set(), {"inst-1"})
+    # placed elsewhere now (not expected): the doubt stays until it lapses, the instance goes
+    # or the node runs it
+    assert not book.observe(300.0, {}, set(), {"inst-1"})
+    assert book.published() and book.observe(211.0 + DOUBT_TTL, {}, set(), {"inst-1"})
+    book.observe(0.0, {pair: 1}, set(), {"inst-1"})
+    book.observe(60.0, {pair: 1}, set(), {"inst-1"})
+    assert book.observe(61.0, {}, set(), set()) and book.published() == []  # deleted
+    # bounded: the newest MAX_DOUBTS
+    many = {(f"i{k}", addr(2)): 1 for k in range(MAX_DOUBTS + 10)}
+    book.observe(0.0, many, set(), {i for i, _ in many})
+    book.observe(60.0, many, set(), {i for i, _ in many})
+    assert len(book.published()) == MAX_DOUBTS

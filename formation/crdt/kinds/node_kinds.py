@@ -36,6 +36,17 @@ class Capacity(Record):
 
 
 ADDRESS = address  # the check, under a name no record field shadows
+_INSTANCE_ID = text(64, min_len=1)
+
+
+def doubt(v):
+    """"<instance_id>@<node address>": a replica the writer saw not running where it is placed."""
+    if not isinstance(v, str) or "@" not in v:
+        raise ValueError("must be '<instance_id>@<node address>'")
+    iid, _, node = v.rpartition("@")
+    return f"{_INSTANCE_ID(iid)}@{address(node)}"
+
+
 MULTIADDR = text(512, min_len=2, pattern=r"/[A-Za-z0-9/._:%-]+", what="a multiaddr like /ip4/1.2.3.4/tcp/53333")
 
 
@@ -52,6 +63,9 @@ class Node(Record):
     heartbeat: int = field(TIMESTAMP, default=0)  # unix ms of the node's last heartbeat
     # the nodes it is connected to now (addresses): other members' evidence that it is up
     seen: list = field(list_of(ADDRESS, 256, unique=True), factory=list)
+    # replicas this node saw placed on another node and not running there in time (placement.py):
+    # other members' evidence that moves a placement, never the placed node's own word
+    doubts: list = field(list_of(doubt, 256, unique=True), factory=list)
 
 
 class SelfRecordKind(Kind):
@@ -76,6 +90,17 @@ class NodeKind(SelfRecordKind):
 
 
 WG_KEY = text(44, min_len=44, pattern=r"[A-Za-z0-9+/]{43}=", what="a base64 WireGuard public key")
+MAX_REACHES = 256  # as many as a node record's `seen` (formation/mesh/relay.py lists no more)
+
+
+def sorted_list(inner):
+    def check(v):
+        out = inner(v)
+        if out != sorted(out):
+            raise ValueError("must be sorted")
+        return out
+
+    return check
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +111,9 @@ class Peer(Record):
     endpoints: list = field(list_of(endpoint, 8, unique=True), factory=list)
     vm_subnet: str | None = field(optional(ip_network), default=None)
     updated_at: int = field(TIMESTAMP, default=0)
+    # the members it has a live WireGuard handshake with, sorted (one list, one value: no churn
+    # from order): its claim, deciding only its own pairs (formation/mesh/relay.py)
+    reaches: list = field(sorted_list(list_of(ADDRESS, MAX_REACHES, unique=True)), factory=list)
 
 
 class PeerKind(SelfRecordKind):

@@ -18,7 +18,8 @@ from formation.crdt.intents import MAX_BODY, write_routes
 from formation.crdt.kinds import get_kind, registry
 from formation.crdt.op import OpError
 
-from ..placement import place_all, shortfall, stale_after_ms
+from .. import fogview
+from ..placement import stale_after_ms
 from . import views
 from .http import PAGING, STATUS_OF_CODE, ApiError, Call, Endpoint, Handler, paged
 from .schemas import (
@@ -120,11 +121,10 @@ async def instance_get(call: Call):
 async def _placement(call: Call, inst: dict) -> dict:
     """Where the fog places the instance now, and why it cannot place all of it (e.g. no node
     has the GPUs it asks for) instead of leaving it pending in silence."""
-    instances = await call.runtime.astore.list("instance", limit=1_000_000)
-    nodes = await call.runtime.fog_nodes()
-    now, stale = int(time.time() * 1000), stale_after_ms(call.runtime.config.node.heartbeat_seconds)
-    placed = place_all(instances, nodes, now_ms=now, stale_ms=stale).get(inst["instance_id"], [])
-    return {"nodes": placed, "problem": shortfall(inst, placed, nodes, now_ms=now, stale_ms=stale)}
+    view = await fogview.read(call.runtime, now_ms=int(time.time() * 1000),
+                              stale_ms=stale_after_ms(call.runtime.config.node.heartbeat_seconds))
+    placed = view.placements().get(inst["instance_id"], [])
+    return {"nodes": placed, "problem": view.shortfall(inst, placed)}
 
 
 async def instance_by_build(call: Call):

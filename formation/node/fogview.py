@@ -1,0 +1,34 @@
+"""What placement reads from the state, read one way for everyone who places: the scheduler
+(which replicas to run) and the API (where an instance is placed, and why not all of it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .placement import place_all, shortfall
+from .ports import NodeState
+
+ALL = 1_000_000  # the store's own bounds cap what a list returns
+
+
+@dataclass(frozen=True)
+class FogView:
+    instances: list[dict]
+    nodes: list[dict]  # the members' node records
+    statuses: list[dict]  # `running` instance_status reports (evidence against capacity claims)
+    now_ms: int
+    stale_ms: int
+
+    def placements(self) -> dict[str, list[str]]:
+        return place_all(self.instances, self.nodes, now_ms=self.now_ms, stale_ms=self.stale_ms,
+                         statuses=self.statuses)
+
+    def shortfall(self, instance: dict, placed: list[str]) -> str | None:
+        return shortfall(instance, placed, self.nodes, now_ms=self.now_ms, stale_ms=self.stale_ms,
+                         statuses=self.statuses)
+
+
+async def read(node: NodeState, *, now_ms: int, stale_ms: int) -> FogView:
+    return FogView(instances=await node.astore.list("instance", limit=ALL), nodes=await node.fog_nodes(),
+                   statuses=await node.astore.list("instance_status", type="running", limit=ALL),
+                   now_ms=now_ms, stale_ms=stale_ms)
