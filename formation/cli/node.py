@@ -186,7 +186,7 @@ def register(commands, common: argparse.ArgumentParser) -> None:
 
 
 def join_flags(join: argparse.ArgumentParser) -> None:
-    """`form join`'s arguments (join.py); `form manage join` is the same command."""
+    """`form join`'s arguments (cli/join/); `form manage join` is the same command."""
     from formation.cli.join import join_flags as flags
 
     flags(join)

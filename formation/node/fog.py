@@ -6,7 +6,7 @@ key's secret (the claimant signs its own address with it) and where to reach the
 multiaddrs). `fmi1.` + base64url of its JSON. A token is single-use: two nodes claiming one
 admit neither (crdt/membership.py).
 
-Before a new host claims a token (`form join`, cli/join.py) it syncs the fog's state and asks
+Before a new host claims a token (`form join`, cli/join/) it syncs the fog's state and asks
 `check_claimable` whether the claim could admit it; `standing` is what a data dir's state says of
 its own node. Everything in a token and in the state came from others: it is checked, never
 trusted (a token's bootstrap peers are only addresses to try, `bootstrap_peers`).

@@ -118,6 +118,9 @@ class NodeRuntime:
                 nursery.start_soon(self._watch_membership)
                 await nursery.start(serve_control, self, self.config.data_dir / "control.sock")
                 self.api_urls = await nursery.start(self._serve_api)
+                if self.config.dns.enabled:  # the DNS server (docs/dns.md); a port taken is logged
+                    from .dnsview import serve_dns
+                    await nursery.start(serve_dns, self)
                 if isinstance(self.vms, VmsStarting):
                     nursery.start_soon(self._run_vms, self.vms.host)
                 log.info("node %s up: peer %s, listening on %s", to_checksum(self.key.address),

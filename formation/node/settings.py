@@ -8,6 +8,7 @@ config.py derives the defaults, the checks and the typed sections from SETTINGS,
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,36 @@ class Setting:
 SECTION_DOCS = {
     "fog": "Membership: the fog this node belongs to (made here, or joined with an invite).",
     "mesh": "formnet: the WireGuard mesh between nodes.",
+    "dns": "The node's DNS server (docs/dns.md).",
 }
+
+
+def _ip(value: Any, _origin: c.Origin) -> str:
+    try:
+        return str(ipaddress.ip_address(value if isinstance(value, str) else ""))
+    except ValueError:
+        raise c.Bad(f"expected an IP address, got {c.show(value)}") from None
+
+
+def _upstreams(value: Any, _origin: c.Origin) -> tuple[str, ...]:
+    """IP addresses with optional ports: "192.0.2.53", "192.0.2.53:5353", "[2001:db8::53]:53"."""
+    if not isinstance(value, list):
+        raise c.Bad(f"expected an array of IP addresses, got {c.show(value)}")
+    for i, item in enumerate(value):
+        host, port = (item, "53") if isinstance(item, str) else ("", "")
+        if isinstance(item, str) and item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ("53" if not rest else "")
+        elif isinstance(item, str) and item.count(":") == 1:
+            host, _, port = item.partition(":")
+        try:
+            ipaddress.ip_address(host)
+            ok = port.isdigit() and 1 <= int(port) <= 65535
+        except ValueError:
+            ok = False
+        if not ok:
+            raise c.Bad(f"item {i}: expected an IP address with an optional :port, got {c.show(item)}")
+    return tuple(value)
 
 S = Setting
 SETTINGS: tuple[Setting, ...] = (
@@ -103,8 +133,40 @@ SETTINGS: tuple[Setting, ...] = (
     S("mesh", "wireguard_port", 51820, int, c.port, "UDP port of this node's WireGuard interface."),
     S("mesh", "overlay_cidr", "10.42.0.0/16", str, c.cidr,
       "Address range of the overlay network; every node takes its overlay address from it."),
+    S("dns", "enabled", True, bool, c.boolean,
+      "Run the node's DNS server (UDP and TCP): the fog's names (<instance id>.fog, "
+      "<name>.<owner>.fog, replicas, agents, models), vanity domains their DNS proves, and "
+      "everything else forwarded or refused (docs/dns.md). A port that cannot be bound is "
+      "logged and the node runs without DNS."),
+    S("dns", "host", "127.0.0.1", str, _ip,
+      'The address the DNS server listens on: loopback by default; "0.0.0.0" or the VM bridge\'s '
+      "address to serve VMs and other hosts (with `outside = \"forward\"` that is a resolver for "
+      "whoever reaches it: keep client_qps)."),
     S("dns", "port", 5453, int, c.port,
-      "The node's DNS server (UDP and TCP) for instance names and vanity domains."),
+      "UDP and TCP port of the DNS server; 53 to be a host's resolver (needs root or "
+      "CAP_NET_BIND_SERVICE)."),
+    S("dns", "outside", "forward", str, c.choice("forward", "refuse"),
+      'Names outside the fog\'s zones: "forward" them to the upstreams (cached), or "refuse" them.'),
+    S("dns", "upstreams", [], tuple[str, ...], _upstreams,
+      'Resolvers to forward to and to check vanity domains through, tried in order: IP addresses, '
+      'optionally with a port ("192.0.2.53", "[2001:db8::53]:5353"). Empty: the nameservers of '
+      "/etc/resolv.conf (this server's own address left out)."),
+    S("dns", "upstream_timeout_ms", 2000, int, c.positive,
+      "How long one upstream may take to answer before the next is tried (milliseconds)."),
+    S("dns", "cache_entries", 10_000, int, c.positive,
+      "Forwarded answers kept (at most 32 MiB whatever their number), each for its TTL."),
+    S("dns", "client_qps", 1000, int, c.positive,
+      "Queries per second one source address may send (bursts of twice that); past it UDP "
+      "queries are dropped and TCP connections closed."),
+    S("dns", "ttl", 30, int, c.positive,
+      "TTL (seconds) of the names the fog makes: instances, replicas, agents, models."),
+    S("dns", "ttl_min", 5, int, c.positive,
+      "The shortest TTL an owner's `dns` record gets (a shorter one is raised to this)."),
+    S("dns", "ttl_max", 3600, int, c.positive,
+      "The longest TTL an owner's `dns` record gets (a longer one is lowered to this)."),
+    S("dns", "verify_min_seconds", 60, int, c.positive,
+      "A vanity domain's proof (TXT _formation.<domain>) is checked again when its TTL runs out, "
+      "but not sooner than this (nor later than ttl_max)."),
     S("vm", "enabled", "auto", str, c.choice("auto", "true", "false", bools=True),
       'Workloads run in QEMU VMs. "auto": on when QEMU is installed and the node runs as root '
       '(taps and a bridge need it); "true" makes a missing requirement an error at start; '

@@ -6,10 +6,10 @@ import dataclasses
 import logging
 import signal
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -17,6 +17,9 @@ from formation.crdt.keys import PrivateKey, to_checksum
 from formation.crdt.store import Limits, LogFormatError, Store
 from formation.keystore import create_keystore, load_keystore, resolve_password
 from formation.node.config import Config
+
+if TYPE_CHECKING:
+    from .runtime import NodeRuntime
 
 log = logging.getLogger("formation.node")
 
@@ -106,28 +109,38 @@ def run_node(config: Config, *, interactive: bool = True, once: bool = False,
         if on_ready is not None:
             on_ready(ident)
         if not once:
-            trio.run(_serve_until_signal, config, key, store)
+            run_trio(serve_until_signal, config, key, store)
         return ident
     finally:
         store.close()
 
 
-async def _serve_until_signal(config: Config, key: PrivateKey, store: Store) -> None:
+def run_trio(fn, *args):
+    """trio.run, with the one error out of its nurseries raised as itself (a clear message, not
+    an exception group)."""
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as group:
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if leaf is group:
+            raise
+        raise leaf from None
+
+
+async def serve_until_signal(config: Config, key: PrivateKey, store: Store,
+                             on_started: Callable[[NodeRuntime], Awaitable[None]] | None = None) -> None:
+    """Run the node until SIGINT or SIGTERM; `on_started` is awaited once it runs."""
     from .runtime import open_node
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        try:
-            async with trio.open_nursery() as nursery:
-                runtime = open_node(config, key, store)
-                await nursery.start(runtime.run)
-                async for signum in signals:
-                    log.info("received %s: shutting down", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    break
-        except BaseExceptionGroup as group:  # one error out of the nursery: say it, not the group
-            leaf: BaseException = group
-            while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-                leaf = leaf.exceptions[0]
-            if leaf is group:
-                raise
-            raise leaf from None
+        async with trio.open_nursery() as nursery:
+            runtime = open_node(config, key, store)
+            await nursery.start(runtime.run)
+            if on_started is not None:
+                await on_started(runtime)
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,9 +19,9 @@ from formation.cli.join import UNIT_DIR_ENV, UNIT_NAME
 from formation.crdt.keys import PrivateKey
 from formation.keystore import load_keystore
 from formation.node import fog
-from formation.node.control import ControlClient
 from tests.integration.test_formnet import ROOT, logs, start, status, wait
 from tests.multihost import cut, heal, hosts
+from tests.unit.test_join_cli import invite
 from tests.vm_support import needs_root
 
 pytestmark = [pytest.mark.slow, needs_root,
@@ -33,7 +32,8 @@ PASSWORD = "test"  # what tests/integration/test_formnet.py's `start` gives its 
 
 def join(host, data: Path, units: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
     """`form join ... --no-start` on `host`, to its end."""
-    env = [f"FORMATION_PASSWORD={PASSWORD}", f"PYTHONPATH={ROOT}", f"{UNIT_DIR_ENV}={units}"]
+    env = [f"FORMATION_PASSWORD={PASSWORD}", f"PYTHONPATH={ROOT}", f"{UNIT_DIR_ENV}={units}",
+           f"TMPDIR={_private_tmp(data)}"]  # its temporary files, apart from other runs' on this machine
     return host.run("env", *env, sys.executable, "-m", "formation.cli", "join", *args,
                     "--data-dir", str(data), "--vms", "false", timeout=timeout)
 
@@ -52,23 +52,21 @@ def links(host) -> list[str]:
     return [n for n in names if n not in ("lo", "eth0")]
 
 
-def temp_leftovers() -> set[str]:
-    return {p.name for p in Path(tempfile.gettempdir()).glob("form-join-*")}
+def _private_tmp(data: Path) -> Path:
+    tmp = data.parent / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return tmp
+
+
+def temp_leftovers(data: Path) -> set[str]:
+    return {p.name for p in _private_tmp(data).glob("form-join-*")}
 
 
 def assert_nothing_left(host, data: Path, units: Path, before_tmp: set[str]) -> None:
     assert not data.exists(), sorted(p.name for p in data.rglob("*"))  # no key, state or config
     assert list(units.iterdir()) == []  # no unit
     assert links(host) == []  # no WireGuard interface
-    assert temp_leftovers() <= before_tmp  # not even the synced state of the try
-
-
-def invite(data: Path, expires: int = 600) -> str:
-    c = ControlClient(data / "control.sock", timeout=10)
-    try:
-        return c.call(cmd="invite", expires=expires)["token"]
-    finally:
-        c.close()
+    assert temp_leftovers(data) <= before_tmp  # not even the synced state of the try
 
 
 def joined(data: Path):
@@ -86,7 +84,8 @@ def test_bad_invites_leave_nothing_and_a_good_one_joins_and_resumes(tmp_path, mo
         pw = tmp_path / "password"
         pw.write_text(PASSWORD + "\n")
         pw.chmod(0o600)
-        before_tmp = temp_leftovers()
+        monkeypatch.setenv("TMPDIR", str(_private_tmp(data3)))  # the nodes started below too
+        before_tmp = temp_leftovers(data3)
 
         start(g, gdata, "join", "--genesis")
         try:
@@ -177,4 +176,4 @@ def test_bad_invites_leave_nothing_and_a_good_one_joins_and_resumes(tmp_path, mo
             assert f"[{i}/9] {name:<13} done" in rerun, rerun
         assert "[9/9] node          ok     running" in rerun
         assert again.poll() is None
-        assert temp_leftovers() <= before_tmp
+        assert temp_leftovers(data2) <= before_tmp

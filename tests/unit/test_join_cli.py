@@ -3,7 +3,7 @@ clear line on stderr and a non-zero exit, with nothing half-configured (no membe
 wrong arguments are usage errors (exit 2); no node to ask is exit 3. Each runs the real command
 (`python -m formation.cli`) in a process of its own.
 
-Then the one-command join (formation/cli/join.py): its steps and their lines, the rollback of what
+Then the one-command join (formation/cli/join/): its steps and their lines, the rollback of what
 a failing run wrote, formation.toml and the unit as written, what is taken from a token, the
 checks of the synced state (fog.check_claimable), a new fog and its resume, and a join through a
 real peer on this host (slow). Across hosts: tests/integration/test_join.py."""
@@ -169,7 +169,7 @@ def test_invite_create_without_a_running_node_cannot_reach_it(tmp_path, extra):
     assert not data.exists()
 
 
-# ==== the one-command join (cli/join.py): steps, rollback, resume ==================================
+# ==== the one-command join (cli/join/): steps, rollback, resume ==================================
 
 from formation.cli import join as joining  # noqa: E402
 from formation.cli.output import CliError  # noqa: E402
@@ -522,11 +522,20 @@ def test_a_bad_multiaddr_is_a_usage_error(tmp_path):
 # ---- a join through a real peer, on this host ---------------------------------------------------
 
 
+def invite(data: Path, expires: int = 600) -> str:
+    """A token from the member running on `data` (its control socket)."""
+    from formation.node.control import ControlClient
+
+    c = ControlClient(data / "control.sock", timeout=10)
+    try:
+        return c.call(cmd="invite", expires=expires)["token"]
+    finally:
+        c.close()
+
+
 @pytest.fixture
 def genesis_node(tmp_path):
     """A genesis node (`form join --genesis`, run in the foreground) on free ports, without formnet."""
-    from formation.node.control import ControlClient
-
     data = tmp_path / "genesis"
     log = open(tmp_path / "genesis.log", "wb")  # noqa: SIM115 - closed below
     env = {**os.environ, "FORMATION_PASSWORD": PASSWORD, "HOME": str(tmp_path / "home")}
@@ -535,19 +544,12 @@ def genesis_node(tmp_path):
                              "--p2p-port", str(free_port()), "--vms", "false", "--mesh", "false"],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
 
-    def invite(expires: int = 600) -> str:
-        c = ControlClient(data / "control.sock", timeout=10)
-        try:
-            return c.call(cmd="invite", expires=expires)["token"]
-        finally:
-            c.close()
-
     try:
         deadline = time.monotonic() + 60
         while not (data / "control.sock").exists():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "genesis.log").read_text()
             time.sleep(0.1)
-        yield data, invite
+        yield data
     finally:
         proc.terminate()
         try:
@@ -560,8 +562,7 @@ def genesis_node(tmp_path):
 
 @pytest.mark.slow  # five processes, libp2p on loopback: ~10 s (tests/integration/test_join.py: across hosts)
 def test_a_join_through_a_peer_claims_once_and_the_token_cannot_be_used_again(tmp_path, genesis_node):
-    gdata, invite = genesis_node
-    token_ = invite()
+    token_ = invite(genesis_node)
     proc, data = join_cmd(tmp_path, token_, "--no-start", data=tmp_path / "one")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     steps = step_lines(proc)
