@@ -53,6 +53,7 @@ class FogNode:
     api_port: int
     config_path: Path
     log_path: Path
+    dns_port: int = 0  # each node its own (one host): a free port
     address: str = ""  # the operator key's EIP-55 address
     peer_id: str = ""
     proc: subprocess.Popen | None = None
@@ -190,6 +191,7 @@ class DevFog:
         node = FogNode(
             index=i, data_dir=self.base_dir / f"node-{i}", p2p_port=p2p_port, api_port=api_port,
             config_path=self.base_dir / f"node-{i}.toml", log_path=self.base_dir / f"node-{i}.log",
+            dns_port=self._free_port(),
         )
         if len(str(node.control_path).encode()) > 100:
             raise DevFogError(f"{node.control_path} is too long for a unix socket path; "
@@ -213,6 +215,7 @@ class DevFog:
             "p2p.listen": f"/ip4/{HOST}/tcp/{node.p2p_port}",
             "api.host": HOST,
             "api.port": node.api_port,
+            "dns.port": node.dns_port,
             "vm.enabled": "false",  # a dev fog of many nodes on one host runs no VMs unless asked
             "mesh.enabled": "false",  # nor WireGuard interfaces (one UDP port, the host's network)
         }
@@ -427,6 +430,7 @@ class DevFog:
     def table(self) -> list[dict[str, Any]]:
         return [{"node": n.index, "address": n.address, "peer_id": n.peer_id,
                  "multiaddr": n.multiaddr, "p2p_port": n.p2p_port, "api_port": n.api_port,
+                 "dns_port": n.dns_port,
                  "data_dir": str(n.data_dir), "log": str(n.log_path), "pid": n.pid,
                  "running": n.running} for n in self.nodes]
 

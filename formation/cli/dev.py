@@ -19,7 +19,8 @@ from formation.keystore import PASSWORD_ENV
 FOG_COLUMNS: list[output.Column] = [
     ("node", lambda r: r["node"]), ("address", lambda r: r["address"]),
     ("peer id", lambda r: r["peer_id"]), ("p2p port", lambda r: r["p2p_port"]),
-    ("api port", lambda r: r["api_port"]), ("data dir", lambda r: r["data_dir"]),
+    ("api port", lambda r: r["api_port"]), ("dns port", lambda r: r["dns_port"]),
+    ("data dir", lambda r: r["data_dir"]),
     ("log file", lambda r: r["log"]),
 ]
 

@@ -28,7 +28,7 @@ class FogNode:
         self.i = i
         data = root / f"n{i}"
         data.mkdir()
-        cfg = load_config(None, {"node.data_dir": str(data), "vm.enabled": "false", "mesh.enabled": "false",
+        cfg = load_config(None, {"node.data_dir": str(data), "vm.enabled": "false", "mesh.enabled": "false", "dns.enabled": False,
                                  "node.heartbeat_seconds": 1, "node.placement_deadline_seconds": 2,
                                  "p2p.listen": f"/ip4/127.0.0.1/tcp/{free_port()}",
                                  "p2p.bootstrap": bootstrap, "fog.invite": invite, "api.host": "127.0.0.1",
