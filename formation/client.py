@@ -115,6 +115,7 @@ class Client:
         return self.request("DELETE", path, **kw)
 
     def events(self, since: str | int = 0) -> Iterator[dict]:
+        """GET /v1/events, signed with the client's key (the node refuses an unsigned stream)."""
         path, _, headers = _prepare(self.key, "GET", "/v1/events", None, {"since": since}, True)
         with self.http.stream("GET", path, headers=headers, timeout=None) as resp:
             if resp.status_code >= 400:
@@ -168,6 +169,7 @@ class AsyncClient:
         return await self.request("DELETE", path, **kw)
 
     async def events(self, since: str | int = 0) -> AsyncIterator[dict]:
+        """GET /v1/events, signed with the client's key (the node refuses an unsigned stream)."""
         path, _, headers = _prepare(self.key, "GET", "/v1/events", None, {"since": since}, True)
         async with self.http.stream("GET", path, headers=headers, timeout=None) as resp:
             if resp.status_code >= 400:

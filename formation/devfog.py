@@ -53,7 +53,8 @@ class FogNode:
     api_port: int
     config_path: Path
     log_path: Path
-    dns_port: int = 0  # each node its own (one host): a free port
+    dns_port: int = 0  # each node its own (one host): free ports
+    proxy_port: int = 0
     address: str = ""  # the operator key's EIP-55 address
     peer_id: str = ""
     proc: subprocess.Popen | None = None
@@ -191,7 +192,7 @@ class DevFog:
         node = FogNode(
             index=i, data_dir=self.base_dir / f"node-{i}", p2p_port=p2p_port, api_port=api_port,
             config_path=self.base_dir / f"node-{i}.toml", log_path=self.base_dir / f"node-{i}.log",
-            dns_port=self._free_port(),
+            dns_port=self._free_port(), proxy_port=self._free_port(),
         )
         if len(str(node.control_path).encode()) > 100:
             raise DevFogError(f"{node.control_path} is too long for a unix socket path; "
@@ -216,6 +217,7 @@ class DevFog:
             "api.host": HOST,
             "api.port": node.api_port,
             "dns.port": node.dns_port,
+            "proxy.port": node.proxy_port,
             "vm.enabled": "false",  # a dev fog of many nodes on one host runs no VMs unless asked
             "mesh.enabled": "false",  # nor WireGuard interfaces (one UDP port, the host's network)
         }
@@ -430,7 +432,7 @@ class DevFog:
     def table(self) -> list[dict[str, Any]]:
         return [{"node": n.index, "address": n.address, "peer_id": n.peer_id,
                  "multiaddr": n.multiaddr, "p2p_port": n.p2p_port, "api_port": n.api_port,
-                 "dns_port": n.dns_port,
+                 "dns_port": n.dns_port, "proxy_port": n.proxy_port,
                  "data_dir": str(n.data_dir), "log": str(n.log_path), "pid": n.pid,
                  "running": n.running} for n in self.nodes]
 

@@ -5,11 +5,11 @@ scheduler needs of a VmHost (ports.VmHostPort) over the shipped in-memory backen
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 from pathlib import Path
 
+from formation.node.vmhost import VmUnavailable, address_count, pick_address
 from formation.vm import network
 from formation.vm.fake import FakeBackend
 from formation.vm.spec import VmSpec
@@ -40,20 +40,23 @@ class FakeVmHost:
         return d / "image.raw"
 
     def pick_ip(self, instance_id: str, taken: set[str]) -> str:
-        hosts = list(self.subnet.hosts())[1:]
-        start = int.from_bytes(hashlib.sha256(instance_id.encode()).digest()[:4], "big") % len(hosts)
-        for i in range(len(hosts)):
-            ip = str(hosts[(start + i) % len(hosts)])
-            if ip not in taken:
-                return ip
-        raise AssertionError("fake subnet full")
+        return pick_address(self.subnet, instance_id, taken)  # the real one: it is pure
+
+    def vm_addresses(self) -> int:
+        return address_count(self.subnet)
+
+    def disk_in_use(self) -> int:
+        return 0  # its VMs have no disks
 
     def spec_for(self, instance_id: str, ip: str, *, vcpus: int, memory_mb: int, image: Path,
-                 hostname: str) -> VmSpec:
-        return VmSpec(vm_id=instance_id, kernel=self.kernel, initrd=self.initrd, image=image,
-                      vcpus=vcpus, memory_mb=memory_mb, tap=network.tap_name(instance_id),
-                      ip_cidr=f"{ip}/{self.subnet.prefixlen}", gateway=str(next(self.subnet.hosts())),
-                      hostname=hostname)
+                 hostname: str, disk_gb: int | None = None) -> VmSpec:
+        try:
+            return VmSpec(vm_id=instance_id, kernel=self.kernel, initrd=self.initrd, image=image,
+                          vcpus=vcpus, memory_mb=memory_mb, tap=network.tap_name(instance_id),
+                          ip_cidr=f"{ip}/{self.subnet.prefixlen}", gateway=str(next(self.subnet.hosts())),
+                          hostname=hostname, disk_gb=disk_gb)
+        except ValueError as exc:  # as VmHost.spec_for says it
+            raise VmUnavailable(f"cannot make a VM of this instance: {exc}") from None
 
 
 class FakeBuilds:
@@ -65,6 +68,7 @@ class FakeBuilds:
         self.expected = expected or {}
         self.contexts: dict[str, bytes] = {}  # contexts uploaded to this node, by build id
         self.submitted: list[tuple] = []
+        self.checked: list[bytes] = []  # contexts given to image_id_of
 
     def status(self, build_id: str) -> dict | None:
         return None
@@ -73,7 +77,13 @@ class FakeBuilds:
         return self.contexts.get(build_id)
 
     async def image_id_of(self, formfile: str, context: bytes | None) -> str:
-        return "formfile-alone-" + "0" * 40  # no instance of these tests builds without a context
+        """The id `expected` names for this context; any other context makes another image (the
+        scheduler checks a fetched context with this before it builds)."""
+        if context is None:
+            return "formfile-alone-" + "0" * 40  # no instance of these tests builds without a context
+        self.checked.append(context)
+        made = [bid for bid, wanted in self.expected.items() if context == wanted]
+        return made[0] if made else "another-image-" + "0" * 40
 
     async def submit(self, formfile: str, context: bytes | None, owner: str) -> dict:
         self.submitted.append((formfile, context, owner))

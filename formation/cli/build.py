@@ -60,8 +60,7 @@ class Source:
         try:
             tar = pack_context.pack_dir(self.folder, CONTEXT_LIMIT)
         except pack_context.ContextError as exc:
-            raise CliError(f"{exc}; leave big files out of the folder (build steps have no network: packages come from INSTALL)"
-                           if "limit" in str(exc) else str(exc), EXIT_USAGE) from None
+            raise CliError(str(exc), EXIT_USAGE) from None  # it says what to do
         if len(tar) > CONTEXT_LIMIT:
             raise CliError(f"the build context {self.folder.resolve()} is {output.size(len(tar))} "
                            f"packed, over the limit of {output.size(CONTEXT_LIMIT)}", EXIT_USAGE)

@@ -20,6 +20,7 @@ FOG_COLUMNS: list[output.Column] = [
     ("node", lambda r: r["node"]), ("address", lambda r: r["address"]),
     ("peer id", lambda r: r["peer_id"]), ("p2p port", lambda r: r["p2p_port"]),
     ("api port", lambda r: r["api_port"]), ("dns port", lambda r: r["dns_port"]),
+    ("proxy port", lambda r: r["proxy_port"]),
     ("data dir", lambda r: r["data_dir"]),
     ("log file", lambda r: r["log"]),
 ]

@@ -56,8 +56,8 @@ class AsyncStore:
     async def list(self, kind: str, **filters: Any) -> list[dict]:
         return await self.run(self.store.list, kind, **filters)
 
-    async def since(self, seq: int) -> list[OpMeta]:
-        return await self.run(self.store.since, seq)
+    async def since(self, seq: int, limit: int | None = None) -> list[OpMeta]:
+        return await self.run(self.store.since, seq, limit)
 
     async def op_meta(self, op_id: bytes) -> OpMeta | None:
         return await self.run(self.store.op_meta, op_id)

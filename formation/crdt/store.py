@@ -160,10 +160,11 @@ class Store:
     def all_wires(self) -> Iterable[bytes]:
         return self.log.all_wires()
 
-    def since(self, seq: int) -> list[OpMeta]:
-        """Ops delivered after local sequence number `seq`, in delivery order."""
+    def since(self, seq: int, limit: int | None = None) -> list[OpMeta]:
+        """Ops delivered after local sequence number `seq`, in delivery order (the first `limit`)."""
         r = self.replica
-        return [r.ops[i] for i in r.by_seq[max(seq, 0):]]
+        start = max(seq, 0)
+        return [r.ops[i] for i in r.by_seq[start:None if limit is None else start + max(limit, 0)]]
 
     def is_rejected(self, op_id: bytes) -> bool:
         return op_id in self.replica.rejected

@@ -19,6 +19,7 @@ import trio
 
 from formation.files import write_atomic
 from formation.pack.builder import Builder, BuildFailure, Plan, find_image
+from formation.pack.context import ContextError
 
 log = logging.getLogger("formation.builds")
 CONTEXT_FILE = "context.tar.gz"
@@ -26,11 +27,14 @@ QUEUE = 64  # builds waiting; more is refused (busy) rather than held in memory 
 
 
 class BuildRefused(Exception):
-    """The inputs are wrong (bad Formfile, context, COPY source); nothing was queued."""
+    """The inputs are wrong (bad Formfile, context, COPY source); nothing was queued.
+    `context_error`: the build context's own refusal (a limit or an unsafe entry), if that was it."""
 
     def __init__(self, failure: BuildFailure):
         super().__init__(str(failure))
         self.failure = failure
+        cause = failure.__cause__
+        self.context_error: ContextError | None = cause if isinstance(cause, ContextError) else None
 
 
 class BuildService:
@@ -115,12 +119,19 @@ class BuildService:
 
     def context_bytes(self, build_id: str) -> bytes | None:
         """The build context uploaded for `build_id` on this node, if any."""
-        if not _safe_id(build_id):
-            return None
+        path = self.context_path(build_id)
         try:
-            return (self.builds_dir / build_id / CONTEXT_FILE).read_bytes()
+            return None if path is None else path.read_bytes()
         except OSError:
             return None
+
+    def context_path(self, build_id: str) -> Path | None:
+        """The file of the build context kept for `build_id` (uploaded here, or fetched and
+        checked against the id), if any: what this node serves to the members placed for it."""
+        if not _safe_id(build_id):
+            return None
+        path = self.builds_dir / build_id / CONTEXT_FILE
+        return path if path.is_file() else None
 
     def status(self, build_id: str) -> dict | None:
         if not _safe_id(build_id):

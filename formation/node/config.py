@@ -47,6 +47,7 @@ P2pConfig = _section_class("p2p")
 FogConfig = _section_class("fog")
 MeshConfig = _section_class("mesh")
 DnsConfig = _section_class("dns")
+ProxyConfig = _section_class("proxy")
 VmConfig = _section_class("vm")
 StoreConfig = _section_class("store")
 
@@ -59,6 +60,7 @@ class Config:
     fog: FogConfig
     mesh: MeshConfig
     dns: DnsConfig
+    proxy: ProxyConfig
     vm: VmConfig
     store: StoreConfig
 
@@ -82,6 +84,7 @@ _SECTIONS: dict[str, type] = {
     "fog": FogConfig,
     "mesh": MeshConfig,
     "dns": DnsConfig,
+    "proxy": ProxyConfig,
     "vm": VmConfig,
     "store": StoreConfig,
 }

@@ -25,6 +25,7 @@ from pathlib import Path
 import trio
 
 from formation.crdt.op import OpError
+from formation.crdt.strict import StrictError, parse_json
 
 from .fog import InviteError
 from .ports import ControlNode
@@ -37,9 +38,7 @@ async def serve_control(node: ControlNode, path: Path, *, task_status=trio.TASK_
     path = Path(path)
     if path.exists():
         path.unlink()  # left by a node that was killed; we hold the data dir now
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(str(path))
-    os.chmod(path, 0o600)  # the socket can write as this node: owner only
+    sock = trio.socket.from_stdlib_socket(_bind_private(path))
     sock.listen(16)
     listener = trio.SocketListener(sock)
     try:
@@ -48,6 +47,25 @@ async def serve_control(node: ControlNode, path: Path, *, task_status=trio.TASK_
             await trio.serve_listeners(lambda s: _serve(node, s), [listener])
     finally:
         path.unlink(missing_ok=True)
+
+
+def _bind_private(path: Path) -> socket.socket:
+    """A Unix socket bound at `path` that only this user can ever connect to: the socket can
+    write as this node, so it is created under umask 0o177 (mode 0600 from its first instant,
+    not chmod-ed after a moment of being open to others). The umask is the process's: it is
+    set around the one bind call, with no await in between."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)  # whatever the umask did, owner only
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def _serve(node: ControlNode, stream: trio.SocketStream) -> None:
@@ -64,15 +82,19 @@ async def _serve(node: ControlNode, stream: trio.SocketStream) -> None:
                         await _send(stream, _error("too_large", f"request over {MAX_LINE} bytes"))
                         return
                 line, buf = buf.split(b"\n", 1)
-                try:
-                    req = json.loads(line)
+                try:  # the strict parser: UTF-8 only, no duplicate keys, no NaN, 64-bit integers
+                    req = parse_json(line, plain_text=False)
                     if not isinstance(req, dict):
-                        raise ValueError("a request is a JSON object")
-                except ValueError as exc:
+                        raise StrictError("a request is a JSON object")
+                except StrictError as exc:
                     await _send(stream, _error("bad_request", f"not a JSON object: {exc}"))
                     continue
                 if req.get("cmd") == "watch":
-                    await _watch(node, stream, req)
+                    since = req.get("since", 0)
+                    if not isinstance(since, int) or isinstance(since, bool) or since < 0:
+                        await _send(stream, _error("bad_request", "since: a sequence number (an integer >= 0)"))
+                        continue
+                    await _watch(node, stream, since)
                     return
                 await _send(stream, await _handle(node, req))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -125,13 +147,17 @@ async def _handle(node: ControlNode, req: dict) -> dict:
     return _error("bad_request", f"unknown cmd {cmd!r}")
 
 
-async def _watch(node: ControlNode, stream, req: dict) -> None:
-    seq = int(req.get("since", 0))
+WATCH_BATCH = 1024  # ops read per store call
+
+
+async def _watch(node: ControlNode, stream, seq: int) -> None:
     await _send(stream, {"ok": True})
     while True:
         newest = await node.changes.wait_past(seq)
         now = time.time()
-        metas = await node.astore.since(seq)
+        metas = await node.astore.since(seq, WATCH_BATCH)
+        if len(metas) == WATCH_BATCH:
+            newest = metas[-1].seq  # more to read: the next round does not wait
         # t: when the op's batch was committed (not when this loop woke up)
         lines = b"".join(json.dumps({"seq": m.seq, "id": m.id.hex(),
                                      "t": node.changes.commit_time(m.seq) or now}).encode() + b"\n"

@@ -23,7 +23,7 @@ from typing import Protocol
 import trio
 
 from formation.dns.forward import Forwarder, Upstream, parse_upstream, system_upstreams
-from formation.dns.names import Limits, build_zone, canonical_name, in_fog
+from formation.dns.names import Limits, Zone, build_zone, canonical_name, in_fog
 from formation.dns.server import DnsServer, ServerLimits
 from formation.dns.verify import Verifier
 from formation.pack.formfile import exposed_ports
@@ -87,6 +87,11 @@ class DnsView:
         self._poked = trio.Event()
         self.builds = 0
         verifier.on_change = self.poke
+
+    @property
+    def zone(self) -> Zone:
+        """The zone served now (read-only: the HTTP proxy routes by it, node/proxy.py)."""
+        return self.server.zone
 
     def poke(self) -> None:
         """Rebuild soon from the state already read (a vanity domain's verification changed)."""

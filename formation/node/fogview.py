@@ -25,7 +25,7 @@ class FogView:
 
     def shortfall(self, instance: dict, placed: list[str]) -> str | None:
         return shortfall(instance, placed, self.nodes, now_ms=self.now_ms, stale_ms=self.stale_ms,
-                         statuses=self.statuses)
+                         statuses=self.statuses, instances=self.instances)
 
 
 async def read(node: NodeState, *, now_ms: int, stale_ms: int) -> FogView:

@@ -11,7 +11,9 @@ settles it on its next pass. Memory and GPUs are booked against each node's adve
 in the instances' creation order (place_all), so a node is not overcommitted.
 
 A node's own records are claims; placement moves on other members' evidence:
-- liveness: another live member lists it among its connections (`seen`);
+- liveness: another live member lists it among its connections (`seen`); a node that beats
+  but is listed by nobody yet (`unvouched`: it just came back) does not retire its own replicas
+  on that view (scheduler);
 - doubts: a replica placed on a node that does not report it running within the placement
   deadline is noted by the members that watch it (`Doubts`, published in their node records as
   "<instance>@<node>"); once DOUBTERS_NEEDED other members (fewer if the fog has fewer) doubt
@@ -24,6 +26,7 @@ A node's own records are claims; placement moves on other members' evidence:
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -54,6 +57,17 @@ def live_nodes(nodes: Iterable[dict], now_ms: int, stale_ms: int) -> list[dict]:
         return beating
     vouched = {a for n in beating for a in n.get("seen") or [] if a != n["address"]}
     return [n for n in beating if n["address"] in vouched]
+
+
+def unvouched(nodes: Iterable[dict], address: str, now_ms: int, stale_ms: int) -> bool:
+    """`address` has a recent heartbeat but is not live: no other live member lists it among its
+    connections. What a node sees of itself for a heartbeat or so after it comes back from a
+    partition that outlasted its connections: the others' newest records still say they lost
+    it. Not evidence that it is gone (scheduler: a replica is not handed over on it)."""
+    nodes = list(nodes)
+    own = next((n for n in nodes if n["address"] == address), None)
+    return is_live(own, now_ms, stale_ms) and all(n["address"] != address
+                                                  for n in live_nodes(nodes, now_ms, stale_ms))
 
 
 def overclaims(node: dict, running_mb: Mapping[str, int]) -> bool:
@@ -105,6 +119,32 @@ def fits(node: dict, resources: dict) -> bool:
             and cap.get("gpus", 0) >= gpu)
 
 
+# What placement books per node, in the instances' creation order: the node's advertised
+# capacity, less what the instances placed on it before ask for. A VM's disk is capped at its
+# DISK (the overlay's size), so booked disk is disk the node can give; a node advertises the
+# disk its VMs may fill (capacity.py) and how many VM addresses its subnet holds (none said:
+# not limited, as for a node of an older version).
+BOOKED = ("memory_mb", "gpus", "disk_gb", "vm_addresses")
+_WHAT = {"memory_mb": "memory", "gpus": "GPUs", "disk_gb": "disk", "vm_addresses": "VM addresses"}
+
+
+def room(node: dict) -> dict[str, float]:
+    cap = node.get("capacity") or {}
+    addresses = cap.get("vm_addresses")
+    return {"memory_mb": cap.get("memory_mb", 0), "gpus": cap.get("gpus", 0),
+            "disk_gb": cap.get("disk_gb", 0), "vm_addresses": math.inf if addresses is None else addresses}
+
+
+def needs(instance: dict) -> dict[str, int]:
+    res = instance.get("resources") or {}
+    return {"memory_mb": res.get("memory_mb", 0), "gpus": (res.get("gpu") or {}).get("count", 0),
+            "disk_gb": res.get("disk_gb", 0), "vm_addresses": 1}
+
+
+def _creation_order(instance: dict) -> tuple[int, str]:
+    return instance.get("created_at", 0), instance["instance_id"]
+
+
 def score(instance_id: str, address: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{instance_id}|{address}".encode()).digest()[:8], "big")
 
@@ -125,38 +165,45 @@ def candidates(nodes: Iterable[dict], instances: list[dict], statuses: Iterable[
 
 def place_all(instances: Iterable[dict], nodes: Iterable[dict], *, now_ms: int,
               stale_ms: int = DEFAULT_STALE_MS, statuses: Iterable[dict] = ()) -> dict[str, list[str]]:
-    """Every instance's replicas. Memory and GPUs are not overcommitted: instances take what is
-    left on each node in creation order (oldest first, then id), so a new instance never moves
-    an older one; a stopped instance keeps its room, so starting it again lands where it was.
-    vCPUs and disk are checked per instance only (vCPUs are shared, overlays are thin).
-    `statuses`: the instance_status reports (running ones count; see the module's docstring)."""
+    """Every instance's replicas. Memory, GPUs, disk and VM addresses (BOOKED) are not
+    overcommitted: instances take what is left on each node in creation order (oldest first, then
+    id), so a new instance never moves an older one; a stopped instance keeps its room (and its
+    disk), so starting it again lands where it was. vCPUs are checked per instance only (they
+    are shared). `statuses`: the instance_status reports (running ones count; see the module's
+    docstring)."""
     instances = list(instances)
     live = candidates(nodes, instances, statuses, now_ms=now_ms, stale_ms=stale_ms)
-    doubted = doubters(live)
-    watching = observers(live)
-    left = {n["address"]: [(n.get("capacity") or {}).get("memory_mb", 0),
-                           (n.get("capacity") or {}).get("gpus", 0)] for n in live}
+    return _book(instances, live, doubters(live), observers(live))[0]
+
+
+def _book(instances: list[dict], live: list[dict], doubted: Mapping[str, set[str]], watching: set[str],
+          until: tuple[int, str] | None = None) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
+    """place_all's booking: the placements and what is left on each node (of the instances
+    created before `until`, when given)."""
+    left = {n["address"]: room(n) for n in live}
     out: dict[str, list[str]] = {}
-    for inst in sorted(instances, key=lambda i: (i.get("created_at", 0), i["instance_id"])):
-        resources = inst.get("resources") or {}
-        memory = resources.get("memory_mb", 0)
-        gpus = (resources.get("gpu") or {}).get("count", 0)
-        fit = [n for n in live if fits(n, resources)
-               and left[n["address"]][0] >= memory and left[n["address"]][1] >= gpus
+    for inst in sorted(instances, key=_creation_order):
+        if until is not None and _creation_order(inst) >= until:
+            break
+        want = needs(inst)
+        fit = [n for n in live if fits(n, inst.get("resources") or {})
+               and all(left[n["address"]][k] >= want[k] for k in BOOKED)
                and not passed_over(doubted, watching, inst["instance_id"], n["address"])]
         ranked = sorted(fit, key=lambda n: (score(inst["instance_id"], n["address"]), n["address"]),
                         reverse=True)[: inst.get("replicas", 1)]
         for n in ranked:
-            left[n["address"]][0] -= memory
-            left[n["address"]][1] -= gpus
+            for k in BOOKED:
+                left[n["address"]][k] -= want[k]
         out[inst["instance_id"]] = [n["address"] for n in ranked]
-    return out
+    return out, left
 
 
 def shortfall(instance: dict, placed: list[str], nodes: Iterable[dict], *, now_ms: int,
-              stale_ms: int = DEFAULT_STALE_MS, statuses: Iterable[dict] = ()) -> str | None:
+              stale_ms: int = DEFAULT_STALE_MS, statuses: Iterable[dict] = (),
+              instances: Iterable[dict] = ()) -> str | None:
     """Why `instance` got fewer replicas than it asks for (None when it got them all): what no
-    live node offers, or that the nodes that could are full."""
+    live node offers, or that the nodes that could are full (with `instances`, every instance of
+    the fog: which of the booked resources the older instances took)."""
     wanted = instance.get("replicas", 1)
     if len(placed) >= wanted:
         return None
@@ -179,7 +226,22 @@ def shortfall(instance: dict, placed: list[str], nodes: Iterable[dict], *, now_m
     if passed:
         return (f"{got}: the nodes that fit are full or too few ({len(live)} live; {len(passed)} passed "
                 f"over for this instance: they did not run it in time)")
-    return f"{got}: the nodes that fit are full or too few ({len(live)} live)"
+    full = _full(instance, list(instances), live, doubted, watching)
+    return f"{got}: the nodes that fit are full or too few ({len(live)} live{full})"
+
+
+def _full(instance: dict, instances: list[dict], live: list[dict], doubted: Mapping[str, set[str]],
+          watching: set[str]) -> str:
+    """"; <resource> taken on N", for what the instances created before `instance` left too
+    little of on the nodes that otherwise fit it ("" without the instances)."""
+    if not instances:
+        return ""
+    left = _book(instances, live, doubted, watching, until=_creation_order(instance))[1]
+    want = needs(instance)
+    short = {k: sum(1 for n in live if fits(n, instance.get("resources") or {})
+                    and left[n["address"]][k] < want[k]) for k in BOOKED}
+    said = [f"{_WHAT[k]} taken on {count}" for k, count in short.items() if count]
+    return "; " + ", ".join(said) if said else ""
 
 
 @dataclass

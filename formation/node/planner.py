@@ -89,6 +89,10 @@ class Handover:
     wanted: bool  # its owner wants it running (not stopped)
     alive: bool  # our VM of it runs
     taken_by: str | None  # a live member placed for it that reports it running, if any
+    # this node beats but no other member lists it yet, for less than a staleness window (it
+    # just came back from a partition): placement counts it out for want of a word, not on
+    # evidence that it is gone, and is about to count it in again
+    unheard: bool = False
 
 
 @dataclass
@@ -382,9 +386,13 @@ RETIRE_GRACE = 600.0  # seconds a handed-over replica's stopped VM (and its disk
 def retire(rep: Replica, seen: Handover) -> tuple[Replica, list[Action]]:
     """A replica placement no longer gives this node. Deleted instance: remove it at once. Else
     keep it running until a node placed for it reports it running, then stop it, and remove its
-    stopped VM only after RETIRE_GRACE (placement may come back, e.g. a flapping node)."""
+    stopped VM only after RETIRE_GRACE (placement may come back, e.g. a flapping node). While
+    this node is `unheard` nothing changes: stopping its replica for a successor would last a
+    heartbeat, then placement comes back and the replica boots again (a flap)."""
     if seen.deleted:
         return rep, [Remove()]
+    if seen.unheard and seen.wanted:
+        return rep, []
     new = replace(rep, reported=dict(rep.reported))
     if seen.taken_by is None and seen.wanted:
         new.retired_at = None

@@ -106,10 +106,14 @@ class VmHostPort(Protocol):
     def describe(self) -> dict:
         """accel, machine, bridge, subnet, kernel: what the node says of its VM side."""
 
-    def pick_ip(self, instance_id: str, taken: set[str]) -> str: ...
+    def pick_ip(self, instance_id: str, taken: set[str]) -> str:
+        """A free address of the node's VM subnet; VmUnavailable (saying so) when none is left."""
+
+    def vm_addresses(self) -> int:
+        """How many VMs the node's subnet holds."""
 
     def spec_for(self, instance_id: str, ip: str, *, vcpus: int, memory_mb: int, image: Path,
-                 hostname: str) -> VmSpec: ...
+                 hostname: str, disk_gb: int | None = None) -> VmSpec: ...
 
 
 class BuildsPort(Protocol):

@@ -25,7 +25,7 @@ from formation.mesh import wggo
 from formation.mesh.uapi import UapiError
 from formation.p2p.service import P2PService, P2PSettings
 
-from . import capacity, fog
+from . import capacity, contexts, fog
 from .config import Config
 from .events import Changes
 from .fog import InviteToken
@@ -118,9 +118,13 @@ class NodeRuntime:
                 nursery.start_soon(self._watch_membership)
                 await nursery.start(serve_control, self, self.config.data_dir / "control.sock")
                 self.api_urls = await nursery.start(self._serve_api)
+                dns_view = None
                 if self.config.dns.enabled:  # the DNS server (docs/dns.md); a port taken is logged
                     from .dnsview import serve_dns
-                    await nursery.start(serve_dns, self)
+                    dns_view = await nursery.start(serve_dns, self)
+                if self.config.proxy.enabled:  # HTTP by Host, by the DNS view's zone (docs/proxy.md)
+                    from .proxy import serve_proxy
+                    await nursery.start(serve_proxy, self, dns_view)
                 if isinstance(self.vms, VmsStarting):
                     nursery.start_soon(self._run_vms, self.vms.host)
                 log.info("node %s up: peer %s, listening on %s", to_checksum(self.key.address),
@@ -273,12 +277,8 @@ class NodeRuntime:
         builds = BuildService(self.config.data_dir, host.builder())
         scheduler = Scheduler(self, host, builds)
 
-        async def provide(name: str) -> bytes | None:
-            # build contexts, for nodes placed for an instance whose context was uploaded here
-            kind, _, key = name.partition("/")
-            return await trio.to_thread.run_sync(builds.context_bytes, key) if kind == "context" else None
-
-        self.p2p.blob_provider = provide
+        # build contexts, to the members placed for an instance of them (node/contexts.py)
+        self.p2p.blob_provider = contexts.provider(self, builds.context_path)
         async with trio.open_nursery() as nursery:
             await nursery.start(builds.run)
             await nursery.start(scheduler.run)
@@ -332,7 +332,7 @@ class NodeRuntime:
         return {
             "address": self.address,
             "multiaddrs": self.announce_addrs(),
-            "capacity": {**capacity.detect(self.config.data_dir), "vms": runs_vms(self.vms)},
+            "capacity": {**capacity.detect(self.config.data_dir, self.vms), "vms": runs_vms(self.vms)},
             "version": VERSION,
             "api_url": self.public_api_url(),
             "started_at": self.started_at,

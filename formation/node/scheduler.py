@@ -34,7 +34,7 @@ from formation.vm.spec import VmError
 from . import fogview, planner
 from .builds import BuildRefused
 from .fogview import FogView
-from .placement import Doubts, live_nodes, stale_after_ms
+from .placement import Doubts, live_nodes, stale_after_ms, unvouched
 from .planner import Action, Desired, Images, Observed, Replica
 from .ports import BuildsPort, SchedulerNode, VmHostPort
 from .vmhost import VmUnavailable
@@ -68,6 +68,8 @@ class Scheduler:
         self.doubts = Doubts(deadline=float(node.config.node.placement_deadline_seconds))
         # (instance, node) said running there, but its replica did not answer from here
         self._unverified: set[tuple[str, str]] = set()
+        # since when (trio's clock) this node beats but no other member lists it (placement.unvouched)
+        self._unvouched_since: float | None = None
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -93,21 +95,45 @@ class Scheduler:
         placements = view.placements()
         await self._watch(view, placements)
         desired = {i["instance_id"]: i for i in instances if me in placements[i["instance_id"]]}
-        for iid, inst in desired.items():
+        # Each instance on its own: whatever one instance's step raises (a request no VM can be
+        # made of, an address the subnet lacks, a bug) fails that instance, with the reason in its
+        # status, and never the pass: the others are stepped and handed over all the same.
+        for inst in desired.values():
             try:
                 await self._step(inst)
-            except (VmError, VmUnavailable, BuildRefused, OSError) as exc:
-                log.warning("instance %s: %s", iid, exc)
-                rep, actions = planner.after_failure(self.replicas[iid], _failure(exc))
-                await self._carry_out(inst, rep, actions)
+            except Exception as exc:  # noqa: BLE001 - see above
+                await self._failed(inst, exc)
         gone = {v for v in self.backend.list() if not v.startswith("build-")} | set(self.replicas)
         by_id = {i["instance_id"]: i for i in instances}
         live = {n["address"] for n in live_nodes(nodes, self.wall_ms(), self.stale_ms)} - {me}
+        unheard = self._unheard(nodes)
         for iid in sorted(gone - set(desired)):
             try:
-                await self._hand_over(iid, by_id.get(iid), [a for a in placements.get(iid, []) if a in live])
+                await self._hand_over(iid, by_id.get(iid), [a for a in placements.get(iid, []) if a in live],
+                                      unheard=unheard)
             except (VmError, network.NetworkError, OSError) as exc:
                 log.warning("instance %s: handing it over failed (next pass tries again): %s", iid, exc)
+            except Exception:  # noqa: BLE001 - one replica's hand-over must not stop the others'
+                log.exception("instance %s: handing it over failed (next pass tries again)", iid)
+
+    async def _failed(self, inst: dict, exc: Exception) -> None:
+        """Report the instance failed, with why; logged once per reason (every pass repeats it)."""
+        iid = inst["instance_id"]
+        expected = isinstance(exc, VmError | VmUnavailable | BuildRefused | OSError)
+        reason = _failure(exc) if expected else f"the node could not run it: {type(exc).__name__}: {exc}"[:2000]
+        rep = self.replicas.get(iid)
+        if rep is None:  # failed before it had a replica (an address): remembered without one
+            rep = self.replicas[iid] = Replica(iid, "", inst.get("generation", 0))
+        rep, actions = planner.after_failure(rep, reason)
+        if actions:
+            if expected:
+                log.warning("instance %s: %s", iid, exc)
+            else:
+                log.error("instance %s failed", iid, exc_info=exc)
+        try:
+            await self._carry_out(inst, rep, actions)
+        except Exception:  # noqa: BLE001 - not even its report: the next pass tries again
+            log.exception("instance %s: reporting its failure failed", iid)
 
     async def _watch(self, view: FogView, placements: dict[str, list[str]]) -> None:
         """Note the replicas placed on other nodes that do not run there in time; the node
@@ -122,7 +148,23 @@ class Scheduler:
             log.info("doubts now: %s", self.doubts.published() or "none")
             await self.node.register()
 
-    async def _hand_over(self, iid: str, inst: dict | None, placed: list[str]) -> None:
+    def _unheard(self, nodes: list[dict]) -> bool:
+        """Does this node beat, listed by no other member, for less than a staleness window? Right
+        after a partition that outlasted its connections, its view has the others' newest records,
+        which say they lost it, until they beat again: it counts itself out for a heartbeat or so.
+        Longer than a staleness window, the others do not count it either: that is evidence."""
+        now = trio.current_time()
+        if not unvouched(nodes, self.node.address, self.wall_ms(), self.stale_ms):
+            self._unvouched_since = None
+            return False
+        if self._unvouched_since is None:
+            self._unvouched_since = now
+            log.info("no other member lists this node among its connections (yet): its replicas "
+                     "stay where they are until they do, or for %.0f s", self.stale_ms / 1000)
+        return now - self._unvouched_since < self.stale_ms / 1000
+
+    async def _hand_over(self, iid: str, inst: dict | None, placed: list[str], *,
+                         unheard: bool = False) -> None:
         """Make before break: a replica placed elsewhere now keeps running until a node placed
         for it reports it running (planner.retire)."""
         rep = self.replicas.get(iid)
@@ -141,7 +183,7 @@ class Scheduler:
             self._unverified.add((iid, node))
         seen = planner.Handover(now=trio.current_time(), deleted=inst is None,
                                 wanted=inst is not None and inst["desired_state"] != "stopped",
-                                alive=self.backend.is_alive(iid), taken_by=taken_by)
+                                alive=self.backend.is_alive(iid), taken_by=taken_by, unheard=unheard)
         rep, actions = planner.retire(rep, seen)
         if any(isinstance(a, planner.Remove) for a in actions):
             await self._remove(iid)
@@ -167,9 +209,12 @@ class Scheduler:
 
     async def _step(self, inst: dict) -> None:
         iid = inst["instance_id"]
-        if iid not in self.replicas:
-            taken = {r.ip for r in self.replicas.values()}
-            self.replicas[iid] = Replica(iid, self.vms.pick_ip(iid, taken), inst["generation"])
+        if iid not in self.replicas or not self.replicas[iid].ip:
+            # VmUnavailable when the subnet is full: the replica fails and its reason says why
+            taken = {r.ip for r in self.replicas.values() if r.ip}
+            ip = self.vms.pick_ip(iid, taken)
+            old = self.replicas.get(iid)
+            self.replicas[iid] = Replica(iid, ip, inst["generation"], reported=old.reported if old else {})
             self._save(self.replicas[iid])
         want = _desired(inst)
         for _ in range(LOOKS_PER_PASS):
@@ -237,26 +282,49 @@ class Scheduler:
 
     async def _fetch_context(self, inst: dict, rep: Replica) -> None:
         """The build context of the instance's image: None when the Formfile alone makes it, else
-        kept here (uploaded here) or fetched from a connected node. Notes when none had it."""
-        iid, bid = inst["instance_id"], inst.get("build_id")
+        kept here (uploaded here) or fetched from a connected node and checked against the build
+        id first. Notes when none had it."""
+        bid = inst.get("build_id")
         context: bytes | None = None
-        if bid and await self.builds.image_id_of(inst["formfile"], None) != bid:
+        try:
+            alone = await self.builds.image_id_of(inst["formfile"], None) if bid else None
+        except BuildRefused as exc:
+            if exc.failure.instruction != "COPY":
+                raise  # the Formfile itself is wrong: no context helps
+            alone = None  # its COPY lines read a context
+        if bid and alone != bid:
             context = await trio.to_thread.run_sync(self.builds.context_bytes, bid)
             if context is None:
-                context = await self._context_from_peers(iid, bid)
+                context = await self._context_from_peers(inst, bid)
                 if context is None:
                     rep.context_missing_at = trio.current_time()
                     return
         rep.context_known, rep.context, rep.context_missing_at = True, context, None
 
-    async def _context_from_peers(self, iid: str, bid: str) -> bytes | None:
-        p2p = self.node.p2p
+    async def _context_from_peers(self, inst: dict, bid: str) -> bytes | None:
+        """The context of `bid` from the first connected node that gives one that makes `bid`
+        with the instance's Formfile. The peer's answer is bounded by the context limit as it
+        streams in (blobs.fetch), and checked here: unpacked within the archive limits and its
+        image id computed (no build step runs), so a wrong or hostile answer builds nothing."""
+        iid, p2p = inst["instance_id"], self.node.p2p
         limit = self.node.config.vm.context_limit_mb * 1024 * 1024
         for peer in p2p.connected():
             context = await p2p.fetch_blob(peer, f"context/{bid}", limit)
-            if context is not None:
-                log.info("instance %s: build context of %s fetched from %s", iid, bid[:12], peer[-8:])
-                return context
+            if context is None:
+                continue
+            try:
+                made = await self.builds.image_id_of(inst["formfile"], context)
+            except BuildRefused as exc:
+                log.warning("instance %s: the build context %s sent for %s is refused: %s",
+                            iid, peer[-8:], bid[:12], exc)
+                continue
+            if made != bid:
+                log.warning("instance %s: the build context %s sent makes image %s with the instance's "
+                            "Formfile, not %s: ignored (a wrong context, or this node's builder or "
+                            "Debian base recipe differs from the uploader's)", iid, peer[-8:], made[:12], bid[:12])
+                continue
+            log.info("instance %s: build context of %s fetched from %s and checked", iid, bid[:12], peer[-8:])
+            return context
         return None
 
     async def _boot(self, inst: dict, rep: Replica, image: Path) -> None:
@@ -264,7 +332,7 @@ class Scheduler:
         res = inst.get("resources") or {}
         spec = self.vms.spec_for(iid, rep.ip, vcpus=res.get("vcpus", 1),
                                  memory_mb=res.get("memory_mb", 512), image=image,
-                                 hostname=_hostname(inst.get("name") or iid))
+                                 hostname=_hostname(inst.get("name") or iid), disk_gb=res.get("disk_gb", 5))
         existing = self.backend.spec_of(iid)
         if existing is not None and existing != spec:
             await self.backend.delete(iid)  # another image or size: start from a fresh overlay
@@ -330,7 +398,7 @@ class Scheduler:
 
     def local_ip(self, instance_id: str) -> str | None:
         rep = self.replicas.get(instance_id)
-        return rep.ip if rep else None
+        return rep.ip or None if rep else None  # "": it got no address (its subnet is full)
 
     # ---- persistence -------------------------------------------------------------------------
 

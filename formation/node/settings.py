@@ -46,6 +46,8 @@ SECTION_DOCS = {
     "fog": "Membership: the fog this node belongs to (made here, or joined with an invite).",
     "mesh": "formnet: the WireGuard mesh between nodes.",
     "dns": "The node's DNS server (docs/dns.md).",
+    "proxy": "The host-routing HTTP proxy: a request for a name the fog serves goes to a running "
+             "replica of its instance over formnet (docs/proxy.md).",
 }
 
 
@@ -167,6 +169,43 @@ SETTINGS: tuple[Setting, ...] = (
     S("dns", "verify_min_seconds", 60, int, c.positive,
       "A vanity domain's proof (TXT _formation.<domain>) is checked again when its TTL runs out, "
       "but not sooner than this (nor later than ttl_max)."),
+    S("proxy", "enabled", True, bool, c.boolean,
+      "Run the node's HTTP proxy: a request whose Host is a name the node's DNS serves (an "
+      "instance's or agent's name, a verified vanity domain) goes to a running replica of it, "
+      "at the lowest port its Formfile EXPOSEs (an agent's name: the agent's port); a replica that does not take the connection is "
+      "left out for down_seconds and the next one is tried. It routes by the zone the DNS view "
+      "builds: with dns.enabled = false every request is answered 503. A port that cannot be "
+      "bound is logged and the node runs without the proxy."),
+    S("proxy", "host", "127.0.0.1", str, _ip,
+      'The address the proxy listens on: loopback by default; "0.0.0.0" to publish the fog\'s '
+      "services to other hosts (everyone who reaches it reaches every instance's lowest "
+      "EXPOSEd port: that is what EXPOSE publishes)."),
+    S("proxy", "port", 8080, int, c.port, "TCP port of the proxy (plain HTTP)."),
+    S("proxy", "max_connections", 1024, int, c.positive,
+      "Client connections open at once; past it a new connection is answered 503 and closed."),
+    S("proxy", "max_connections_per_ip", 64, int, c.positive,
+      "Client connections open at once from one address; past it 429 and closed."),
+    S("proxy", "max_header_kb", 32, int, c.positive,
+      "Largest request head (request line and headers, KiB); a larger one is answered 431."),
+    S("proxy", "max_body_mb", 64, int, c.positive,
+      "Largest request body (MiB): a larger Content-Length is answered 413, a chunked body "
+      "growing past it is cut off. Bodies up to 1 MiB are kept until the replica answers, so "
+      "that an idempotent request can be sent again to another replica."),
+    S("proxy", "connect_timeout_ms", 2000, int, c.positive,
+      "How long a replica may take to accept the connection before it is marked down and the "
+      "next one is tried (milliseconds)."),
+    S("proxy", "down_seconds", 10, int, c.positive,
+      "How long a replica that refused or timed out a connection is tried only after the "
+      "others (seconds)."),
+    S("proxy", "idle_timeout_seconds", 30, int, c.positive,
+      "A client connection with no request for this long is closed; so is an exchange in which "
+      "the client or the replica sends nothing for this long once the answer has started."),
+    S("proxy", "header_timeout_seconds", 10, int, c.positive,
+      "A request head must arrive whole within this many seconds of its first byte (a client "
+      "trickling its headers is answered 408 and closed)."),
+    S("proxy", "request_timeout_seconds", 300, int, c.positive,
+      "The longest one exchange may take, the replica's whole answer included (a replica that "
+      "has not started its answer by then: 504)."),
     S("vm", "enabled", "auto", str, c.choice("auto", "true", "false", bools=True),
       'Workloads run in QEMU VMs. "auto": on when QEMU is installed and the node runs as root '
       '(taps and a bridge need it); "true" makes a missing requirement an error at start; '

@@ -146,21 +146,55 @@ class VmHost:
                 await self.driver.delete(vm_id)
 
     def spec_for(self, instance_id: str, ip: str, *, vcpus: int, memory_mb: int, image: Path,
-                 hostname: str) -> VmSpec:
+                 hostname: str, disk_gb: int | None = None) -> VmSpec:
         assert self.kit is not None
-        return VmSpec(vm_id=instance_id, kernel=self.kit.kernel, initrd=self.kit.initrd, image=image,
-                      vcpus=vcpus, memory_mb=memory_mb, tap=network.tap_name(instance_id),
-                      mac=network.mac_for(instance_id), ip_cidr=f"{ip}/{self.subnet.prefixlen}",
-                      gateway=str(self.gateway), hostname=hostname, machine=self.machine,
-                      bridge=self.bridge)
+        try:
+            return VmSpec(vm_id=instance_id, kernel=self.kit.kernel, initrd=self.kit.initrd, image=image,
+                          vcpus=vcpus, memory_mb=memory_mb, tap=network.tap_name(instance_id),
+                          mac=network.mac_for(instance_id), ip_cidr=f"{ip}/{self.subnet.prefixlen}",
+                          gateway=str(self.gateway), hostname=hostname, machine=self.machine,
+                          bridge=self.bridge, disk_gb=disk_gb)
+        except ValueError as exc:  # what the record allows and a VM cannot be (a version skew)
+            raise VmUnavailable(f"cannot make a VM of this instance: {exc}") from None
 
     def pick_ip(self, instance_id: str, taken: set[str]) -> str:
-        """An address for a new VM: a probe sequence from the instance id's hash, skipping the
-        gateway and addresses other local VMs hold."""
-        hosts = list(self.subnet.hosts())[1:]  # the first is the gateway
-        start = int.from_bytes(hashlib.sha256(instance_id.encode()).digest()[:4], "big") % len(hosts)
-        for i in range(len(hosts)):
-            ip = str(hosts[(start + i) % len(hosts)])
-            if ip not in taken:
-                return ip
-        raise VmUnavailable(f"no free address left in {self.subnet}")
+        return pick_address(self.subnet, instance_id, taken)
+
+    def disk_in_use(self) -> int:
+        """Bytes the VMs' disks (their overlays) hold on this host now."""
+        total = 0
+        for overlay in (self.data_dir / "vms").glob("vm-*/overlay.qcow2"):
+            try:
+                total += overlay.stat().st_blocks * 512
+            except OSError:
+                continue  # deleted meanwhile
+        return total
+
+    def vm_addresses(self) -> int:
+        """How many VMs the subnet holds (what the node advertises; placement books one each)."""
+        return address_count(self.subnet)
+
+
+def address_count(subnet: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
+    """VM addresses of a subnet: its hosts but the first, the gateway on the node's bridge."""
+    hosts = subnet.num_addresses - 2 if subnet.prefixlen < subnet.max_prefixlen - 1 else subnet.num_addresses
+    return max(0, hosts - 1)
+
+
+def pick_address(subnet: ipaddress.IPv4Network | ipaddress.IPv6Network, instance_id: str,
+                 taken: set[str]) -> str:
+    """An address for a new VM: a probe sequence from the instance id's hash over the subnet's
+    VM addresses (address_count), skipping those other local VMs hold. Arithmetic, not a list:
+    a large subnet (a /16 holds 65,533 VMs) costs nothing more."""
+    count = address_count(subnet)
+    first = int(subnet.network_address) + (1 if subnet.num_addresses > 2 else 0) + 1  # after the gateway
+    start = int.from_bytes(hashlib.sha256(instance_id.encode()).digest()[:4], "big") % max(count, 1)
+    # at most len(taken) probes can hit a taken address: the next one is free, if any is
+    for i in range(min(count, len(taken) + 1)):
+        ip = str(ipaddress.ip_address(first + (start + i) % count))
+        if ip not in taken:
+            return ip
+    raise VmUnavailable(
+        f"no free address left for a VM on this node: its VM subnet {subnet} holds {count} VMs "
+        f"and all are taken; a larger [vm] subnet in formation.toml (e.g. a /20 in "
+        f"10.200.0.0-10.249.255.255: 4,093 VMs) gives room (docs/vms.md)")

@@ -13,6 +13,7 @@ one nursery; the protocols themselves are in gossip.py, sync.py and blobs.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -20,17 +21,23 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import coincurve
 import multiaddr
 import trio
 
 from formation.crdt.async_store import AsyncStore
-from formation.crdt.keys import PrivateKey, sha256
+from formation.crdt.keys import PrivateKey, address_of, format_address, sha256
 
 from . import blobs, sync
 from .gossip import TOPIC, Batcher, BatchValidator, encode_batch
 
 log = logging.getLogger("formation.p2p")
 BAN_STRIKES = 3  # invalid gossip batches or sync sessions with invalid ops before a peer is cut off
+SUBSCRIPTION_QUEUE = 256  # gossip messages validated and waiting for the store (py-libp2p: 32)
+RPC_QUEUE = 1024  # RPCs queued to one peer (py-libp2p: 32) ...
+RPC_QUEUE_BYTES = 64 * 1024 * 1024  # ... and their bytes
+BLOB_SERVES_PER_PEER = 1  # blob answers sent to one peer at once (an honest fetcher asks one at a time)
+BLOB_SERVES = 4  # blob answers sent at once in all
 
 
 _fixed = False
@@ -45,10 +52,15 @@ def _libp2p_fixes() -> None:
     import libp2p.pubsub.pubsub as pubsub_mod
     import libp2p.pubsub.rpc_queue as rpc_queue
 
-    # A.3 #2: the subscription channel holds 32 messages and drops the rest with a warning.
-    pubsub_mod.SUBSCRIPTION_CHANNEL_SIZE = 100_000
-    # A.3 #3: each peer's outbound queue holds 32 RPCs and drops the rest silently.
-    rpc_queue.RpcQueue.__init__.__defaults__ = (100_000, rpc_queue.DefaultMaxMessageSize)
+    # A.3 #2: the subscription channel holds 32 messages and drops the rest with a warning. Our
+    # batches are few (one per 50 ms per publisher at most): 256 (the validator's cache of
+    # decoded batches) is room for bursts, and a bound on what a flood can make us hold.
+    pubsub_mod.SUBSCRIPTION_CHANNEL_SIZE = SUBSCRIPTION_QUEUE
+    # A.3 #3: each peer's outbound queue holds 32 RPCs and drops the rest silently. Raised, and
+    # bounded in bytes too: a peer that stops reading costs at most RPC_QUEUE_BYTES (what is
+    # dropped for it reaches it by IHAVE/IWANT or sync).
+    rpc_queue.RpcQueue.__init__.__defaults__ = (RPC_QUEUE, rpc_queue.DefaultMaxMessageSize)
+    _bound_rpc_queue_bytes(rpc_queue.RpcQueue)
     # A.3 #7 (found here): a pubsub RPC that does not parse (protobuf DecodeError) escaped
     # Pubsub.stream_handler, which catches only libp2p's own errors, and ended the whole host:
     # any peer could stop a node with one malformed frame. It is a ParseError now: the stream is
@@ -88,6 +100,18 @@ class P2PSettings:
     sync_max_sessions: int = 8
     sync_budget_bytes: int = 64 * 1024 * 1024
     sync_budget_seconds: float = 60.0
+    # What the node records can make us dial, and what connections can cost (docs/p2p.md, "Peers"):
+    # addresses dialed per peer (a member's own, the first of its record), dials started per
+    # second over all peers (a bucket of dial_burst) and at once, and connections kept.
+    max_addrs_per_peer: int = 4
+    dial_rate: float = 4.0
+    dial_burst: int = 16
+    max_dials: int = 8
+    max_connections: int = 256  # both directions (libp2p's cap; its default is 300)
+    max_strangers: int = 32  # connected peers that are neither fog members nor bootstrap peers
+    # gossip messages one peer has us hold before they are validated; more are dropped unread
+    # (they are not marked seen, so another peer or a sync brings them again)
+    gossip_in_flight_per_peer: int = 8
 
 
 @dataclass
@@ -95,11 +119,26 @@ class P2PStats:
     gossip_sent: int = 0
     gossip_received: int = 0
     gossip_rejected: int = 0
+    gossip_dropped: int = 0  # not validated: their forwarder had gossip_in_flight_per_peer waiting
     ops_from_gossip: int = 0
     syncs_ok: int = 0
     syncs_failed: int = 0
     syncs_refused: int = 0  # sync streams reset at once: too many sessions, or budget spent
     ops_from_sync: int = 0
+
+
+def address_of_peer(peer: str) -> str | None:
+    """The node address of a peer: its peer id holds its secp256k1 key (the operator key, see
+    P2PService), authenticated by the connection's handshake. None for any other kind of id."""
+    from libp2p.peer.id import ID
+
+    try:
+        key = ID.from_base58(peer).extract_public_key()
+        if key is None or key.get_type().name != "Secp256k1":
+            return None
+        return format_address(address_of(coincurve.PublicKey(key.to_bytes())))
+    except Exception:  # noqa: BLE001 - not an id we can read: no address
+        return None
 
 
 def peer_id_of(key: PrivateKey) -> str:
@@ -119,7 +158,11 @@ class P2PService:
         self.settings = settings or P2PSettings()
         self.astore = astore
         # The operator key is the libp2p identity: the peer id and the node address are one key.
-        self.host = new_host(key_pair=create_new_key_pair(key.secret))
+        self.host = new_host(key_pair=create_new_key_pair(key.secret),
+                             connection_config=_connection_config(self.settings.max_connections))
+        # libp2p retries every address of a dial 3 more times at once; our dialer retries on its
+        # own schedule (back-off per address, a rate over all peers): one connection per dial
+        self.host.get_network().retry_config.max_retries = 0
         # py-libp2p's auto-connector dials up to 200 peers from the peerstore every 30 s, to
         # reach a watermark meant for the public DHT. It would also redial peers we cut off.
         # Our dialer keeps exactly the peers of the fog connected.
@@ -130,7 +173,16 @@ class P2PService:
         # by the id, so a publisher that sends an invalid payload to one peer and a valid one
         # under the same seqno to another made the first count the second's honest forward as
         # invalid and score it down (tests/p2p/test_attacks.py).
-        self.pubsub = Pubsub(self.host, self.router, strict_signing=True, msg_id_constructor=_content_msg_id)
+        # Validation runs in a worker thread, a batch at a time, taken in turn per forwarder
+        # (gossip.BatchValidator), behind a bound per forwarder (_push_msg): a batch may wait its
+        # turn longer than py-libp2p's 5 s, and a timeout counts as invalid against an honest
+        # forwarder; its cap of 10 validators at once would let one flooder hold every slot.
+        self.pubsub = Pubsub(self.host, self.router, strict_signing=True, msg_id_constructor=_content_msg_id,
+                             validation_timeout=VALIDATION_TIMEOUT, max_concurrent_validator_count=100_000)
+        self._in_flight: Counter[str] = Counter()  # gossip messages held per forwarder, unvalidated
+        self._pushing: dict[bytes, trio.Event] = {}  # message ids being validated
+        self._push_msg = self.pubsub.push_msg
+        self.pubsub.push_msg = self._bounded_push_msg  # what its stream readers start per message
         # A.3 #5: seqno seeded in whole seconds silences a restarted publisher; use nanoseconds.
         self.pubsub.counter = time.time_ns()
         self.peer_id = self.host.get_id().to_string()
@@ -147,12 +199,20 @@ class P2PService:
         self.peer_source: Callable[[], Awaitable[list[dict]]] | None = None
         # what this node hands out on /formation/blob/1 (set by the node; None serves nothing)
         self.blob_provider: blobs.Provider | None = None
+        self._blob_serving: Counter[str] = Counter()  # blob answers being sent, by peer
         self._syncing: set[str] = set()  # peers we are running a session with (we asked)
         self._serving: Counter[str] = Counter()  # sessions peers asked us for, by peer
         self.sync_budget = sync.ServeBudget(self.settings.sync_budget_bytes, self.settings.sync_budget_seconds)
-        self._known: dict[str, list[str]] = {}  # peer id -> multiaddrs to dial it at
+        self._known: dict[str, list[str]] = {}  # peer id -> multiaddrs to dial it at (the two below)
+        self._pinned: dict[str, list[str]] = {}  # bootstrap peers and add_peer: whatever the state says
+        self._members: dict[str, list[str]] = {}  # from the node records (peer_source), each refresh
         self._next_dial: dict[str, float] = {}
         self._backoff: dict[str, float] = {}
+        self._addr_next: dict[str, float] = {}  # per address: not dialed again before
+        self._addr_backoff: dict[str, float] = {}
+        self._dialing: set[str] = set()  # peers being dialed now
+        self._dial_tokens = float(self.settings.dial_burst)
+        self._dial_tokens_at = 0.0
         self._want_sync: trio.MemorySendChannel | None = None
         self._gap_check_scheduled = False
         self._nursery: trio.Nursery | None = None
@@ -206,9 +266,10 @@ class P2PService:
         info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
         pid = info.peer_id.to_string()
         if pid != self.peer_id:
-            addrs = self._known.setdefault(pid, [])
-            if addr not in addrs:
+            addrs = self._pinned.setdefault(pid, [])
+            if addr not in addrs and len(addrs) < self.settings.max_addrs_per_peer:
                 addrs.append(addr)
+            self._known = _merged(self._pinned, self._members)
         return pid
 
     async def block(self, peer: str) -> None:
@@ -258,7 +319,7 @@ class P2PService:
             # A.3 #6: start pubsub before dialing anyone (new_host(bootstrap=...) crashes it).
             async with background_trio_service(self.pubsub), background_trio_service(self.router):
                 await self.pubsub.wait_until_ready()
-                self.pubsub.set_topic_validator(TOPIC, self.validator, False)
+                self.pubsub.set_topic_validator(TOPIC, self.validator.validate, True)
                 sub = await self.pubsub.subscribe(TOPIC)
                 self.host.set_stream_handler(sync.PROTOCOL, self._serve_sync)
                 self.host.set_stream_handler(blobs.PROTOCOL, self._serve_blob)
@@ -280,6 +341,39 @@ class P2PService:
                         # the node) would leave its peers writing into the dead ones
                         await self._close_connections()
 
+    async def _bounded_push_msg(self, forwarder, msg) -> None:
+        """py-libp2p starts a task per gossip message as it reads it, with no bound: at most
+        gossip_in_flight_per_peer of a forwarder's messages are held (validated, or waiting to
+        be); past that, its messages are dropped before any work is spent on them."""
+        peer = forwarder.to_string() if hasattr(forwarder, "to_string") else str(forwarder)
+        if peer == self.peer_id:
+            await self._push_msg(forwarder, msg)  # our own publishes
+            return
+        if self._in_flight[peer] >= self.settings.gossip_in_flight_per_peer:
+            self.stats.gossip_dropped += 1
+            return
+        self._in_flight[peer] += 1
+        try:
+            # One message from several forwarders at once: py-libp2p checks "seen" before it
+            # validates and marks it after, so each copy was validated, delivered and forwarded.
+            # A copy waits for the first to be done, and is then seen (or known invalid).
+            mid = _content_msg_id(msg)
+            first = self._pushing.get(mid)
+            if first is not None:
+                await first.wait()
+                await self._push_msg(forwarder, msg)
+                return
+            self._pushing[mid] = done = trio.Event()
+            try:
+                await self._push_msg(forwarder, msg)
+            finally:
+                del self._pushing[mid]
+                done.set()
+        finally:
+            self._in_flight[peer] -= 1
+            if not self._in_flight[peer]:
+                del self._in_flight[peer]
+
     async def _gossip_out(self) -> None:
         while True:
             batches = await self.batcher.next_batches()
@@ -298,6 +392,7 @@ class P2PService:
 
     async def _gossip_in(self, sub) -> None:
         own = self.host.get_id().to_bytes()
+        store_errors = 0  # batches the store failed to take (disk full, I/O error, a bug)
         while True:
             msg = await sub.get()
             if msg.from_id == own:
@@ -311,7 +406,15 @@ class P2PService:
             source = _peer_str(msg.from_id)
             if source in self.banned:
                 continue
-            res = await self.astore.ingest_ops(ops, source=source)
+            try:
+                res = await self.astore.ingest_ops(ops, source=source)
+            except Exception as exc:  # noqa: BLE001 - one batch the store could not take
+                # must not end the node: these ops come again by sync once the store recovers
+                store_errors += 1
+                log.error("store error #%d ingesting %d gossiped op(s) from %s (sync will bring them "
+                          "again): %s", store_errors, len(ops), source[-8:], _why(exc),
+                          exc_info=store_errors == 1)
+                continue
             self.stats.ops_from_gossip += len(res.accepted)
             if res.rejected:
                 # Honest publishers gossip only ops their own store accepted, and validity is
@@ -362,14 +465,23 @@ class P2PService:
         self._count(result)
 
     async def _serve_blob(self, stream) -> None:
+        """One blob request. The provider decides who may have what, from the asker's node
+        address (its key is its peer id); at most BLOB_SERVES_PER_PEER answers per peer and
+        BLOB_SERVES in all are sent at once, each from disk a chunk at a time."""
         peer = stream.muxed_conn.peer_id.to_string()
-        if peer in self.blocked or self.blob_provider is None:
+        if (peer in self.blocked or self.blob_provider is None
+                or self._blob_serving[peer] >= BLOB_SERVES_PER_PEER or self._blob_serving.total() >= BLOB_SERVES):
             await stream.reset()
             return
+        self._blob_serving[peer] += 1
         try:
-            await blobs.serve(stream, self.blob_provider)
+            await blobs.serve(stream, self.blob_provider, address_of_peer(peer))
         except Exception as exc:  # noqa: BLE001 - a failed answer only ends this stream
             log.info("blob served to %s failed: %s", peer[-8:], _why(exc))
+        finally:
+            self._blob_serving[peer] -= 1
+            if not self._blob_serving[peer]:
+                del self._blob_serving[peer]
 
     async def fetch_blob(self, peer: str, name: str, limit: int) -> bytes | None:
         """The blob `name` from a connected peer; None if it has none or could not answer."""
@@ -384,6 +496,9 @@ class P2PService:
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     await stream.close()
+        except blobs.Refused as exc:
+            log.info("%s refused us %s: %s", peer[-8:], name, exc)
+            return None
         except Exception as exc:  # noqa: BLE001 - any failure: this peer cannot give it
             log.info("fetching %s from %s failed: %s", name, peer[-8:], _why(exc))
             return None
@@ -417,6 +532,8 @@ class P2PService:
 
     async def _dialer(self) -> None:
         """Keep every known peer connected: redial with backoff (py-libp2p never redials)."""
+        from libp2p.peer.id import ID
+
         seen: set[str] = set()
         next_refresh = 0.0
         while True:
@@ -429,6 +546,9 @@ class P2PService:
                     self.banned.add(peer)
                     log.warning("banning peer %s: %d invalid gossip batches or sync sessions",
                                 peer, strikes)
+                    with contextlib.suppress(Exception):  # not a peer id libp2p reads: nothing to drop
+                        # what it publishes or forwards is dropped before any validation
+                        self.pubsub.add_to_blacklist(ID.from_base58(peer))
                     await self.block(peer)
             connected = set(self.connected())
             for peer in connected & self.blocked:
@@ -439,45 +559,98 @@ class P2PService:
                 if self.peer_id < peer:
                     self.request_sync(peer)
             seen = connected
-            for peer, addrs in list(self._known.items()):
-                if peer in connected or peer in self.blocked or now < self._next_dial.get(peer, 0):
-                    continue
-                self._next_dial[peer] = now + self._backoff.get(peer, self.settings.redial_min)
-                self._nursery.start_soon(self._dial, peer, addrs)
+            self._dial_due(now, connected)
             await trio.sleep(0.25)
 
-    async def _dial(self, peer: str, addrs: list[str]) -> None:
-        from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+    def _dial_due(self, now: float, connected: set[str]) -> None:
+        """Start the dials that are due, the longest-waiting first, within the dial budget: at
+        most `max_dials` at once and `dial_rate` per second (a bucket of `dial_burst`), one
+        address per dial. However many addresses the records name, that is what we dial."""
+        s = self.settings
+        self._dial_tokens = min(float(s.dial_burst), self._dial_tokens + (now - self._dial_tokens_at) * s.dial_rate)
+        self._dial_tokens_at = now
+        due = sorted((self._next_dial.get(p, 0.0), p) for p in self._known
+                     if p not in connected and p not in self.blocked and p not in self._dialing
+                     and now >= self._next_dial.get(p, 0.0))
+        for _, peer in due:
+            if len(self._dialing) >= s.max_dials or self._dial_tokens < 1:
+                break
+            self._dial_tokens -= 1
+            self._dialing.add(peer)
+            self._nursery.start_soon(self._dial, peer, list(self._known[peer]))
 
-        infos = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in addrs]
-        info = PeerInfo(infos[0].peer_id, [x for i in infos for x in i.addrs])
+    async def _dial(self, peer: str, addrs: list[str]) -> None:
+        """Dial one of the peer's addresses: the one due first. Each failure doubles the back-off
+        of that address and of the peer (from redial_min to redial_max; a success resets them):
+        the peer is dialed again after its back-off, at its address due first."""
+        from libp2p.peer.peerinfo import info_from_p2p_addr
+
+        addr = min(addrs, key=lambda a: self._addr_next.get(a, 0.0))  # ties: the record's order
         try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+            # libp2p dials what its peerstore holds for the peer (what identify reported too) and
+            # refuses, for a minute, a peer whose addresses all failed: we dial this one address
+            self.host.get_peerstore().clear_addrs(info.peer_id)
+            with contextlib.suppress(Exception):
+                self.host.get_network()._negative_peer_cache.evict(peer)
             with trio.fail_after(self.settings.dial_timeout):
                 await self.host.connect(info)
         except Exception as exc:  # noqa: BLE001 - unreachable peers are normal; back off
-            back = min(self.settings.redial_max, max(self.settings.redial_min, 2 * self._backoff.get(peer, 0)))
-            self._backoff[peer] = back
-            self._next_dial[peer] = trio.current_time() + back
-            log.debug("dial %s failed (%s); next try in %.1f s", peer[-8:], _why(exc), back)
+            s, now = self.settings, trio.current_time()
+
+            def doubled(back: float) -> float:
+                return min(s.redial_max, max(s.redial_min, 2 * back))
+
+            self._addr_backoff[addr] = doubled(self._addr_backoff.get(addr, 0))
+            self._addr_next[addr] = now + self._addr_backoff[addr]
+            # the peer backs off too, whichever address failed: its addresses are tried in turn,
+            # not all at once, so a record naming four dead addresses costs what one does
+            self._backoff[peer] = doubled(self._backoff.get(peer, 0))
+            self._next_dial[peer] = max(now + self._backoff[peer], min(self._addr_next.get(a, 0.0) for a in addrs))
+            log.debug("dial %s at %s failed (%s); next try in %.1f s", peer[-8:], addr, _why(exc),
+                      self._next_dial[peer] - now)
             return
+        finally:
+            self._dialing.discard(peer)
+        for a in addrs:
+            self._addr_backoff.pop(a, None)
+            self._addr_next.pop(a, None)
         self._backoff.pop(peer, None)
+        self._next_dial.pop(peer, None)
         log.info("connected to %s", peer[-8:])
 
     async def _learn_peers_from_state(self) -> None:
         """Node records carry their multiaddrs: the nodes `peer_source` names (the node gives the
         fog's admitted members: a record anyone signs must not make us dial where it says) are
-        peers to keep; without a source, every node record."""
+        peers to keep; without a source, every node record. A record is dialed only at addresses
+        of its own node (the /p2p/ id holds its key, which signs the record), at most
+        `max_addrs_per_peer` of them; a peer no record names any more is no longer dialed."""
         if self.peer_source is not None:
             nodes = await self.peer_source()
         else:
             nodes = await self.astore.list("node", limit=10_000)
+        members: dict[str, list[str]] = {}
         for rec in nodes:
             for addr in rec.get("multiaddrs", []):
-                if "/p2p/" in addr:
-                    try:
-                        self.add_peer(addr)
-                    except Exception:  # noqa: BLE001 - a malformed address in someone's record
-                        continue
+                pid = _p2p_id(addr)
+                if pid is None or pid == self.peer_id or _address_of(pid) != str(rec.get("address")).lower():
+                    continue  # malformed, ourselves, or another node's id: not this record's to name
+                addrs = members.setdefault(pid, [])
+                if addr not in addrs and len(addrs) < self.settings.max_addrs_per_peer:
+                    addrs.append(addr)
+        self._members = members
+        self._known = _merged(self._pinned, members)
+        dialed = {a for addrs in self._known.values() for a in addrs}
+        for table in (self._addr_next, self._addr_backoff):
+            for a in [a for a in table if a not in dialed]:
+                del table[a]
+        for table in (self._next_dial, self._backoff):
+            for p in [p for p in table if p not in self._known]:
+                del table[p]
+
+    def strangers(self) -> set[str]:
+        """Connected peers that are neither fog members nor peers we were given to dial."""
+        return set(self.connected()) - set(self._known)
 
     async def _close_connections(self) -> None:
         """Close every connection's socket. By the time the service ends, cancellation has
@@ -506,9 +679,18 @@ class _Gate:
         self.svc = svc
 
     async def connected(self, network, conn) -> None:
+        svc = self.svc
         peer = conn.muxed_conn.peer_id.to_string()
-        if peer in self.svc.blocked and self.svc._nursery is not None:
-            self.svc._nursery.start_soon(self.svc._disconnect, peer)
+        if svc._nursery is None:
+            return
+        if peer in svc.blocked:
+            svc._nursery.start_soon(svc._disconnect, peer)
+        elif peer not in svc._known and len(svc.strangers()) > svc.settings.max_strangers:
+            # a joining node syncs as a stranger until its records arrive; strangers past the
+            # cap (fresh peer ids are free to make) are dropped, members always have room
+            log.info("dropping a connection from %s: %d strangers connected already", peer[-8:],
+                     svc.settings.max_strangers)
+            svc._nursery.start_soon(svc._disconnect, peer)
 
     async def opened_stream(self, network, stream) -> None:
         pass
@@ -524,6 +706,69 @@ class _Gate:
 
     async def listen_close(self, network, multiaddr) -> None:
         pass
+
+
+VALIDATION_TIMEOUT = 120.0  # seconds a gossip batch may take to be validated, waiting included
+
+
+def _bound_rpc_queue_bytes(cls) -> None:
+    """RpcQueue.push refuses an RPC that would take the queue past RPC_QUEUE_BYTES (one RPC
+    alone is always taken; py-libp2p drops a refused RPC as it does when the count is full)."""
+    push, pop = cls.push, cls.pop
+
+    def bounded_push(self, rpc, priority: bool = False) -> bool:
+        size = rpc.ByteSize()
+        held = getattr(self, "_formation_bytes", 0)
+        if held and held + size > RPC_QUEUE_BYTES:
+            return False
+        ok = push(self, rpc, priority)
+        if ok:
+            self._formation_bytes = held + size
+        return ok
+
+    async def bounded_pop(self):
+        rpc = await pop(self)
+        if rpc is not None:
+            self._formation_bytes = max(0, getattr(self, "_formation_bytes", 0) - rpc.ByteSize())
+        return rpc
+
+    cls.push, cls.pop = bounded_push, bounded_pop
+
+
+def _connection_config(max_connections: int):
+    from libp2p.network.config import ConnectionConfig
+
+    # the pruner (above high_watermark, down towards low_watermark) picks by libp2p's own tags,
+    # not by membership: only the cap applies, and our gate (_Gate) decides whom to drop
+    return ConnectionConfig(max_connections=max_connections, min_connections=0,
+                            low_watermark=max_connections, high_watermark=max_connections)
+
+
+def _merged(*tables: dict[str, list[str]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for table in tables:
+        for pid, addrs in table.items():
+            out.setdefault(pid, [])
+            out[pid] += [a for a in addrs if a not in out[pid]]
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _p2p_id(addr: str) -> str | None:
+    """The peer id of a full multiaddr (.../p2p/ID); None if it is not one."""
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    if "/p2p/" not in addr:
+        return None
+    try:
+        return info_from_p2p_addr(multiaddr.Multiaddr(addr)).peer_id.to_string()
+    except Exception:  # noqa: BLE001 - a malformed address in someone's record
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_of(peer: str) -> str | None:
+    return address_of_peer(peer)
 
 
 def _content_msg_id(msg) -> bytes:

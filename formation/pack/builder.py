@@ -142,9 +142,10 @@ class Builder:
             raise BuildFailure(f"the Formfile has errors:\n{exc}") from None
         context_dir = work_dir / "context"
         try:
+            # checked whole first, as a stream within ctx.Limits, then written (pack/archive.py)
             ctx.unpack(context_tar or _empty_tar(), context_dir, self.context_limit)
         except ctx.ContextError as exc:
-            raise BuildFailure(str(exc)) from None
+            raise BuildFailure(str(exc)) from exc  # the cause names the limit and the entry
         _check_copies(ff, context_dir)
         digest = ctx.digest(context_dir)
         return Plan(ff, image_id(ff, digest, recipe_id()), digest, context_dir)

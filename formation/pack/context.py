@@ -1,8 +1,9 @@
 """Build contexts: the folder a Formfile's COPY lines read from, carried as one tar.gz.
 
-The client packs a folder (`pack_dir`); the node unpacks it (`unpack`) refusing anything that
-could write outside the destination (absolute paths, '..', links pointing out, devices) and
-anything over the size limit, before a single byte is written past the limit. The context's
+The client packs a folder (`pack_dir`); the node unpacks it (`unpack`, archive.py) refusing
+anything that could write outside the destination (absolute paths, '..', links pointing out,
+devices) and anything over a limit (sizes, entries, folders, headers, paths: archive.Limits),
+found by reading the archive as a stream before a single file is written. The context's
 identity (`digest`) covers names, modes and contents in a fixed order, so the same folder
 always gives the same image id whatever the tar's own ordering or timestamps.
 """
@@ -16,11 +17,11 @@ import stat
 import tarfile
 from pathlib import Path, PurePosixPath
 
-DEFAULT_LIMIT = 64 * 1024 * 1024  # bytes of files, unpacked
+from . import archive
+from .archive import ContextError, ContextTooLarge, Limits
 
-
-class ContextError(ValueError):
-    pass
+DEFAULT_LIMIT = 64 * 1024 * 1024  # bytes of files, unpacked (and of the archive, packed)
+__all__ = ["DEFAULT_LIMIT", "ContextError", "ContextTooLarge", "Limits", "digest", "pack_dir", "unpack"]
 
 
 def pack_dir(folder: Path, limit: int = DEFAULT_LIMIT) -> bytes:
@@ -49,13 +50,16 @@ def pack_dir(folder: Path, limit: int = DEFAULT_LIMIT) -> bytes:
             elif stat.S_ISREG(st.st_mode):
                 total += st.st_size
                 if total > limit:
-                    raise ContextError(f"build context {folder} is over the limit of "
-                                       f"{limit // (1024 * 1024)} MiB (at {rel})")
+                    raise ContextTooLarge(f"build context {folder}: its files come to more than {limit} "
+                                       f"bytes, over the limit, at {rel}; leave big files out of the folder "
+                                       "(packages come from INSTALL)", limit="unpacked", entry=str(rel))
                 info.size = st.st_size
                 with path.open("rb") as f:
                     tar.addfile(info, f)
             # sockets, fifos and devices have no place in an image: skipped
-    return buf.getvalue()
+    data = buf.getvalue()
+    archive.check(data, Limits.of_size(limit))  # what a node would refuse, said before the upload
+    return data
 
 
 def _walk(folder: Path):
@@ -75,34 +79,12 @@ def _check_link(rel: str, target: str) -> None:
             raise ContextError(f"{rel}: links outside the build context ({target!r})")
 
 
-def unpack(data: bytes, dest: Path, limit: int = DEFAULT_LIMIT) -> None:
-    """Unpack a context made by `pack_dir` (or any plain tar/tar.gz) into `dest`."""
-    if len(data) > limit:
-        raise ContextError(f"the build context upload is {len(data)} bytes, over the limit of {limit}")
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")  # noqa: SIM115 (closed below)
-    except tarfile.TarError as exc:
-        raise ContextError(f"the build context is not a tar or tar.gz archive: {exc}") from None
-    total = 0
-    with tar:
-        try:
-            for member in tar:
-                name = PurePosixPath(member.name)
-                if name.is_absolute() or ".." in name.parts:
-                    raise ContextError(f"build context entry {member.name!r} points outside the context")
-                if member.issym():
-                    _check_link(member.name, member.linkname)
-                elif member.islnk() or not (member.isfile() or member.isdir()):
-                    raise ContextError(f"build context entry {member.name!r}: only files, folders and "
-                                       f"relative links are allowed")
-                total += member.size
-                if total > limit:
-                    raise ContextError(f"the build context is over the limit of "
-                                       f"{limit // (1024 * 1024)} MiB unpacked (at {member.name})")
-                tar.extract(member, dest, filter="data")
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise ContextError(f"the build context archive is damaged: {exc}") from None
+def unpack(data: bytes, dest: Path, limit: int = DEFAULT_LIMIT, limits: Limits | None = None) -> None:
+    """Unpack a context made by `pack_dir` (or any plain tar/tar.gz) into `dest`: checked whole
+    first, streaming, within `limits` (the defaults with `limit` bytes packed and unpacked), then
+    written with every limit checked again (archive.py). Raises ContextError (ContextTooLarge
+    over a limit) naming the limit and the entry."""
+    archive.unpack(data, dest, limits or Limits.of_size(limit))
 
 
 def digest(folder: Path) -> str:

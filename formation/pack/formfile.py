@@ -15,8 +15,11 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
+from formation.crdt.kinds.user_kinds import MAX_DISK_GB, MAX_VCPUS
+
 GPU_MODELS = ("RTX5090", "H100", "H200", "B200")
-LIMITS = {"vcpu": (1, 128), "memory_mb": (512, 256_000), "disk_gb": (5, 16_384), "gpu_count": (1, 8)}
+# VCPU and DISK within what an instance record may ask for (fog-wide bounds, user_kinds.py)
+LIMITS = {"vcpu": (1, MAX_VCPUS), "memory_mb": (512, 256_000), "disk_gb": (5, MAX_DISK_GB), "gpu_count": (1, 8)}
 ALIASES = {"CPU": "VCPU", "CORES": "VCPU", "MEM": "MEMORY", "MBS": "MEMORY", "STORAGE": "DISK"}
 INSTRUCTIONS = ("NAME", "DESCRIPTION", "MODEL", "USER", "VCPU", "MEMORY", "DISK", "GPU", "COPY",
                 "RUN", "INSTALL", "ENV", "WORKDIR", "ENTRYPOINT", "EXPOSE")

@@ -44,6 +44,7 @@ DIR_PREFIX = "vm-"
 LAUNCH_TIMEOUT = 30.0  # QEMU's parent returns once the machine is built: well under a second
 QMP_TIMEOUT = 10.0
 POLL = 0.05
+GIB = 1024**3
 
 
 CONSOLE_KEEP = 256 * 1024  # bytes of console log kept across boots
@@ -152,14 +153,26 @@ class QemuDriver:
         if old is not None and old != spec.to_json():
             if self.is_alive(spec.vm_id):
                 raise VmError(f"VM {spec.vm_id} is running with another spec; stop it first")
-            if VmSpec.from_json(old).image != spec.image:
+            was = VmSpec.from_json(old)
+            if (was.image, was.disk_gb) != (spec.image, spec.disk_gb):
                 (vm_dir / "overlay.qcow2").unlink(missing_ok=True)
         overlay = vm_dir / "overlay.qcow2"
         if spec.image is not None and not spec.writable_image and not overlay.exists():
-            # the image is shared by every replica on the host: each VM writes only its overlay
+            # the image is shared by every replica on the host: each VM writes only its overlay,
+            # whose virtual size is the VM's disk: qcow2 allocates at most that (and its tables),
+            # and nothing the guest does resizes it, so the host's disk holds what was booked
+            size = []
+            if spec.disk_gb is not None:
+                image_bytes = spec.image.stat().st_size
+                if image_bytes > spec.disk_gb * GIB:
+                    raise VmError(
+                        f"VM {spec.vm_id}: its image's filesystem is {-(-image_bytes // GIB)} GiB, more than "
+                        f"its disk of {spec.disk_gb} GiB (the instance's resources.disk_gb): give the instance "
+                        f"at least the Formfile's DISK")
+                size = [str(spec.disk_gb * GIB)]
             tmp = vm_dir / "overlay.qcow2.tmp"
             await self._run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "raw",
-                             "-b", str(spec.image.resolve()), str(tmp)], what="qemu-img create")
+                             "-b", str(spec.image.resolve()), str(tmp), *size], what="qemu-img create")
             tmp.rename(overlay)
         write_atomic(spec_path, spec.to_json())
         return vm_dir

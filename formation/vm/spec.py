@@ -8,6 +8,10 @@ import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+# what an instance may ask for (its record's bounds): every instance the state holds can be made
+# into a VM (QEMU itself takes up to 288 vCPUs)
+from formation.crdt.kinds.user_kinds import MAX_DISK_GB, MAX_VCPUS
+
 VM_ID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
 # a value that goes on the kernel command line as key=value: one word, no quotes
 CMDLINE_WORD_RE = re.compile(r"[A-Za-z0-9_.:/@+-]{1,253}")
@@ -42,6 +46,9 @@ class VmSpec:
     # QEMU's user-mode network (NAT through the QEMU process; the host is 10.0.2.2): outbound
     # only, no tap, no root; what a build VM gets when builds may use the network
     user_net: bool = False
+    # the size of the VM's disk (its overlay's virtual size, in GiB): what the guest can write at
+    # most; None: as big as the image (build VMs, tests)
+    disk_gb: int | None = None
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
@@ -55,10 +62,12 @@ class VmSpec:
             raise ValueError(f"machine must be one of {MACHINES}, not {self.machine!r}")
         if self.image is None and self.mode != "probe":
             raise ValueError("only probe VMs may boot without an image")
-        if not 1 <= self.vcpus <= 64:
-            raise ValueError(f"vcpus must be 1..64, not {self.vcpus}")
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ValueError(f"vcpus must be 1..{MAX_VCPUS}, not {self.vcpus}")
         if not 64 <= self.memory_mb <= 1024 * 1024:
             raise ValueError(f"memory_mb must be at least 64, not {self.memory_mb}")
+        if self.disk_gb is not None and not 1 <= self.disk_gb <= MAX_DISK_GB:
+            raise ValueError(f"disk_gb must be 1..{MAX_DISK_GB}, not {self.disk_gb}")
         for name in ("ip_cidr", "gateway", "hostname", "mac"):
             value = getattr(self, name)
             if value is not None and not CMDLINE_WORD_RE.fullmatch(value):

@@ -43,7 +43,7 @@ async def running_node(tmp_path, *, secret: bytes = b"\x0a" * 32, bootstrap=()):
     # port): try again with new ports rather than fail the test on a race with the machine.
     for attempt in range(5):
         port = free_port()
-        cfg = load_config(None, {"node.data_dir": str(tmp_path), "vm.enabled": "false", "mesh.enabled": "false", "dns.enabled": False, "api.port": port,
+        cfg = load_config(None, {"node.data_dir": str(tmp_path), "vm.enabled": "false", "mesh.enabled": "false", "dns.enabled": False, "proxy.enabled": False, "api.port": port,
                                  "p2p.listen": f"/ip4/127.0.0.1/tcp/{free_port()}",
                                  "p2p.bootstrap": list(bootstrap)})
         rt = open_node(cfg, PrivateKey(secret), Store(str(tmp_path / "state.db")))

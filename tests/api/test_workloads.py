@@ -160,10 +160,11 @@ async def test_context_over_the_limit_is_413(tmp_path):
         r = await signed(rt, key(5), "POST", "/v1/pack/build", body)
         assert r.status_code == 413 and r.json()["error"] == "too_large"
         assert "over this node's limit of 1 KiB" in r.json()["detail"], r.text
-        # within the limit packed, over it unpacked: the builder refuses it (400)
+        # within the limit packed, over it unpacked: the builder refuses it, naming the limit
         body = build_body(files={"app.txt": bytes(5000)})
         r = await signed(rt, key(5), "POST", "/v1/pack/build", body)
-        assert r.status_code == 400 and "over the limit" in r.json()["detail"], r.text
+        assert r.status_code == 413 and r.json()["limit"] == "unpacked", r.text
+        assert "5000 bytes unpacked, over the limit of 1024" in r.json()["detail"], r.text
 
 
 async def test_vm_disabled_is_503(node):

@@ -22,7 +22,7 @@ def free_port() -> int:
 
 
 def make_runtime(tmp_path, **over):
-    cfg = load_config(None, {"node.data_dir": str(tmp_path), "vm.enabled": "false", "mesh.enabled": "false", "dns.enabled": False, "node.heartbeat_seconds": 1,
+    cfg = load_config(None, {"node.data_dir": str(tmp_path), "vm.enabled": "false", "mesh.enabled": "false", "dns.enabled": False, "proxy.enabled": False, "node.heartbeat_seconds": 1,
                              "p2p.listen": f"/ip4/127.0.0.1/tcp/{free_port()}",
                              "api.port": free_port(), **over})
     return open_node(cfg, PrivateKey(b"\x09" * 32), Store(str(tmp_path / "state.db")))

@@ -11,6 +11,7 @@ import trio
 
 from formation.crdt.keys import PrivateKey, format_address
 from formation.crdt.store import Store
+from formation.node import contexts
 from formation.node.config import load_config
 from formation.node.placement import live_nodes, place
 from formation.node.runtime import open_node
@@ -28,7 +29,7 @@ class FogNode:
         self.i = i
         data = root / f"n{i}"
         data.mkdir()
-        cfg = load_config(None, {"node.data_dir": str(data), "vm.enabled": "false", "mesh.enabled": "false", "dns.enabled": False,
+        cfg = load_config(None, {"node.data_dir": str(data), "vm.enabled": "false", "mesh.enabled": "false", "dns.enabled": False, "proxy.enabled": False,
                                  "node.heartbeat_seconds": 1, "node.placement_deadline_seconds": 2,
                                  "p2p.listen": f"/ip4/127.0.0.1/tcp/{free_port()}",
                                  "p2p.bootstrap": bootstrap, "fog.invite": invite, "api.host": "127.0.0.1",
@@ -297,12 +298,8 @@ async def test_placed_nodes_fetch_the_build_context_from_the_node_it_was_uploade
     async with open_fog(tmp_path) as fog:
         for n in fog:
             n.builds.vms, n.builds.expected = n.vms, {CTX_BID: CONTEXT}
-
-            async def provide(name, builds=n.builds):
-                kind, _, key = name.partition("/")
-                return builds.context_bytes(key) if kind == "context" else None
-
-            n.runtime.p2p.blob_provider = provide
+            # as the node does with its BuildService (runtime._run_vms)
+            n.runtime.p2p.blob_provider = contexts.provider(n.runtime, n.builds.context_bytes)
         fog[0].builds.contexts[CTX_BID] = CONTEXT
         iid = await create_instance(fog[1], user, replicas=3, build_id=CTX_BID, formfile=CTX_FORMFILE)
 

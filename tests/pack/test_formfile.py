@@ -81,7 +81,7 @@ ENTRYPOINT python3 -m http.server "8000"
     ("NAME a\nCPU two", 2, "vCPUs must be a whole number, got 'two'"),
     ("NAME a\nMEM 256", 2, "memory (MB) must be between 512 and 256000, got 256"),
     ("NAME a\nMEMORY 256001", 2, "memory (MB) must be between 512 and 256000"),
-    ("NAME a\nDISK 4", 2, "disk (GB) must be between 5 and 16384, got 4"),
+    ("NAME a\nDISK 4", 2, "disk (GB) must be between 5 and 2048, got 4"),
     ("NAME a\nGPU A100", 2, "GPU model must be one of RTX5090, H100, H200, B200, got 'A100'"),
     ("NAME a\nGPU H100:9", 2, "GPU count must be between 1 and 8, got 9"),
     ("NAME a\nMODEL llama", 2, "expected 'required:<model-id>' or 'preferred:<model-id>'"),

@@ -10,6 +10,7 @@ from formation.node.placement import (
     place,
     place_all,
     shortfall,
+    unvouched,
 )
 
 NOW = 10_000_000
@@ -120,6 +121,20 @@ def test_a_node_is_live_on_another_members_evidence_not_its_own_claim():
     assert live_nodes([ghost, lonely], NOW, stale) == [lonely]  # alone: its own heartbeat counts
     assert place(inst(1, replicas=3), [*honest, liar], now_ms=NOW, stale_ms=stale) == \
         place(inst(1, replicas=3), honest, now_ms=NOW, stale_ms=stale)
+
+
+def test_a_node_back_from_a_partition_is_unvouched_until_the_others_list_it_again():
+    stale = 90_000
+    # the others' newest records, from before they saw it again, do not list node 1
+    back = [node(1, seen=[addr(2), addr(3)]), node(2, seen=[addr(3)]), node(3, seen=[addr(2)])]
+    assert addr(1) not in [n["address"] for n in live_nodes(back, NOW, stale)]
+    assert unvouched(back, addr(1), NOW, stale)
+    assert not unvouched(back, addr(2), NOW, stale)  # live
+    assert not unvouched([node(1, seen=[])], addr(1), NOW, stale)  # alone: live on its own beat
+    assert not unvouched([node(1, beat=NOW - 10**6), *back[1:]], addr(1), NOW, stale)  # stale: gone
+    assert not unvouched(back[1:], addr(1), NOW, stale)  # no record (not a member)
+    back[1]["seen"] = [addr(1), addr(3)]  # node 2 beats again, connected to it
+    assert not unvouched(back, addr(1), NOW, stale)
 
 
 def test_a_replica_not_run_in_time_is_placed_elsewhere_on_two_members_word():

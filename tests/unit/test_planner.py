@@ -188,8 +188,9 @@ def test_after_failure_reports_once():
 
 # ---- make before break --------------------------------------------------------------------------
 
-def hand(now=100.0, deleted=False, wanted=True, alive=True, taken_by=None) -> planner.Handover:
-    return planner.Handover(now=now, deleted=deleted, wanted=wanted, alive=alive, taken_by=taken_by)
+def hand(now=100.0, deleted=False, wanted=True, alive=True, taken_by=None, unheard=False) -> planner.Handover:
+    return planner.Handover(now=now, deleted=deleted, wanted=wanted, alive=alive, taken_by=taken_by,
+                            unheard=unheard)
 
 
 @pytest.mark.parametrize(("before", "seen", "actions", "state"), [
@@ -201,7 +202,12 @@ def hand(now=100.0, deleted=False, wanted=True, alive=True, taken_by=None) -> pl
      hand(alive=False, taken_by="0xb"), [], None),
     (rep("stopped", **BOOTED, retired_at=100.0 - planner.RETIRE_GRACE),
      hand(alive=False, taken_by="0xb"), [planner.Remove], None),
-], ids=["deleted", "not taken yet", "taken", "stopped by owner", "waiting out the grace", "grace over"])
+    # this node just came back and nobody lists it yet: its replica stays as it is
+    (rep("running", **BOOTED), hand(taken_by="0xb", unheard=True), [], None),
+    (rep("running", **BOOTED), hand(wanted=False, unheard=True), [Stop, Report], State.STOPPED),
+    (rep("running", **BOOTED), hand(deleted=True, unheard=True), [planner.Remove], None),
+], ids=["deleted", "not taken yet", "taken", "stopped by owner", "waiting out the grace", "grace over",
+        "unheard: kept", "unheard, stopped by owner", "unheard, deleted"])
 def test_a_replica_placed_elsewhere_is_handed_over(before, seen, actions, state):
     after, done = planner.retire(before, seen)
     assert kinds(done) == actions

@@ -98,6 +98,7 @@ class Rig:
         self.scheduler.dir.mkdir()  # as Scheduler.run does before its first pass
         self.user = User(b"\x5a" * 32)
         self.beating = [self.node.key]  # the nodes whose heartbeat goes on, every second
+        self.seen: dict[str, list[str]] = {}  # what each node's heartbeat lists as its connections
         self.last_beat: float | None = None
         self.boots: list[float] = []  # when each boot happened (virtual seconds)
 
@@ -126,7 +127,8 @@ class Rig:
 
     async def beat(self, key: PrivateKey) -> None:
         address = format_address(key.address)
-        value = {"address": address, "capacity": CAPACITY, "heartbeat": wall_ms()}
+        value = {"address": address, "capacity": CAPACITY, "heartbeat": wall_ms(),
+                 "seen": self.seen.get(address, [])}
         await self.node.astore.run(self.node.store.write, key, "node", address, value, now_ms=wall_ms())
 
     async def request(self, method: str, path: str, body: dict | None = None):
@@ -239,6 +241,46 @@ async def test_an_instance_moves_here_once_its_nodes_heartbeat_is_stale(tmp_path
     await rig.look()
     assert rig.boots == [last_beat + stale + STEP]
     assert await rig.status(iid) == ("booting", "")
+
+
+async def test_a_node_back_from_a_partition_keeps_its_replica_until_the_others_list_it(
+        tmp_path, autojump_clock):
+    """Back from a partition that outlasted the connections, a node's view holds the others'
+    newest records, which do not list it (they lost it): placement counts it out until they beat
+    again. Its replica, which ran all along, is not handed to the node that ran one meanwhile
+    (placement comes back a heartbeat later: stopped, then booted again, a flap). Counted out for
+    longer than a staleness window, the others do not count it either: then it hands over."""
+    rig = Rig(tmp_path)
+    iid = await rig.create(build_id=BID)
+    other = next(PrivateKey(bytes([i]) * 32) for i in range(2, 256)
+                 if score(iid, format_address(PrivateKey(bytes([i]) * 32).address)) < score(iid, rig.node.address))
+    me, them = rig.node.address, format_address(other.address)
+    rig.beating.append(other)
+    rig.seen = {me: [them], them: [me]}
+    t0 = trio.current_time()
+    await rig.run(t0 + 2)
+    assert rig.boots == [t0] and rig.backend.is_alive(iid)  # placed here
+
+    # the other node ran it while they were apart, and says so; its newest record lists nobody
+    generation = (await rig.node.astore.get("instance", iid))["generation"]
+    value = {"instance_id": iid, "node": them, "state": "running", "reason": "", "ip": "10.77.9.2",
+             "generation": generation, "updated_at": wall_ms()}
+    await rig.node.astore.run(rig.node.store.write, other, "instance_status", f"{iid}@{them}", value,
+                              now_ms=wall_ms())
+    rig.seen[them] = []
+    await rig.run(t0 + 4)  # under a staleness window (3 s): nothing moves ...
+    assert rig.backend.is_alive(iid) and ("stop", iid) not in rig.backend.events
+    rig.seen[them] = [me]  # ... and the other node lists it again: placement is back here
+    await rig.run(t0 + 9)
+    assert rig.backend.is_alive(iid) and ("stop", iid) not in rig.backend.events
+    assert (await rig.status(iid))[0] in ("booting", "running")
+
+    rig.seen[them] = []  # now it stays counted out, a staleness window and more: handed over
+    await rig.run(t0 + 11)
+    assert rig.backend.is_alive(iid)
+    await rig.run(t0 + 14)
+    assert not rig.backend.is_alive(iid)
+    assert await rig.status(iid) == ("stopped", f"placed on {them} now, which runs it")
 
 
 # ---- build context retry -----------------------------------------------------------------------

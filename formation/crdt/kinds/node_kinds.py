@@ -33,6 +33,8 @@ class Capacity(Record):
     gpus: int = field(integer(0, 64), default=0)
     kvm: bool = field(boolean, default=False)
     vms: bool = field(boolean, default=True)  # false: the node runs no VMs (placement skips it)
+    # how many VMs its subnet holds (placement books one address per replica); None: not said
+    vm_addresses: int | None = field(optional(integer(0, 2**24)), default=None)
 
 
 ADDRESS = address  # the check, under a name no record field shadows

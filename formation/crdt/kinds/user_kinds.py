@@ -88,11 +88,18 @@ class Gpu(Record):
     model: str | None = field(optional(text(64)), default=None)
 
 
+# Fog-wide bounds of what one instance may ask for. A VM's disk is capped at its DISK (the
+# overlay's size) and booked against its node's disk (placement.py); 2 TiB is the most one
+# instance may book anywhere.
+MAX_VCPUS = 128
+MAX_DISK_GB = 2048
+
+
 @dataclass(frozen=True, slots=True)
 class Resources(Record):
-    vcpus: int = field(integer(1, 128), default=1)
+    vcpus: int = field(integer(1, MAX_VCPUS), default=1)
     memory_mb: int = field(integer(64, 1024 * 1024), default=512)
-    disk_gb: int = field(integer(1, 16384), default=5)
+    disk_gb: int = field(integer(1, MAX_DISK_GB), default=5)
     gpu: dict | None = field(optional(nested(Gpu)), default=None)
 
 

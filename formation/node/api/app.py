@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from quart_trio import QuartTrio
 
-from formation.crdt.intents import MAX_BODY
-
 from . import hire, records, workloads
 from .http import Endpoint, build_app
 from .openapi import document
@@ -27,7 +25,6 @@ def endpoints() -> list[Endpoint]:
 
 def create_app(runtime) -> QuartTrio:
     table = endpoints()
-    # the largest body is a build's context (POST /pack/build); every write route still checks
-    # its own MAX_BODY
-    return build_app(runtime, table, document=document(table),
-                     max_content_length=max(2 * MAX_BODY, workloads.MAX_UPLOAD))
+    # each endpoint declares the body it takes (Endpoint.max_body): a build's context is the
+    # largest (POST /pack/build), a signed write takes 48 KiB, a GET none
+    return build_app(runtime, table, document=document(table))

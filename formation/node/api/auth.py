@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from formation.crdt.intents import canonical_message, split_message
+from formation.crdt.intents import split_message
 from formation.crdt.keys import (
     SignatureError,
     format_address,
@@ -66,8 +66,18 @@ def has_signature(headers) -> bool:
     return "X-Signature" in headers or "X-Message" in headers
 
 
-def verify(method: str, path_query: str, body: bytes, headers, now: float, guard: ReplayGuard,
-           *, one_use: bool = True) -> Signed:
+@dataclass(frozen=True)
+class SignedHeaders:
+    """A signed request's headers, checked without its body (`check_headers`)."""
+    message: str
+    signature: bytes  # 65 bytes, recid 0/1, low s
+    digest: str  # the SHA-256 (hex) of the body the message signs
+
+
+def check_headers(method: str, path_query: str, headers, now: float) -> SignedHeaders:
+    """Everything about a signed request that its headers alone decide: present, well formed,
+    signing this method and path, inside the window, a well-formed low-s signature. The node
+    runs this before it reads the body (docs/api.md: cheap checks first); `verify` finishes."""
     message = headers.get("X-Message")
     sig_text = headers.get("X-Signature")
     if not message:
@@ -79,15 +89,13 @@ def verify(method: str, path_query: str, body: bytes, headers, now: float, guard
     except Invalid as exc:
         raise AuthError("bad_message", f"X-Message: {exc.detail}") from None
     ts = parts[2]
-    expected = canonical_message(method, path_query, ts, body)
     if parts[0] != method.upper():
         raise AuthError("method_mismatch", f"X-Message signs {parts[0]}, the request is {method.upper()}")
     if parts[1] != path_query:
         raise AuthError("path_mismatch", f"X-Message signs {parts[1]!r}, the request is for {path_query!r}")
-    if parts[3] != hashlib.sha256(body).hexdigest():
-        raise AuthError("body_mismatch", "the body's SHA-256 is not the one in X-Message")
-    if message != expected:
-        raise AuthError("bad_message", f"X-Message must be exactly {expected!r}")
+    if message != f"{parts[0]} {path_query} {ts} {parts[3]}":  # e.g. a timestamp with leading zeros
+        raise AuthError("bad_message", f"X-Message must be exactly '{parts[0]} {path_query} {ts} <sha256-hex "
+                                       "of the body>'")
     if abs(now - ts) > WINDOW_SECONDS:
         raise AuthError("stale", f"timestamp {ts} is more than {WINDOW_SECONDS} s from the node's clock ({int(now)})")
     rid_text = headers.get("X-Recovery-Id")
@@ -102,6 +110,15 @@ def verify(method: str, path_query: str, body: bytes, headers, now: float, guard
         raise AuthError(reason, str(exc)) from None
     if not is_low_s(sig):
         raise AuthError("bad_signature", "signature has a high s value; wallets sign with low s")
+    return SignedHeaders(message, sig, parts[3])
+
+
+def verify(method: str, path_query: str, body: bytes, headers, now: float, guard: ReplayGuard,
+           *, one_use: bool = True) -> Signed:
+    checked = check_headers(method, path_query, headers, now)
+    message, sig = checked.message, checked.signature
+    if checked.digest != hashlib.sha256(body).hexdigest():
+        raise AuthError("body_mismatch", "the body's SHA-256 is not the one in X-Message")
     try:
         signer = recover_personal(message.encode(), sig)
     except SignatureError as exc:

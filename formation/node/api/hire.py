@@ -1,10 +1,13 @@
 """Hiring an agent: POST /agents/{id}/hire sends the body to a running replica of the agent's
 build (this node's first) and streams the agent's answer back as it gave it, status included.
 
-Only the instances the agent's owner may act on count, so naming someone else's build reaches
-none of their VMs; a replica whose node stopped sending heartbeats is not tried. The node's own
-refusals are {error, detail}: 404 no such agent, 409 no_build, 503 no_replica, 502
-agent_unreachable.
+Who may send traffic to a VM (docs/api.md, "Hiring"): a hire is using the agent, so the caller
+needs the level that may use it, `operator` (read_only may read a private agent's record, not
+call it; a public agent is for everyone); and only the instances on which the agent's owner
+holds `operator` or more count, so neither naming someone else's build nor a read_only grant
+on their instance reaches their VMs. A replica whose node stopped sending heartbeats is not
+tried. The node's own refusals are {error, detail}: 403 not allowed, 404 no such agent, 409
+no_build, 503 no_replica, 502 agent_unreachable.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import httpx
 import trio
 from quart import Response
 
-from formation.crdt.kinds.owned import level_of
+from formation.crdt.kinds.owned import LEVELS, level_of
 from formation.pack.formfile import exposed_ports
 
 from . import views
@@ -28,6 +31,10 @@ log = logging.getLogger("formation.api")
 HIRE_TIMEOUT = 300.0  # seconds for the agent's whole answer
 HIRE_MAX_DEPTH = 64  # nesting of a hire payload (parsed without recursion limits of its own)
 HIRE_CONNECT_TIMEOUT = 10.0
+HIRE_MAX_BODY = 1024 * 1024  # bytes of a hire's payload
+# the level that may use an agent (hire it) and send traffic to an instance's VM: operator is
+# the level that may run the instance (start, stop); read_only only reads records
+HIRE_LEVEL = "operator"
 HIRE_SCHEMA = {"description": "any JSON: passed to the agent as it is"}
 # a hire's answer is the agent's, whatever its status; the node's own refusals are {error, detail}
 AGENT_ANSWER = {"content": {"*/*": {"schema": {}}}}
@@ -49,9 +56,10 @@ async def _targets(call: Call, agent: dict) -> list[tuple[dict, str]]:
     instances its owner may act on count: naming someone else's build must not reach their VMs."""
     build = agent["build_id"]
     instances = [i for i in await call.runtime.astore.list("instance", type=build, limit=1000)
-                 if level_of(i, agent["owner"]) > 0]
+                 if level_of(i, agent["owner"]) >= LEVELS[HIRE_LEVEL]]
     if not instances:
-        raise ApiError(503, "no_replica", f"no instance runs build {build} of agent {agent['agent_id']}; "
+        raise ApiError(503, "no_replica", f"no instance runs build {build} of agent {agent['agent_id']} "
+                                          f"that the agent's owner may operate (level {HIRE_LEVEL} or more); "
                                           "its owner deploys one with `form pack ship`")
     running: list[tuple[dict, str]] = []
     states: list[str] = []
@@ -112,6 +120,9 @@ async def agent_hire(call: Call):
     agent = await call.runtime.astore.get("agent", aid)
     if agent is None or not views.visible("agent", agent, call.who):
         raise ApiError(404, "not_found", f"no agent {aid}")
+    if agent.get("is_private") and level_of(agent, call.who) < LEVELS[HIRE_LEVEL]:
+        raise ApiError(403, "forbidden", f"hiring private agent {aid} needs level {HIRE_LEVEL} on it; "
+                                         f"{call.who} may only read it")
     if not agent.get("build_id"):
         raise ApiError(409, "no_build", f"agent {aid} has no build_id: its owner sets it to the build "
                                         "its instances run (PUT /agents/{id} with build_id)")
@@ -176,5 +187,5 @@ def endpoints() -> list[Endpoint]:
     return [
         Endpoint("POST", "/agents/{id}/hire", "Call an agent: the body goes to a running replica, "
                  "its answer comes back", "required", agent_hire, body=HIRE_SCHEMA, tags=["agents"],
-                 answer={}, responses=HIRE_RESPONSES),
+                 answer={}, responses=HIRE_RESPONSES, max_body=HIRE_MAX_BODY),
     ]

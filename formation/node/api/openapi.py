@@ -56,5 +56,7 @@ def operation(ep: Endpoint) -> dict:
     op = {"operationId": f"{ep.method.lower()}_{re.sub(r'[{}]', '', ep.path.strip('/').replace('/', '_'))}",
           "summary": ep.summary, "tags": ep.tags, "parameters": params, "responses": responses}
     if ep.body is not None:
-        op["requestBody"] = {"required": False, "content": {"application/json": {"schema": ep.body}}}
+        op["requestBody"] = {"required": False, "description": f"UTF-8 JSON, at most {ep.body_limit} bytes "
+                             "(413 past it, before the body is read)",
+                             "content": {"application/json": {"schema": ep.body}}}
     return op

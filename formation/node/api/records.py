@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import weakref
 
 import trio
 
@@ -170,6 +171,16 @@ async def record_get(call: Call):
 # ---- models and agents ------------------------------------------------------------------------
 
 CATALOG_QUERY = {name: {"type": "string"} for name in ("owner", "type", "tag", "q", "framework")}
+MAX_SEARCH_WORDS = 32  # words of a text search (each is one condition of the query)
+MAX_SEARCH_CHARS = 1024
+
+
+def search_text(text: str | None, name: str) -> str | None:
+    """A text search as given, or 400 when it is more than the node searches for."""
+    if text is not None and (len(text) > MAX_SEARCH_CHARS or len(text.split()) > MAX_SEARCH_WORDS):
+        raise ApiError(400, "bad_field", f"{name}: a text search is at most {MAX_SEARCH_WORDS} words and "
+                                         f"{MAX_SEARCH_CHARS} characters")
+    return text
 
 
 def catalog_handlers(kind: str, plural: str):
@@ -178,7 +189,7 @@ def catalog_handlers(kind: str, plural: str):
     async def listing(call: Call):
         q = call.query
         rows = await views.visible_rows(call, kind, owner=q.get("owner"), type=q.get("type"), tag=q.get("tag"),
-                                        text=q.get("q"))
+                                        text=search_text(q.get("q"), "query parameter 'q'"))
         rows = [r for r in rows if views.matches(r, type_field=type_field, filters={"framework": q.get("framework")})]
         return paged(plural, rows, q), 200
 
@@ -197,7 +208,8 @@ def catalog_handlers(kind: str, plural: str):
             if body.get(name) is not None and not isinstance(body[name], str):
                 raise ApiError(400, "bad_field", f"field {name!r} must be a string")
         rows = await views.visible_rows(call, kind, owner=body.get("owner"), type=body.get("type"),
-                                        tag=tags[0] if tags else None, text=body.get("text"))
+                                        tag=tags[0] if tags else None,
+                                        text=search_text(body.get("text"), "field 'text'"))
         rows = [r for r in rows if views.matches(r, type_field=type_field, filters=body)]
         return paged(plural, rows, {k: str(body[k]) for k in ("limit", "offset") if k in body}), 200
 
@@ -206,38 +218,71 @@ def catalog_handlers(kind: str, plural: str):
 
 # ---- events -----------------------------------------------------------------------------------
 
+EVENTS_BATCH = 256  # ops read from the store per call (one store call per batch)
+EVENTS_BATCH_BYTES = 1024 * 1024  # lines one batch holds, about (at least one op)
+EVENTS_KEEPALIVE = 15.0  # seconds between keep-alive lines on a quiet stream
+
+
+def event_lines(store, seq: int, who: str | None, *, limit: int, max_bytes: int) -> tuple[str, int]:
+    """NDJSON lines for the ops after `seq` that `who` may see, and the seq they reach. Runs
+    in the store's thread: one store call reads a whole batch (the ops and their values)."""
+    out: list[str] = []
+    size = 0
+    for m in store.since(seq, limit):
+        seq = m.seq
+        if m.kind in views.NEVER_SHOWN:
+            continue
+        value = store.get(m.kind, m.key)
+        # a deletion names a record whose value is gone: who could see it is unknown, so only
+        # deletions of public kinds are streamed (others would leak private ids)
+        if value is None:
+            if m.kind not in views.PUBLIC:
+                continue
+        elif not views.visible(m.kind, value, who):
+            continue
+        line = json.dumps({"event": "op", "seq": m.seq, "op_id": m.id.hex(), "kind": m.kind, "key": m.key,
+                           "value": value}) + "\n"
+        out.append(line)
+        size += len(line)
+        if size >= max_bytes:
+            break
+    return "".join(out), seq
+
+
 async def events(call: Call):
-    """NDJSON: one line per committed op the caller may see; `since` = op id or sequence."""
+    """NDJSON: one line per committed op the caller may see; `since` = op id or sequence.
+
+    Signed; each stream reads the log one batch at a time and sends it before reading the
+    next (so a slow reader holds one batch, not the log), and a node serves a bounded number
+    of streams per caller and in all (429 past them)."""
     seq = await _resolve_since(call, call.query.get("since", "0"))
     runtime = call.runtime
+    slot = runtime.changes.streams.take(call.who)
+    if isinstance(slot, str):
+        raise ApiError(429, "too_many_streams", slot + "; close one (or wait for it to end) and ask again")
 
     async def lines():
         nonlocal seq
-        yield json.dumps({"event": "hello", "seq": seq}) + "\n"
-        while True:
-            with trio.move_on_after(15):
-                await runtime.changes.wait_past(seq)
-            metas = await runtime.astore.since(seq)
-            if not metas:
-                yield json.dumps({"event": "keepalive", "seq": seq}) + "\n"
-                continue
-            out = []
-            for m in metas:
-                value = await runtime.astore.get(m.kind, m.key)
-                # a deletion names a record whose value is gone: who could see it is unknown, so
-                # only deletions of public kinds are streamed (others would leak private ids)
-                if value is None:
-                    shown = None if m.kind in views.PUBLIC else False
-                else:
-                    shown = value if views.visible(m.kind, value, call.who) else False
-                if shown is not False and m.kind not in views.NEVER_SHOWN:
-                    out.append(json.dumps({"event": "op", "seq": m.seq, "op_id": m.id.hex(),
-                                           "kind": m.kind, "key": m.key, "value": shown}) + "\n")
-                seq = m.seq
-            if out:
-                yield "".join(out)
+        try:
+            yield json.dumps({"event": "hello", "seq": seq}) + "\n"
+            while True:
+                text, reached = await runtime.astore.run(event_lines, runtime.astore.store, seq, call.who,
+                                                          limit=EVENTS_BATCH, max_bytes=EVENTS_BATCH_BYTES)
+                if reached > seq:
+                    seq = reached
+                    if text:
+                        yield text
+                    continue
+                with trio.move_on_after(EVENTS_KEEPALIVE) as quiet:  # read all: wait for a commit
+                    await runtime.changes.wait_past(max(seq, runtime.changes.last_seq))
+                if quiet.cancelled_caught:
+                    yield json.dumps({"event": "keepalive", "seq": seq}) + "\n"
+        finally:
+            slot.release()
 
-    return lines(), 200
+    stream = lines()
+    weakref.finalize(stream, slot.release)  # a stream never started still gives its slot back
+    return stream, 200
 
 
 async def _resolve_since(call: Call, since: str) -> int:
@@ -280,8 +325,10 @@ def endpoints() -> list[Endpoint]:
         Endpoint("GET", "/dns/{id}/get", "One DNS record", "none", dns_get, tags=["dns"], answer=ref("dns")),
         Endpoint("GET", "/records/{kind}/{key}", "Any record with its record_version (the base of a write on it)",
                  "optional", record_get, tags=["records"], answer=record_answer_schema()),
-        Endpoint("GET", "/events", "Live stream of state changes you may see (NDJSON)", "optional", events,
-                 tags=["events"], stream=True, query={"since": {"type": "string"}}),
+        Endpoint("GET", "/events", "Live stream of state changes you may see (NDJSON, signed)", "required",
+                 events, tags=["events"], stream=True, query={"since": {"type": "string"}},
+                 responses={429: error_doc("too many event streams open: of this caller, or on this node "
+                                           "(too_many_streams)")}),
     ]
     for kind, plural, base in (("model", "models", "/models"), ("agent", "agents", "/agents")):
         listing, get_one, search = catalog_handlers(kind, plural)

@@ -86,6 +86,8 @@ NOT_HERE = {404: error_doc("no such instance, or no replica of it on this node (
                            "its replicas are)", error_schema(nodes=array(obj({
                                "node": ADDRESS, "state": REPLICA_STATE, "api_url": nullable(STRING)}))))}
 VM_DISABLED = {503: error_doc("this node runs no VMs (vm_disabled)")}
+# a refused build context: the limit it is over (pack/archive.py Limits; None when unsafe) and the entry
+CONTEXT_REFUSAL = {"limit": nullable(STRING), "entry": nullable(STRING)}
 
 
 # ---- builds -----------------------------------------------------------------------------------
@@ -160,8 +162,15 @@ async def pack_build(call: Call):
     formfile, context = await trio.to_thread.run_sync(_decode_build_body, call.body,
                                                       _context_limit(builds))
     try:
+        # the context is checked (streaming, within pack/archive.py's limits) and unpacked in a
+        # worker thread: the node answers others meanwhile, in memory that does not grow with it
         status = await builds.submit(formfile, context, call.who)
     except BuildRefused as exc:
+        bad = exc.context_error
+        if bad is not None:
+            too_large = isinstance(bad, pack_context.ContextTooLarge)
+            return {"error": "too_large" if too_large else "bad_context", "detail": bad.message,
+                    "limit": bad.limit, "entry": bad.entry}, 413 if too_large else 400
         failure = exc.failure.to_dict()
         return {"error": "build_refused", "detail": failure.get("message") or str(exc),
                 "failure": failure}, 400
@@ -275,10 +284,15 @@ def endpoints() -> list[Endpoint]:
     return [
         Endpoint("POST", "/pack/build", "Build an image from a Formfile and a context (signed, one use)",
                  "required", pack_build, body=BUILD_SCHEMA, ok=202, tags=["pack"], write=True, answer=BUILD_STATUS,
+                 max_body=MAX_UPLOAD,
                  responses={200: {"description": "already built (a cache hit)", "content": {
                      "application/json": {"schema": BUILD_STATUS}}},
-                     400: error_doc("bad input, or the build is refused (build_refused: `failure` says where)",
-                                    error_schema(failure=BUILD_ERROR)), **VM_DISABLED}),
+                     400: error_doc("bad input, or the build is refused (build_refused: `failure` says where; "
+                                    "bad_context: an unsafe or damaged context, `entry` says which)",
+                                    error_schema(failure=BUILD_ERROR, **CONTEXT_REFUSAL)),
+                     413: error_doc("the body, the Formfile or the context is over a limit (too_large; for "
+                                    "the context, `limit` names it and `entry` where it was passed)",
+                                    error_schema(**CONTEXT_REFUSAL)), **VM_DISABLED}),
         Endpoint("GET", "/pack/builds", "Your builds on this node", "required", pack_builds,
                  tags=["pack"], responses=VM_DISABLED, query=PAGING,
                  answer=page_schema("builds", BUILD_STATUS, total=COUNT)),
