@@ -24,14 +24,19 @@ from formation.dns.names import owner_label
 from formation.node.config import load_config
 from formation.node.runtime import open_node
 from tests.dns.support import DIG, Authority, ask, dig, free_port
+from tests.p2p.test_scheduler_fog import wait_for
 from tests.support import User, current_version
 
 needs_dig = pytest.mark.skipif(DIG is None and not os.environ.get("CI"), reason="dig (bind9-dnsutils) is not installed")
 
 
 class DnsNode:
+    """A node with its DNS server on (tests/proxy adds the proxy: `settings`)."""
+
+    KEY_SEED = 0x70
+
     def __init__(self, i: int, root, bootstrap: list[str], invite: str, upstream: tuple[str, int],
-                 dns_port: int | None = None):
+                 dns_port: int | None = None, settings: dict | None = None):
         data = root / f"n{i}"
         data.mkdir()
         self.dns = ("127.0.0.1", dns_port or free_port())
@@ -40,9 +45,10 @@ class DnsNode:
             "node.heartbeat_seconds": 1, "p2p.listen": f"/ip4/127.0.0.1/tcp/{free_port()}",
             "p2p.bootstrap": bootstrap, "fog.invite": invite, "api.port": free_port(),
             "dns.port": self.dns[1], "dns.upstreams": [f"{upstream[0]}:{upstream[1]}"],
-            "dns.verify_min_seconds": 1, "dns.upstream_timeout_ms": 500})
-        self.runtime = open_node(cfg, PrivateKey(bytes([0x70 + i]) * 32), Store(str(data / "state.db")))
+            "dns.verify_min_seconds": 1, "dns.upstream_timeout_ms": 500, **(settings or {})})
+        self.runtime = open_node(cfg, PrivateKey(bytes([self.KEY_SEED + i]) * 32), Store(str(data / "state.db")))
         self.api = f"http://127.0.0.1:{cfg.api.port}"
+        self.config = cfg
 
     @property
     def address(self) -> str:
@@ -55,12 +61,13 @@ class DnsNode:
 
 
 @contextlib.asynccontextmanager
-async def two_nodes(root, upstream):
+async def two_nodes(root, upstream, settings: dict | None = None, kind: type[DnsNode] = DnsNode):
+    """Nodes 0 (the genesis) and 1 (admitted by its invite), both seeing both as members."""
     async with trio.open_nursery() as nursery:
-        a = DnsNode(0, root, [], "", upstream)
+        a = kind(0, root, [], "", upstream, settings=settings)
         await nursery.start(a.runtime.run)
         invite = (await a.runtime.create_invite(expires_s=600)).encode()
-        b = DnsNode(1, root, list(a.runtime.p2p.addrs()), invite, upstream)
+        b = kind(1, root, list(a.runtime.p2p.addrs()), invite, upstream, settings=settings)
         await nursery.start(b.runtime.run)
         with trio.fail_after(20):
             while not all([n.runtime.admitted and len(await n.runtime.fog_nodes()) == 2 for n in (a, b)]):
@@ -72,14 +79,7 @@ async def two_nodes(root, upstream):
 
 
 async def eventually(what, check, timeout=15.0):
-    last = None
-    with trio.move_on_after(timeout):
-        while True:
-            last = await check()
-            if last:
-                return last
-            await trio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+    return await wait_for(what, check, timeout)
 
 
 async def form_dns_verify(node: DnsNode, domain: str, owner: str) -> tuple[int, dict]:

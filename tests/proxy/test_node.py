@@ -11,42 +11,24 @@ import contextlib
 import time
 
 import httpx
-import trio
 
-from formation.crdt.keys import PrivateKey
-from formation.crdt.store import Store
 from formation.dns.names import owner_label
 from formation.node import proxy as proxy_module
-from formation.node.config import load_config
-from formation.node.runtime import open_node
 from tests.dns.support import Authority, free_port
+from tests.dns.test_node import DnsNode, eventually
+from tests.dns.test_node import two_nodes as dns_two_nodes
 from tests.proxy.support import Dialer, FakeReplica
-from tests.support import User, current_version
+from tests.support import User
 
 
-class ProxyNode:
+class ProxyNode(DnsNode):
+    KEY_SEED = 0x50
+
     def __init__(self, i: int, root, bootstrap: list[str], invite: str, upstream: tuple[str, int],
                  settings: dict | None = None):
-        data = root / f"n{i}"
-        data.mkdir()
-        cfg = load_config(None, {
-            "node.data_dir": str(data), "vm.enabled": "false", "mesh.enabled": "false",
-            "node.heartbeat_seconds": 1, "p2p.listen": f"/ip4/127.0.0.1/tcp/{free_port()}",
-            "p2p.bootstrap": bootstrap, "fog.invite": invite, "api.port": free_port(),
-            "dns.port": free_port(), "dns.upstreams": [f"{upstream[0]}:{upstream[1]}"],
-            "dns.verify_min_seconds": 1, "dns.upstream_timeout_ms": 500,
+        super().__init__(i, root, bootstrap, invite, upstream, settings={
             "proxy.port": free_port(), "proxy.down_seconds": 30, **(settings or {})})
-        self.runtime = open_node(cfg, PrivateKey(bytes([0x50 + i]) * 32), Store(str(data / "state.db")))
-        self.proxy = f"http://127.0.0.1:{cfg.proxy.port}"
-
-    @property
-    def address(self) -> str:
-        return self.runtime.address
-
-    async def request(self, user: User, method: str, path: str, body: dict | None = None):
-        base = await self.runtime.astore.run(current_version, self.runtime.store, user, method, path, body)
-        m, b, s = user.request(method, path, body, ts=int(time.time()), base=base)
-        return await self.runtime.submit_request(m, b, s)
+        self.proxy = f"http://127.0.0.1:{self.config.proxy.port}"
 
     async def replica(self, iid: str, ip: str, subnet: str, overlay: str, state: str = "running"):
         """This node's VM subnet (its peer record) and a replica's status, as a node with VMs
@@ -62,30 +44,8 @@ class ProxyNode:
 
 @contextlib.asynccontextmanager
 async def two_nodes(root, upstream, settings: dict | None = None):
-    async with trio.open_nursery() as nursery:
-        a = ProxyNode(0, root, [], "", upstream, settings)
-        await nursery.start(a.runtime.run)
-        invite = (await a.runtime.create_invite(expires_s=600)).encode()
-        b = ProxyNode(1, root, list(a.runtime.p2p.addrs()), invite, upstream, settings)
-        await nursery.start(b.runtime.run)
-        with trio.fail_after(20):
-            while not all([n.runtime.admitted and len(await n.runtime.fog_nodes()) == 2 for n in (a, b)]):
-                await trio.sleep(0.1)
-        try:
-            yield a, b
-        finally:
-            nursery.cancel_scope.cancel()
-
-
-async def eventually(what, check, timeout=15.0):
-    last = None
-    with trio.move_on_after(timeout):
-        while True:
-            last = await check()
-            if last:
-                return last
-            await trio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+    async with dns_two_nodes(root, upstream, settings, kind=ProxyNode) as (a, b):
+        yield a, b
 
 
 async def test_the_proxy_routes_to_a_replica_on_another_node_and_fails_over(tmp_path, nursery, monkeypatch):
