@@ -11,6 +11,7 @@ from formation.cli.node import cmd_formnet_status, cmd_leave, control_flags, joi
 from formation.cli.output import EXIT_OK, EXIT_USAGE, CliError, Column
 from formation.cli.parsing import group, leaf, paging, record_id
 from formation.cli.session import Context, authorize, check_id, context, transfer
+from formation.dns.names import replica_name
 
 INSTANCE_BASE = "/v1/instance"
 
@@ -33,7 +34,13 @@ INSTANCE_COLUMNS: list[Column] = [
 ]
 REPLICA_COLUMNS: list[Column] = [
     ("NODE", lambda s: s.get("node")), ("STATE", lambda s: s.get("state")), ("IP", lambda s: s.get("ip")),
+    ("NAME", lambda s: s.get("name") or "-"),
 ]
+
+
+def _named(instance_id: str, replicas: list[dict]) -> list[dict]:
+    """Each replica with the DNS name every node answers for it (docs/dns.md)."""
+    return [{**r, "name": replica_name(r["node"], instance_id)} if r.get("node") else r for r in replicas]
 
 
 def cmd_manage_list(args: argparse.Namespace) -> int:
@@ -87,13 +94,15 @@ def cmd_manage_get_ip(args: argparse.Namespace) -> int:
         raise CliError("give an instance ID or --build-id BUILD_ID (one of them)", EXIT_USAGE)
     if args.id is not None:
         ctx, res = _read(args, "ips")
+        res = {**res, "replicas": _named(res.get("instance_id") or args.id, res.get("replicas") or [])}
         return output.listing(ctx.json, res, "replicas", REPLICA_COLUMNS,
                               f"no node reports a replica of instance {args.id} yet")
     build = check_id(args.build_id, "build id")
     ctx = context(args)
     instances = ctx.call("GET", f"{INSTANCE_BASE}/{build}/get_by_build_id").get("instances") or []
     rows = [{"instance_id": inst["instance_id"], **r} for inst in instances
-            for r in ctx.call("GET", f"{INSTANCE_BASE}/{inst['instance_id']}/ips").get("replicas") or []]
+            for r in _named(inst["instance_id"],
+                            ctx.call("GET", f"{INSTANCE_BASE}/{inst['instance_id']}/ips").get("replicas") or [])]
     empty = (f"no instance of build {build} that you may see" if not instances
              else f"no node reports a replica of build {build}'s {len(instances)} instance(s) yet")
     return output.listing(ctx.json, {"build_id": build, "replicas": rows}, "replicas",

@@ -15,6 +15,8 @@ from formation.cli.instance import INSTANCE_BASE
 from formation.cli.output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CliError, Column
 from formation.cli.parsing import group, leaf
 from formation.cli.session import Context, check_id, context
+from formation.crdt.keys import format_address
+from formation.dns.names import instance_names
 from formation.pack.formfile import FormfileError, parse
 
 SHIP_POLL_SECONDS = 1.0  # between two looks at a new instance's replicas
@@ -174,10 +176,14 @@ def cmd_pack_ship(args: argparse.Namespace) -> int:
         "name": name, "build_id": bid, "formfile": src.text, "replicas": args.replicas,
         "resources": resources})
     iid = res.get("id")
+    # the fog's DNS (docs/dns.md) answers these on every node once a replica runs
+    names = instance_names({"instance_id": iid, "name": name, "owner": format_address(ctx.key().address)})
     doc: dict[str, Any] = {"instance_id": iid, "build_id": bid, "op_id": res.get("op_id"),
-                           "build": built, "instance": None}
+                           "names": names, "build": built, "instance": None}
     if not ctx.json:
         output.result(iid)
+        if not args.quiet and names:
+            output.note(f"its names (every node's DNS): {', '.join(names)}")
     if not args.wait:
         if ctx.json:
             output.print_json(doc)

@@ -14,6 +14,7 @@ import trio
 
 from formation import keystore
 from formation.cli import build, pack
+from formation.dns.names import replica_name
 from formation.node.vmside import VmsOff
 from tests.api.test_workloads import vm_node
 from tests.unit.test_client_cli import PASSWORD, Runner
@@ -165,6 +166,7 @@ async def test_ship_builds_deploys_and_waits(form, cfg, tmp_path, app_dir):
                                          ("running", "10.7.0.2", "")], 0.6)
         _, out, err = await form("pack", "ship", str(app_dir), "--replicas", "1")
         iid = out.strip()
+        ship_err = err
         inst = (await rt.astore.list("instance", limit=10))[0]
         assert inst["instance_id"] == iid and inst["name"] == "web" and inst["formfile"] == FORMFILE
         assert inst["resources"] == {"vcpus": 2, "memory_mb": 1024, "disk_gb": 10, "gpu": None}
@@ -175,6 +177,9 @@ async def test_ship_builds_deploys_and_waits(form, cfg, tmp_path, app_dir):
         assert out.split()[:3] == ["NODE", "STATE", "IP"] and "10.7.0.2" in out and "running" in out
         ips = await form.json("manage", "get-ip", iid)
         assert ips["replicas"][0]["ip"] == "10.7.0.2"
+        assert ips["replicas"][0]["name"] == replica_name(ips["replicas"][0]["node"], iid)
+        assert f".{iid}.fog" in out  # the replica's DNS name beside its address
+        assert f"its names (every node's DNS): {iid}.fog, web." in ship_err
         # as in the original's workflow: by build id, every instance of the build
         _, out, _ = await form("manage", "get-ip", "--build-id", inst["build_id"])
         assert out.split()[:4] == ["INSTANCE", "NODE", "STATE", "IP"] and iid in out and "10.7.0.2" in out
