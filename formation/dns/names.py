@@ -190,12 +190,21 @@ def is_vm_address(ip: str, subnet: str | None) -> bool:
     return addr not in (net.network_address, net.broadcast_address, net.network_address + 1)
 
 
+def counts(status: dict) -> bool:
+    """Does a replica's instance_status make it one to send traffic to: reported running, and
+    not found unhealthy by its own node's probe ("unknown": not probed, e.g. no EXPOSEd port,
+    counts). The one rule names, SRV records, the proxy (which routes from the zone) and
+    /agents/:id/hire follow; who reported it and where it points is checked apart."""
+    return isinstance(status, dict) and status.get("state") == "running" and status.get("health") != "unhealthy"
+
+
 def running_replicas(statuses: Iterable[dict], serving: Mapping[str, str]) -> dict[str, list[Replica]]:
-    """instance id -> its replicas that count: reported running, by a node in `serving` (member,
-    alive: the caller decides), at an address in that node's VM subnet."""
+    """instance id -> its replicas that count: reported running and not unhealthy (`counts`), by
+    a node in `serving` (member, alive: the caller decides), at an address in that node's VM
+    subnet."""
     out: dict[str, list[Replica]] = {}
     for s in statuses:
-        if not isinstance(s, dict) or s.get("state") != "running":
+        if not counts(s):
             continue
         iid, node, ip = s.get("instance_id"), s.get("node"), s.get("ip")
         if not (isinstance(iid, str) and is_label(iid) and isinstance(node, str)
@@ -274,16 +283,21 @@ def build_zone(*, instances: Iterable[dict] = (), statuses: Iterable[dict] = (),
                serving: Mapping[str, str] | None = None, ports: Mapping[str, Sequence[int]] | None = None,
                agents: Iterable[dict] = (), models: Iterable[dict] = (), records: Iterable[dict] = (),
                verified: Mapping[str, Collection[str]] | None = None, limits: Limits = Limits(),
-               serial: int = 0) -> Zone:
+               serial: int = 0, regions: Mapping[str, str] | None = None, near: str = "") -> Zone:
     """The zone of the fog's names.
 
     `serving`: node address -> VM subnet, for the nodes whose replicas count (the fog's live
     members); `ports`: instance id -> its EXPOSEd ports; `verified`: vanity domain -> the
-    addresses its TXT record at _formation.<domain> names (the verifier's current word)."""
+    addresses its TXT record at _formation.<domain> names (the verifier's current word);
+    `regions`: node address -> its region, and `near` the answering node's: the replicas on
+    nodes of that region come first in each answer (then by node address)."""
     b = _Builder(limits)
     ports = ports or {}
     verified = verified or {}
     replicas = running_replicas(statuses, serving or {})
+    if near and regions:
+        for reps in replicas.values():
+            reps.sort(key=lambda r: regions.get(r.node) != near)  # stable: by node within each
     by_id: dict[str, tuple[dict, Entry]] = {}  # instance id -> (record, its entry)
 
     # instances: <id>.fog, <node>.<id>.fog, <name>.<owner>.fog (first created wins a name)

@@ -17,6 +17,7 @@ answered, a query longer than `max_query_bytes` is dropped.
 
 from __future__ import annotations
 
+import errno
 import logging
 import struct
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from .forward import Busy, Forwarder, UpstreamFailed, receive_exactly
 from .names import EMPTY, Zone
 
 log = logging.getLogger("formation.dns")
+
+_FREE_PORT_ATTEMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,17 @@ class DnsServer:
 
     async def open(self, host: str, port: int) -> tuple[str, int]:
         """Bind UDP and TCP on host:port (port 0: one free port for both). Raises OSError."""
+        # With port 0 the kernel picks a free UDP port, which another program may hold for TCP;
+        # then pick again (a few times) rather than fail a start that asked for any port.
+        for attempt in range(_FREE_PORT_ATTEMPTS):
+            try:
+                return await self._open_once(host, port)
+            except OSError as exc:
+                if port != 0 or exc.errno != errno.EADDRINUSE or attempt == _FREE_PORT_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _open_once(self, host: str, port: int) -> tuple[str, int]:
         family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
         udp = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
         try:

@@ -147,13 +147,16 @@ class DnsView:
         subnets = await node.vm_subnets()
         now = int(time.time() * 1000)
         stale = stale_after_ms(node.config.node.heartbeat_seconds)
-        serving = {n["address"]: subnets[n["address"]] for n in await node.fog_nodes()
+        members = await node.fog_nodes()
+        serving = {n["address"]: subnets[n["address"]] for n in members
                    if n["address"] in subnets and is_live(n, now, stale)}
         if node.address in subnets:
             serving[node.address] = subnets[node.address]
         return {"instances": rows["instance"], "statuses": rows["instance_status"],
                 "agents": rows["agent"], "models": rows["model"], "records": rows["dns"],
                 "serving": serving,
+                "regions": {n["address"]: n.get("region") or "" for n in members},
+                "near": node.config.node.region,
                 "ports": {i["instance_id"]: self._exposed(i.get("formfile")) for i in rows["instance"]
                           if isinstance(i.get("instance_id"), str)}}
 

@@ -119,6 +119,9 @@ class Replica:
     context_missing_at: float | None = None  # when no connected node had it
     retired_at: float | None = None  # when another node took the replica over (placement moved)
     console_size: int = -1
+    health: str = "unknown"  # what its status says of the probe (next_health); not saved
+    health_fails: int = 0
+    health_at: int = 0  # wall ms when its health last changed (the status's checked_at)
 
     SAVED = ("instance_id", "ip", "generation", "want_running", "restarts", "build_id",
              "build_generation", "reported")
@@ -376,6 +379,23 @@ def _reason(event: Event, want: Desired, rep: Replica, obs: Observed) -> str:
 
 def _times(n: int) -> str:
     return f"{n} time{'s' * (n != 1)}"
+
+
+# ---- health: the node's own probe of its running replicas -------------------------------------
+
+UNHEALTHY_AFTER = 2  # failed probes in a row that make a healthy (or unknown) replica unhealthy
+
+
+def next_health(health: str, fails: int, ok: bool) -> tuple[str, int]:
+    """Hysteresis of a replica's health: (health, failures in a row) after one probe. Two
+    failures in a row to go unhealthy, one success to be healthy again, so that one lost
+    connection does not flap the names (and gossip a status op) each time."""
+    if ok:
+        return "healthy", 0
+    fails += 1
+    if fails >= UNHEALTHY_AFTER:
+        return "unhealthy", fails
+    return health, fails
 
 
 # ---- a replica no longer placed here: make before break ----------------------------------------

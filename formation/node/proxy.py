@@ -7,7 +7,8 @@ built holds it (instance, owner-scoped, replica and agent names under .fog, owne
 records naming instances, vanity domains the verifier proved: the zone holds only those), and
 it goes to the replicas that name's SRV targets are, the replicas the DNS counts: reported
 running by a live member of the fog, at an address inside that member's VM subnet as formnet
-routes it (names.running_replicas, the rule /agents/:id/hire follows too). The port is the
+routes it, and not found unhealthy by that member's own probe (names.running_replicas and
+names.counts, the rule /agents/:id/hire follows too). The port is the
 lowest one the instance's Formfile EXPOSEs (for an agent's name, the agent's port). The proxy
 connects to nothing else: an IP literal, a host name outside the zone, a `dns` record's own
 addresses are never dialed, so it is not an open proxy.
@@ -18,7 +19,8 @@ for `down_seconds` and the next is tried. No byte of the request is lost meanwhi
 of the body is read and kept before the first connection, the rest is read only once a replica
 took the connection. A replica that took the connection and closed it without a byte of answer
 is marked down too, and the request goes to the next one when sending it again is safe: an
-idempotent method whose body was kept whole. `Proxy.healthy` is the seam for health probes.
+idempotent method whose body was kept whole. `Proxy.healthy` is this node's passive view on
+top of the zone (whose replicas already passed their own node's probes).
 
 Bounds: connections in total and per client address, the request head's size and the time it
 may take to arrive (slowloris), idle time, the whole exchange's time, the body's size, requests
@@ -336,7 +338,7 @@ class Proxy:
 
     def healthy(self, replica: Replica) -> bool:
         """Whether a replica is offered a request before the others. Today: not marked down by
-        a refused or timed-out connection; the seam where health probes will answer."""
+        a refused or timed-out connection (the hosting nodes' probes act through the zone)."""
         return self.health.healthy(replica)
 
     def route(self, name: str) -> list[Replica]:

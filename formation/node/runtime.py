@@ -334,6 +334,7 @@ class NodeRuntime:
             "multiaddrs": self.announce_addrs(),
             "capacity": {**capacity.detect(self.config.data_dir, self.vms), "vms": runs_vms(self.vms)},
             "version": VERSION,
+            "region": self.config.node.region,
             "api_url": self.public_api_url(),
             "started_at": self.started_at,
             "heartbeat": now_ms(),

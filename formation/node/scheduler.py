@@ -25,6 +25,7 @@ from pathlib import Path
 import trio
 
 from formation import guest
+from formation.crdt.kinds.owned import LEVELS, level_of
 from formation.files import write_atomic
 from formation.pack.builder import find_image
 from formation.pack.formfile import exposed_ports
@@ -45,6 +46,8 @@ MIN_PASS_GAP = 0.3
 STOP_TIMEOUT = 20.0
 CONSOLE_TAIL = 64 * 1024
 LOOKS_PER_PASS = 4  # plans per instance per pass: a found context or a started build is seen at once
+PROBES_AT_ONCE = 16  # health probes of this node's replicas running together
+PROBE_TIMEOUT = 2.0  # seconds a health probe may take (connect, and an HTTP answer's status line)
 
 
 def wall_ms() -> int:
@@ -61,6 +64,9 @@ class Scheduler:
         self.backend = vms.driver
         self.wall_ms = clock  # heartbeats and reports are dated by it; timers use trio's clock
         self.reach = _answers  # (ip, port) -> does it take a TCP connection
+        self.http_reach = _http_answers  # (ip, port, path) -> does a GET answer with a status < 500
+        self.health_interval = float(node.config.node.health_interval_seconds)
+        self._probed_at = -float("inf")  # trio's clock: the last round of health probes
         self.dir = node.config.data_dir / "instances"
         self.replicas: dict[str, Replica] = {}
         self._saved: dict[str, str] = {}  # what is on disk, by instance
@@ -103,6 +109,10 @@ class Scheduler:
                 await self._step(inst)
             except Exception as exc:  # noqa: BLE001 - see above
                 await self._failed(inst, exc)
+        try:
+            await self._probe(desired)
+        except Exception:  # noqa: BLE001 - a failed round of probes must not end the pass
+            log.exception("health probes failed")
         gone = {v for v in self.backend.list() if not v.startswith("build-")} | set(self.replicas)
         by_id = {i["instance_id"]: i for i in instances}
         live = {n["address"] for n in live_nodes(nodes, self.wall_ms(), self.stale_ms)} - {me}
@@ -238,8 +248,66 @@ class Scheduler:
         answers = None
         if (want.port is not None and view.started and not view.exited_last
                 and rep.reported.get("state") != planner.State.RUNNING):
-            answers = await _answers(rep.ip, want.port)
+            answers = await self.reach(rep.ip, want.port)
         return Observed(now=obs.now, alive=alive, images=obs.images, console=view, answers=answers)
+
+    # ---- health: probe this node's running replicas, report changes -------------------------
+
+    async def _probe(self, desired: dict[str, dict]) -> None:
+        """Every health_interval seconds, probe each running replica of this node (concurrently,
+        PROBES_AT_ONCE at a time, each within PROBE_TIMEOUT): a TCP connection to the first
+        EXPOSEd port, or an HTTP GET of the path of an agent whose build the instance runs (an
+        agent of an owner who may operate it, as /hire asks). A replica with no port is not
+        probed ("unknown", which counts). A status op is written only when the health changes
+        (planner.next_health: two failures to go unhealthy, one success to come back)."""
+        now = trio.current_time()
+        if now < self._probed_at + self.health_interval:
+            return
+        self._probed_at = now
+        targets: list[tuple[str, str, int, str | None]] = []
+        agents: list[dict] | None = None
+        for iid, inst in desired.items():
+            rep = self.replicas.get(iid)
+            ports = exposed_ports(inst.get("formfile"))
+            if (rep is None or not rep.ip or not ports or rep.reported.get("state") != planner.State.RUNNING
+                    or not self.backend.is_alive(iid)):
+                continue
+            port, path = ports[0], None
+            if inst.get("build_id"):
+                if agents is None:
+                    agents = sorted(await self.node.astore.list("agent", limit=1000),
+                                    key=lambda a: (a.get("created_at", 0), a.get("agent_id", "")))
+                for agent in agents:
+                    if (agent.get("build_id") == inst["build_id"] and agent.get("port") in ports
+                            and level_of(inst, agent.get("owner", "")) >= LEVELS["operator"]):
+                        port, path = agent["port"], agent.get("path") or "/"
+                        break
+            targets.append((iid, rep.ip, port, path))
+        if not targets:
+            return
+        results: dict[str, bool] = {}
+        limiter = trio.CapacityLimiter(PROBES_AT_ONCE)
+
+        async def one(iid: str, ip: str, port: int, path: str | None) -> None:
+            async with limiter:
+                try:
+                    ok = await (self.reach(ip, port) if path is None else self.http_reach(ip, port, path))
+                except Exception:  # noqa: BLE001 - a probe that breaks is a failed probe
+                    ok = False
+            results[iid] = bool(ok)
+
+        async with trio.open_nursery() as nursery:
+            for target in targets:
+                nursery.start_soon(one, *target)
+        for iid, ok in sorted(results.items()):
+            rep = self.replicas.get(iid)
+            if rep is None or rep.reported.get("state") != planner.State.RUNNING:
+                continue  # stopped or removed meanwhile
+            health, rep.health_fails = planner.next_health(rep.health, rep.health_fails, ok)
+            if health != rep.health:
+                rep.health, rep.health_at = health, self.wall_ms()
+                log.info("instance %s: %s", iid, health)
+                await self._write_status(rep, rep.reported["state"], rep.reported.get("reason", ""))
 
     def _images(self, want: Desired, rep: Replica) -> Images:
         images_dir = self.vms.images_dir
@@ -365,11 +433,17 @@ class Scheduler:
 
     async def _report(self, rep: Replica, report: planner.Report) -> None:
         state = report.state.value
-        value = {"instance_id": rep.instance_id, "node": self.node.address, "state": state,
-                 "reason": report.reason, "ip": rep.ip if state in ("booting", "running") else None,
-                 "generation": rep.generation, "updated_at": self.wall_ms()}
-        await self.node.write("instance_status", f"{rep.instance_id}@{self.node.address}", value)
+        if state != planner.State.RUNNING:  # probed again once it runs again
+            rep.health, rep.health_fails, rep.health_at = "unknown", 0, 0
+        await self._write_status(rep, state, report.reason)
         log.info("instance %s: %s%s", rep.instance_id, state, f" ({report.reason})" if report.reason else "")
+
+    async def _write_status(self, rep: Replica, state: str, reason: str) -> None:
+        value = {"instance_id": rep.instance_id, "node": self.node.address, "state": state,
+                 "reason": reason, "ip": rep.ip if state in ("booting", "running") else None,
+                 "generation": rep.generation, "updated_at": self.wall_ms(),
+                 "health": rep.health, "checked_at": rep.health_at}
+        await self.node.write("instance_status", f"{rep.instance_id}@{self.node.address}", value)
 
     # ---- what the API asks ---------------------------------------------------------------------
 
@@ -451,6 +525,35 @@ def _build_error(status: dict) -> str:
 def _hostname(name: str) -> str:
     out = "".join(c if c.isalnum() or c == "-" else "-" for c in name.lower()).strip("-")
     return out[:63] or "instance"
+
+
+async def _http_answers(ip: str, port: int, path: str) -> bool:
+    """Does an HTTP GET of `path` answer with a status below 500 within PROBE_TIMEOUT? Only the
+    status line is read."""
+    host = f"[{ip}]" if ":" in ip else ip
+    request = (f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: formation-health\r\n"
+               "Connection: close\r\n\r\n").encode()
+    head = b""
+    with trio.move_on_after(PROBE_TIMEOUT):
+        try:
+            stream = await trio.open_tcp_stream(ip, port)
+        except OSError:
+            return False
+        try:
+            await stream.send_all(request)
+            while b"\r\n" not in head and len(head) < 1024:
+                chunk = await stream.receive_some(1024)
+                if not chunk:
+                    break
+                head += chunk
+        except (OSError, trio.BrokenResourceError):
+            return False
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+    parts = head.split(b"\r\n", 1)[0].split()
+    return (len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit()
+            and int(parts[1]) < 500)
 
 
 async def _answers(ip: str, port: int) -> bool:

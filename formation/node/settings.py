@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,12 @@ def _ip(value: Any, _origin: c.Origin) -> str:
         raise c.Bad(f"expected an IP address, got {c.show(value)}") from None
 
 
+def _region(value: Any, _origin: c.Origin) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9._-]{0,64}", value):
+        raise c.Bad(f"expected a region name (up to 64 letters, digits, '.', '_', '-'), got {c.show(value)}")
+    return value
+
+
 def _upstreams(value: Any, _origin: c.Origin) -> tuple[str, ...]:
     """IP addresses with optional ports: "192.0.2.53", "192.0.2.53:5353", "[2001:db8::53]:53"."""
     if not isinstance(value, list):
@@ -97,6 +104,16 @@ SETTINGS: tuple[Setting, ...] = (
       "How long a replica placed on another node may take to report running (its image built "
       "and booted) before this node doubts it there. Once enough members doubt it, the replica "
       "is placed elsewhere (the doubted node is tried again an hour later)."),
+    S("node", "health_interval_seconds", 10, int, c.positive,
+      "How often the node probes each of its running replicas (a TCP connection to the first "
+      "port its Formfile EXPOSEs, or an HTTP GET of the path of an agent that runs its build). "
+      "Two failures in a row mark it unhealthy in its signed status, one success healthy again; "
+      "names, the proxy and /agents/:id/hire leave unhealthy replicas out. Keep it well under "
+      "the DNS TTL (`dns.ttl`, 30 s) so a replica drops out within the TTL."),
+    S("node", "region", "", str, _region,
+      "Where this node is (any name the fog's operators agree on, e.g. \"eu-west\"), published in "
+      "its node record. Its DNS server answers with the replicas on nodes of its own region "
+      "first, then the others (empty: no order by region)."),
     S("api", "host", "127.0.0.1", str, c.host,
       "The local HTTP API that `form` and users' signed requests talk to. Bound to the loopback "
       'address by default; set "0.0.0.0" (or a specific address) to serve other hosts.'),

@@ -154,10 +154,13 @@ async def vnode(tmp_path):
         yield rt
 
 
-async def status_of(rt, node_key: PrivateKey, iid: str, state: str, ip: str | None = None, reason: str = ""):
+async def status_of(rt, node_key: PrivateKey, iid: str, state: str, ip: str | None = None, reason: str = "",
+                    health: str | None = None):
     """An instance_status record, written by `node_key` (the node that hosts the replica)."""
     node = format_address(node_key.address)
     value = {"instance_id": iid, "node": node, "state": state, "ip": ip, "reason": reason}
+    if health is not None:
+        value["health"] = health
     if node == rt.address:
         await rt.write("instance_status", f"{iid}@{node}", value)
     else:

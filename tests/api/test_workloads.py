@@ -305,6 +305,13 @@ async def test_hire_proxies_to_a_running_replica(vnode):
                 assert (await http.post(f"/v1/agents/{aid}/hire", content=body, headers=h)).status_code == 201
         r = await signed(vnode, key(12), "POST", f"/v1/agents/{aid}/hire", b"{not json")
         assert r.status_code == 400
+        # a replica its node's probe finds unhealthy is not sent a hire; healthy again, it is
+        await status_of(vnode, vnode.key, iid, "running", VM_IP, health="unhealthy")
+        with pytest.raises(ApiError) as e:
+            await caller.post(f"/v1/agents/{aid}/hire", {"q": 1})
+        assert e.value.status == 503 and "unhealthy" in e.value.detail
+        await status_of(vnode, vnode.key, iid, "running", VM_IP, health="healthy")
+        assert (await signed(vnode, key(12), "POST", f"/v1/agents/{aid}/hire", {"q": 3})).status_code == 201
 
 
 GHOST_BUILD = "f" * 64

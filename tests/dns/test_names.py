@@ -13,6 +13,7 @@ from formation.dns.names import (
     Limits,
     build_zone,
     canonical_name,
+    counts,
     is_vm_address,
     label_address,
     owner_label,
@@ -101,6 +102,28 @@ def test_replicas_that_do_not_count():
     z = build_zone(instances=[inst(), inst(iid=IID2, name="db")], statuses=statuses, serving=SERVING)
     assert z.names[f"{IID}.fog"].a == () and z.names[f"{IID2}.fog"].a == ()
     assert not any(n.endswith(f".{IID}.fog") for n in z.names)
+
+
+def test_an_unhealthy_replica_does_not_count_an_unknown_one_does():
+    assert counts({"state": "running"}) and counts({"state": "running", "health": "unknown"})
+    assert counts({"state": "running", "health": "healthy"})
+    assert not counts({"state": "running", "health": "unhealthy"}) and not counts({"state": "booting"})
+    sick = {**status(node=N2, ip="10.201.2.5"), "health": "unhealthy"}
+    z = build_zone(instances=[inst()], statuses=[{**status(), "health": "healthy"}, sick],
+                   serving=SERVING, ports={IID: [80]})
+    assert z.names[f"{IID}.fog"].a == ("10.201.1.5",)
+    assert z.names[f"{IID}.fog"].targets == (f"{owner_label(N1)}.{IID}.fog",)
+    assert f"{owner_label(N2)}.{IID}.fog" not in z.names
+
+
+def test_replicas_in_the_answering_nodes_region_come_first():
+    statuses = [status(), status(node=N2, ip="10.201.2.5")]
+    z = build_zone(instances=[inst()], statuses=statuses, serving=SERVING, ports={IID: [80]})
+    assert z.names[f"{IID}.fog"].a == ("10.201.1.5", "10.201.2.5")  # by node address
+    z = build_zone(instances=[inst()], statuses=statuses, serving=SERVING, ports={IID: [80]},
+                   regions={N1: "us", N2: "eu"}, near="eu")
+    assert z.names[f"{IID}.fog"].a == ("10.201.2.5", "10.201.1.5")
+    assert z.names[f"{IID}.fog"].targets[0] == f"{owner_label(N2)}.{IID}.fog"
 
 
 def test_first_created_instance_wins_a_shared_name_and_names_are_per_owner():

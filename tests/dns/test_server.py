@@ -286,3 +286,29 @@ def test_cache_ttl_follows_the_answer():
     r.set_rcode(dns.rcode.NXDOMAIN)
     r.authority.append(dns.rrset.from_text("example.", 600, "IN", "SOA", "ns. a. 1 1 1 1 30"))
     assert cache_ttl(r, 3600) == 30
+
+
+async def test_any_port_is_picked_again_when_its_tcp_twin_is_taken(nursery, monkeypatch):
+    # port 0 binds UDP first; a program already holding that port for TCP must not fail the start
+    import errno
+    real = DnsServer._open_once
+    calls = []
+
+    async def first_collides(self, host, port):
+        calls.append(port)
+        if len(calls) == 1:
+            raise OSError(errno.EADDRINUSE, "Address already in use")
+        return await real(self, host, port)
+
+    monkeypatch.setattr(DnsServer, "_open_once", first_collides)
+    server, addr = await start(nursery)
+    assert calls == [0, 0] and (await ask(addr, f"{IID}.fog")).answer
+    # a port that was asked for by number is not swapped for another
+    taken = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    await taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        with pytest.raises(OSError):
+            await DnsServer(zone()).open("127.0.0.1", taken.getsockname()[1])
+    finally:
+        taken.close()

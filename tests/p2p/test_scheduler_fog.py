@@ -5,6 +5,7 @@ instance's replicas and report them, with no coordinator; a delete removes them 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
 import trio
@@ -317,3 +318,91 @@ async def test_placed_nodes_fetch_the_build_context_from_the_node_it_was_uploade
         assert await fog[1].runtime.p2p.fetch_blob(fog[2].runtime.peer_id, f"context/{CTX_BID}", 1 << 20) is None
         # over the fetcher's limit: refused
         assert await fog[1].runtime.p2p.fetch_blob(peer0, f"context/{CTX_BID}", 8) is None
+
+
+WEB_FORMFILE = "NAME web\nEXPOSE 8080\nENTRYPOINT [\"/app/run\"]\n"
+
+
+async def test_an_unhealthy_replica_drops_out_of_the_names_and_comes_back(tmp_path, no_taps):
+    """Each node probes its own running replicas (the fake VMs have no network: the probe is
+    injected); two failed probes write `unhealthy` into its status, and the zone leaves the
+    replica out; one success brings it back."""
+    from formation.dns.names import build_zone, counts, replica_name
+
+    down: set[tuple[str, int]] = set()
+
+    async def probe(ip: str, port: int) -> bool:
+        return (ip, port) not in down
+
+    paths: set[str] = set()
+
+    async def http_probe(ip: str, port: int, path: str) -> bool:
+        paths.add(path)
+        return await probe(ip, port)
+
+    async with open_fog(tmp_path, 2) as fog:
+        for n in fog:
+            n.scheduler.reach = probe
+            n.scheduler.http_reach = http_probe
+            n.scheduler.health_interval = 0.2
+        user = User(b"\x5e" * 32)
+        # an agent of the build names the path its replicas are probed at
+        op = await fog[0].request(user, "POST", "/v1/agents", {"name": "bot", "build_id": BID, "port": 8080,
+                                                                "path": "/healthz"})
+        assert op.kind == "agent"
+        iid = await create_instance(fog[0], user, replicas=2, formfile=WEB_FORMFILE)
+        hosts = {n.address for n in fog}
+        serving = {n.address: str(n.vms.subnet) for n in fog}
+
+        async def zone():
+            statuses = list((await fog[0].statuses(iid)).values())
+            inst = await fog[0].call("get", "instance", iid)
+            return build_zone(instances=[inst], statuses=statuses, serving=serving, ports={iid: [8080]}), statuses
+
+        async def healthy_everywhere():
+            z, st = await zone()
+            return (len(st) == 2 and all(s["state"] == "running" and s["health"] == "healthy" for s in st)
+                    and len(z.names[f"{iid}.fog"].a) == 2)
+
+        await wait_for("both replicas running and healthy", healthy_everywhere)
+        sick = fog[1]
+        ip = sick.scheduler.local_ip(iid)
+        down.add((ip, 8080))
+
+        async def dropped():
+            z, st = await zone()
+            mine = [s for s in st if s["node"] == sick.address]
+            return (mine and mine[0]["health"] == "unhealthy" and mine[0]["checked_at"] > 0
+                    and not counts(mine[0]) and ip not in z.names[f"{iid}.fog"].a
+                    and replica_name(sick.address, iid) not in z.names
+                    and len(z.names[f"{iid}.fog"].a) == 1)
+
+        await wait_for("the unhealthy replica out of the zone", dropped)
+        assert sick.driver.is_alive(iid)  # still running: health is not a restart
+        down.clear()
+        await wait_for("the replica back in the zone", healthy_everywhere)
+        assert hosts == {s["node"] for s in (await zone())[1]}
+        assert paths == {"/healthz"}
+
+
+async def test_the_http_probe_wants_a_status_below_500():
+    from formation.node.scheduler import _http_answers
+
+    async def serve(status: bytes, stream):
+        await stream.receive_some(4096)
+        if status:
+            await stream.send_all(b"HTTP/1.1 " + status + b" X\r\nContent-Length: 0\r\n\r\n")
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        ports = {}
+        for status in (b"200", b"404", b"503", b""):
+            listeners = await nursery.start(functools.partial(trio.serve_tcp, functools.partial(serve, status), 0,
+                                                              host="127.0.0.1"))
+            ports[status] = listeners[0].socket.getsockname()[1]
+        assert await _http_answers("127.0.0.1", ports[b"200"], "/")
+        assert await _http_answers("127.0.0.1", ports[b"404"], "/x")  # up, just no such page
+        assert not await _http_answers("127.0.0.1", ports[b"503"], "/")
+        assert not await _http_answers("127.0.0.1", ports[b""], "/")  # closed without a word
+        assert not await _http_answers("127.0.0.1", free_port(), "/")  # nobody listens
+        nursery.cancel_scope.cancel()

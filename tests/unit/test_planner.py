@@ -220,3 +220,20 @@ def test_placement_coming_back_cancels_the_handover():
     r, _ = planner.retire(rep("running", **BOOTED), hand(taken_by="0xb"))
     r, actions = planner.retire(r, hand(now=200.0))  # the other node stopped running it
     assert actions == [] and r.retired_at is None
+
+
+def test_health_needs_two_failures_to_go_unhealthy_and_one_success_to_come_back():
+    h, fails = "unknown", 0
+    h, fails = planner.next_health(h, fails, True)
+    assert (h, fails) == ("healthy", 0)
+    h, fails = planner.next_health(h, fails, False)
+    assert (h, fails) == ("healthy", 1)  # one lost connection changes nothing
+    h, fails = planner.next_health(h, fails, True)
+    assert (h, fails) == ("healthy", 0)
+    for _ in range(planner.UNHEALTHY_AFTER):
+        h, fails = planner.next_health(h, fails, False)
+    assert h == "unhealthy"
+    h, fails = planner.next_health(h, fails, False)
+    assert h == "unhealthy"
+    assert planner.next_health(h, fails, True) == ("healthy", 0)
+    assert planner.next_health("unknown", 1, False) == ("unhealthy", 2)

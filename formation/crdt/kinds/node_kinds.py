@@ -129,6 +129,9 @@ class PeerKind(SelfRecordKind):
 
 
 STATES = ("pending", "building", "booting", "running", "stopped", "failed")
+# what the hosting node's own probe of a running replica says (docs/dns.md, "Health"); "unknown":
+# not probed (no EXPOSEd port, not running, or a record from before probes): it counts
+HEALTH = ("healthy", "unhealthy", "unknown")
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,8 @@ class InstanceStatus(Record):
     ip: str | None = field(optional(ip_address), default=None)
     generation: int = field(integer(0, 2**62), default=0)
     updated_at: int = field(TIMESTAMP, default=0)
+    health: str = field(one_of(*HEALTH), default="unknown")
+    checked_at: int = field(TIMESTAMP, default=0)  # when the probe saw the health change
 
 
 class InstanceStatusKind(Kind):

@@ -20,6 +20,7 @@ import trio
 from quart import Response
 
 from formation.crdt.kinds.owned import LEVELS, level_of
+from formation.dns.names import counts
 from formation.pack.formfile import exposed_ports
 
 from . import views
@@ -52,7 +53,8 @@ HIRE_RESPONSES = {
 
 
 async def _targets(call: Call, agent: dict) -> list[tuple[dict, str]]:
-    """(status, ip) of the running replicas of the agent's build, this node's first. Only the
+    """(status, ip) of the running replicas of the agent's build that are not unhealthy
+    (names.counts, the DNS's rule), this node's first. Only the
     instances its owner may act on count: naming someone else's build must not reach their VMs."""
     build = agent["build_id"]
     instances = [i for i in await call.runtime.astore.list("instance", type=build, limit=1000)
@@ -72,11 +74,12 @@ async def _targets(call: Call, agent: dict) -> list[tuple[dict, str]]:
             continue
         statuses = await views.replica_statuses(call, inst["instance_id"])
         states += [f"{inst['instance_id']}@{s['node']}: {s['state']}" + (f" ({s['reason']})" if s.get("reason") else "")
+                   + (" [unhealthy: its node's probe fails]" if s.get("health") == "unhealthy" else "")
                    + ("" if s["node_alive"] else " [its node stopped sending heartbeats]") for s in statuses]
         if not statuses:
             states.append(f"{inst['instance_id']}: no replica reported yet (desired {inst['desired_state']})")
         for s in statuses:
-            if s["state"] != "running" or not s["node_alive"]:
+            if not counts(s) or not s["node_alive"]:
                 continue
             ip = s.get("ip")
             if s["node"] == call.runtime.address and scheduler is not None:
