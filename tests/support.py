@@ -72,7 +72,7 @@ def current_version(store: Store, user: User, method: str, path: str, body: dict
 def records_dump(store: Store) -> list[tuple]:
     """The records projection, every column but `updated_seq` (a local delivery number)."""
     return list(store.log.db.execute(
-        "SELECT kind, key, heads, version, doc, owner, type, text FROM records ORDER BY kind, key"))
+        "SELECT kind, key, heads, version, doc, owner, type, text, over_quota FROM records ORDER BY kind, key"))
 
 
 def _sorted_maps(value):

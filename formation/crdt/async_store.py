@@ -46,9 +46,15 @@ class AsyncStore:
 
         def read(store: Store) -> dict | None:
             value = store.get(kind, key)
-            return None if value is None else {**value, "record_version": store.record_version(kind, key)}
+            if value is None:
+                return None
+            why = store.over_quota(kind, key)
+            return {**value, "record_version": store.record_version(kind, key), **({"over_quota": why} if why else {})}
 
         return await self.run(read, self.store)
+
+    async def over_quota(self, kind: str, key: str) -> str | None:
+        return await self.run(self.store.over_quota, kind, key)
 
     async def fog_members(self, fog_id: str) -> frozenset[str]:
         return await self.run(self.store.fog_members, fog_id)

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS records(
   type TEXT,
   text TEXT,
   updated_seq INTEGER NOT NULL,
+  over_quota TEXT,  -- why the record is inert (crdt/quotas.py); NULL: it takes effect
   PRIMARY KEY(kind, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS records_owner ON records(kind, owner);
@@ -50,9 +51,11 @@ CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v BLOB);
 """
 
 _UPSERT_RECORD = (
-    "INSERT INTO records(kind,key,heads,version,doc,owner,type,text,updated_seq) VALUES (?,?,?,?,?,?,?,?,?) "
+    "INSERT INTO records(kind,key,heads,version,doc,owner,type,text,updated_seq,over_quota) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?) "
     "ON CONFLICT(kind,key) DO UPDATE SET heads=excluded.heads, version=excluded.version, doc=excluded.doc, "
-    "owner=excluded.owner, type=excluded.type, text=excluded.text, updated_seq=excluded.updated_seq")
+    "owner=excluded.owner, type=excluded.type, text=excluded.text, updated_seq=excluded.updated_seq, "
+    "over_quota=excluded.over_quota")
 
 
 class LogFormatError(RuntimeError):
@@ -72,6 +75,9 @@ class OpLog:
         self.db.executescript(
             f"BEGIN;\n{_SCHEMA}\nINSERT INTO meta(k, v) VALUES('format', X'{FORMAT.hex()}') "
             "ON CONFLICT(k) DO UPDATE SET v = excluded.v;\nCOMMIT;\n")
+        # a log from before quotas: the column is added here and filled by the load's re-derivation
+        if "over_quota" not in {r[1] for r in self.db.execute("PRAGMA table_info(records)")}:
+            self.db.execute("ALTER TABLE records ADD COLUMN over_quota TEXT")
 
     def _check_format(self) -> None:
         tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -93,12 +99,16 @@ class OpLog:
 
     # ---- writing ----------------------------------------------------------------------------
 
-    def commit(self, op_rows: list[tuple], record_rows: Iterable[tuple]) -> None:
-        """Append ops and upsert records in one transaction (all or nothing)."""
+    def commit(self, op_rows: list[tuple], record_rows: Iterable[tuple],
+               quota_flips: Iterable[tuple] = ()) -> None:
+        """Append ops, upsert records and set other records' quota standing ((why, kind, key))
+        in one transaction (all or nothing)."""
         try:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany("INSERT INTO ops VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", op_rows)
             self.db.executemany(_UPSERT_RECORD, record_rows)
+            self.db.executemany("UPDATE records SET over_quota = ? WHERE kind = ? AND key = ? AND doc IS NOT NULL",
+                                quota_flips)
             self.db.execute("COMMIT")
         except BaseException:
             if self.db.in_transaction:
@@ -131,8 +141,9 @@ class OpLog:
         q = "SELECT kind, key, heads FROM records WHERE kind IN ({})".format(",".join("?" * len(kinds)))
         yield from self.db.execute(q, kinds)
 
-    def record_versions(self) -> dict[tuple[str, str], tuple[str, str | None]]:
-        return {(k, key): (v, d) for k, key, v, d in self.db.execute("SELECT kind, key, version, doc FROM records")}
+    def record_versions(self) -> dict[tuple[str, str], tuple[str, str | None, str | None]]:
+        return {(k, key): (v, d, q) for k, key, v, d, q in
+                self.db.execute("SELECT kind, key, version, doc, over_quota FROM records")}
 
     def values(self, seqs: list[int]) -> Iterator[tuple[int, Any]]:
         for i in range(0, len(seqs), 500):
@@ -156,9 +167,14 @@ class OpLog:
             yield w
 
     def list(self, kind: str, *, owner: str | None = None, type: str | None = None,
-             tag: str | None = None, text: str | None = None, limit: int = 100, offset: int = 0) -> list[dict]:
-        """Records of a kind, each with its `record_version` (what a write names as its base)."""
-        sql = ["SELECT doc, version FROM records WHERE kind = ? AND doc IS NOT NULL"]
+             tag: str | None = None, text: str | None = None, limit: int = 100, offset: int = 0,
+             over_quota: bool = False) -> list[dict]:
+        """Records of a kind, each with its `record_version` (what a write names as its base).
+        Records over their creator's quota (inert: crdt/quotas.py) only with `over_quota`, and
+        then with the reason in their `over_quota`."""
+        sql = ["SELECT doc, version, over_quota FROM records WHERE kind = ? AND doc IS NOT NULL"]
+        if not over_quota:
+            sql.append("AND over_quota IS NULL")
         args: list[Any] = [kind]
         if owner is not None:
             sql.append("AND owner = ?")
@@ -175,4 +191,5 @@ class OpLog:
                 args.append("%" + word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
         sql.append("ORDER BY key LIMIT ? OFFSET ?")
         args += [limit, offset]
-        return [{**json.loads(d), "record_version": v} for d, v in self.db.execute(" ".join(sql), args)]
+        return [{**json.loads(d), "record_version": v, **({"over_quota": q} if q else {})}
+                for d, v, q in self.db.execute(" ".join(sql), args)]

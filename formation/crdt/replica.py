@@ -26,6 +26,7 @@ from .hlc import Hlc, from_unix_seconds, to_ms
 from .intents import parse_request, split_message, version_of
 from .kinds import Invalid, Kind, get_kind
 from .op import Op, OpError
+from .quotas import QUOTAS, Plan, QuotaBook, Quotas
 from .registers import NodeRegister, OpMeta, UserRegister, Write, fold
 
 log = logging.getLogger("formation.crdt.replica")
@@ -168,6 +169,7 @@ class Stage:
         self.registers: dict[tuple[str, str], NodeRegister | UserRegister] = {}
         self.rows: list[tuple] = []  # op log rows, in delivery order
         self.seq = replica.seq
+        self._quota_plan: Plan | None = None
 
     def meta(self, op_id: bytes) -> OpMeta | None:
         return self.ops.get(op_id) or self.replica.ops.get(op_id)
@@ -179,13 +181,27 @@ class Stage:
     def __bool__(self) -> bool:
         return bool(self.rows)
 
+    @property
+    def quota_plan(self) -> Plan:
+        """What this stage changes in the quota view (crdt/quotas.py); computed once."""
+        if self._quota_plan is None:
+            self._quota_plan = self.replica.quota.plan(self.registers)
+        return self._quota_plan
+
     def record_rows(self) -> list[tuple]:
         """The projection rows of the registers this stage changed (once per register)."""
-        return [_record_row(get_kind(k), key, reg, self.seq) for (k, key), reg in self.registers.items()]
+        plan, inert = self.quota_plan, self.replica.quota.inert
+        return [_record_row(get_kind(k), key, reg, self.seq, plan.inert.get((k, key), inert.get((k, key))))
+                for (k, key), reg in self.registers.items()]
+
+    def quota_flips(self) -> list[tuple[str | None, str, str]]:
+        """(why or None, kind, key) of the records whose quota standing this stage changes
+        without changing the records themselves (an account's other records)."""
+        return [(why, k, key) for (k, key), why in self.quota_plan.inert.items() if (k, key) not in self.registers]
 
 
 class Replica:
-    def __init__(self, limits: Limits | None = None):
+    def __init__(self, limits: Limits | None = None, quotas: Quotas = QUOTAS):
         self.limits = limits or Limits()
         self.ops: dict[bytes, OpMeta] = {}
         self.registers: dict[tuple[str, str], NodeRegister | UserRegister] = {}
@@ -195,6 +211,7 @@ class Replica:
         self.hlc = Hlc()
         self.pending = Pending(self.limits)
         self.rejected: OrderedDict[bytes, Rejection] = OrderedDict()
+        self.quota = QuotaBook(quotas)  # which user records are over their creator's quota (a view)
         self._next_sweep_ms = 0
 
     # ---- admission and delivery -------------------------------------------------------------
@@ -370,6 +387,7 @@ class Replica:
             self.heads.add(meta.id)
             self.hlc.observe(meta.hlc)
         self.registers.update(stage.registers)
+        self.quota.commit(stage.quota_plan)
         self.seq = stage.seq
 
     # ---- reading ----------------------------------------------------------------------------
@@ -389,8 +407,8 @@ def _not_before_ms(op: Op) -> int:
     return t
 
 
-def _record_row(kind: Kind, key: str, reg, seq: int) -> tuple:
-    """The projection row of a register (what queries read)."""
+def _record_row(kind: Kind, key: str, reg, seq: int, over_quota: str | None = None) -> tuple:
+    """The projection row of a register (what queries read); `over_quota`: why it is inert."""
     value = reg.value
     if value is None:
         doc = owner = typ = text = None
@@ -399,4 +417,5 @@ def _record_row(kind: Kind, key: str, reg, seq: int) -> tuple:
         idx = kind.index(value)
         owner, typ, text = idx["owner"], idx["type"], idx["text"]
         text = text.lower() if text else None
-    return (kind.name, key, b"".join(reg.head_ids), reg.version, doc, owner, typ, text, seq)
+    return (kind.name, key, b"".join(reg.head_ids), reg.version, doc, owner, typ, text, seq,
+            None if value is None else over_quota)

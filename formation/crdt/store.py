@@ -25,6 +25,7 @@ from .keys import PrivateKey, parse_signature, sha256
 from .kinds import Invalid, get_kind, registry
 from .op import MAX_DEPS, Op, OpError, decode_op, make_op, user_request
 from .oplog import LogFormatError, OpLog
+from .quotas import QUOTAS, Quotas
 from .registers import NodeRegister, OpMeta, UserRegister
 from .replica import IngestResult, Limits, Rejection, Replica, Stage, _record_row
 
@@ -46,11 +47,11 @@ def wall_ms() -> int:
 
 class Store:
     def __init__(self, path: str = ":memory:", *, limits: Limits | None = None, synchronous: str = "FULL",
-                 clock: Callable[[], int] = wall_ms):
+                 clock: Callable[[], int] = wall_ms, quotas: Quotas = QUOTAS):
         self.path = path
         self.clock = clock
         self.log = OpLog(path, synchronous=synchronous)
-        self.replica = Replica(limits)
+        self.replica = Replica(limits, quotas)  # quotas: fog-wide (tests use small ones)
         self.on_commit: list = []  # callables(last_seq) run after each durable batch
         self._members: dict[str, frozenset[str]] = {}  # fog id -> members, until membership changes
         self._load()
@@ -98,12 +99,13 @@ class Store:
                 continue
             stage.registers[(op.kind, op.key)] = reg
         r.registers.update(stage.registers)
+        r.quota.commit(r.quota.plan(stage.registers))
         # The projection follows the rules of this version: rewrite rows that differ.
         stored = self.log.record_versions()
         fix = []
         for (kind, key), reg in stage.registers.items():
-            row = _record_row(get_kind(kind), key, reg, r.seq)
-            if stored.get((kind, key)) != (row[3], row[4]):
+            row = _record_row(get_kind(kind), key, reg, r.seq, r.quota.inert.get((kind, key)))
+            if stored.get((kind, key)) != (row[3], row[4], row[9]):
                 fix.append(row)
         if fix:
             self.log.commit([], fix)
@@ -134,6 +136,10 @@ class Store:
         """What a user's write on this record names as its base (`?base=`); None if no record."""
         reg = self.replica.registers.get((kind, key))
         return None if reg is None else reg.version
+
+    def over_quota(self, kind: str, key: str) -> str | None:
+        """Why a record is inert, over its creator's quota (crdt/quotas.py); None: it counts."""
+        return self.replica.quota.inert.get((kind, key))
 
     def siblings(self, kind: str, key: str) -> list[tuple[bytes, Any]]:
         """The record's value first, then each concurrent head's own value."""
@@ -238,6 +244,15 @@ class Store:
         prev = sorted(reg.writes[w].carrier for w in writes) if writes else []
         return self._write_local(signer, kind.name, key, prev, now_ms, request=(message, req.body, req.signature))
 
+    def _refuse_over_quota(self, op: Op) -> None:
+        """A node does not make a user's write that its creator's quota leaves inert, or that
+        pushes another of their records over (crdt/quotas.py). Not validity: the same write
+        arriving from a peer is stored, and inert on every node alike."""
+        _, reg, _, _ = self.replica._validate(op, Stage(self.replica))  # a dry run: changes nothing
+        why = self.replica.quota.plan({(op.kind, op.key): reg}).refusal(op.kind, op.key)
+        if why:
+            raise Invalid("quota_exceeded", why)
+
     def _write_local(self, signer: PrivateKey, kind: str, key: str, prev: list[bytes], now_ms: int | None,
                      **payload) -> Op:
         now_ms = self.clock() if now_ms is None else now_ms
@@ -248,6 +263,8 @@ class Store:
         after = max((ops[d].hlc for d in deps), default=0)
         op = make_op(signer, kind, key, deps=deps, prev=prev, hlc=self.replica.hlc.next(now_ms, after=after),
                      **payload)
+        if op.request is not None:
+            self._refuse_over_quota(op)
         # Our clock may stand ahead of `now_ms` because of deps we accepted when they were due.
         res = self.ingest_ops([op], source="local", now_ms=max(now_ms, to_ms(op.hlc)))
         if res.rejected:
@@ -292,7 +309,7 @@ class Store:
         """Like `ingest`, for ops already decoded and verified (e.g. by a gossip validator)."""
         res, stage = self.replica.ingest(ops, source=source, now_ms=self.clock() if now_ms is None else now_ms)
         if stage:
-            self.log.commit(stage.rows, stage.record_rows())  # raises: memory is untouched
+            self.log.commit(stage.rows, stage.record_rows(), stage.quota_flips())  # raises: memory is untouched
             self.replica.apply(stage)
             if any(kind in membership.KINDS for kind, _ in stage.registers):
                 self._members.clear()

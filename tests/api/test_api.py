@@ -244,3 +244,20 @@ async def test_events_do_not_name_deleted_private_records(node):
             if ev.get("op_id") == marker["op_id"]:
                 break
     assert all(ev.get("key") != secret for ev in seen), [ev for ev in seen if ev.get("key") == secret]
+
+
+async def test_a_create_over_the_accounts_quota_is_402_with_the_quota_named_and_nothing_written(node):
+    from formation.crdt.quotas import Quotas
+    node.store.replica.quota.quotas = Quotas(records={"instance": 1, "agent": 1, "model": 2, "dns": 1})
+    async with AsyncClient(node.base_url, key(41)) as c:
+        for i in range(2):
+            await c.post("/v1/models", {"name": f"m{i}"})
+        ops = len(node.store)
+        with pytest.raises(ApiError) as e:
+            await c.post("/v1/models", {"name": "m2"})
+        assert e.value.status == 402 and e.value.error == "quota_exceeded"
+        assert "quota of 2 model records per account" in e.value.detail
+        assert len(node.store) == ops and (await c.get("/v1/models"))["count"] == 2
+        # what counts is the creator's: another account still has room
+    async with AsyncClient(node.base_url, key(42)) as other:
+        await other.post("/v1/models", {"name": "theirs"})

@@ -3,7 +3,7 @@
 A scenario is generated from a seed: honest nodes relay users' requests (creates, updates,
 authorize, transfer, delete), each on the version of the record the relaying node holds, and
 write their own node records; nodes sync now and then, so concurrent writes happen between
-syncs. Then a Byzantine node adds invalid ops (a damaged signature, a node record written by
+syncs (accounts have small quotas, so concurrent creates go over them). Then a Byzantine node adds invalid ops (a damaged signature, a node record written by
 another node, a stranger's update, a request re-wrapped onto a prev other than its signed base,
 a "create" of someone else's record, ops on top of invalid ops), ops that wait forever (a forged
 dep) and Byzantine but valid ops (equivocation, re-wraps of earlier requests, an owner's request
@@ -26,12 +26,16 @@ from formation.crdt.intents import version_of
 from formation.crdt.keys import PrivateKey, format_address, sha256
 from formation.crdt.kinds import Invalid
 from formation.crdt.op import Op, OpError, decode_op, make_op
+from formation.crdt.quotas import Quotas
 from formation.crdt.store import Store
 from tests.support import TS, Node, User, records_dump
 
 EXAMPLES = int(os.environ.get("FORMATION_PROPERTY_EXAMPLES", "25"))
 NOW_MS = (TS + 86_400) * 1000  # every store's clock: a day after the scenario, nothing is held
 BYZ_SECRET = b"\x66" * 32
+# small enough that concurrent creates go over them: which records are inert must not depend on
+# the order ops arrive in either
+SMALL_QUOTAS = Quotas(records={"model": 2, "dns": 1, "instance": 2, "agent": 2})
 
 
 def clock() -> int:
@@ -58,7 +62,7 @@ class Relayed:
 class Scenario:
     def __init__(self, seed: int, steps: int = 40):
         rnd = self.rnd = random.Random(seed)
-        self.nodes = [Node(Store(clock=clock), secret=bytes([i + 1]) * 32) for i in range(3)]
+        self.nodes = [Node(Store(clock=clock, quotas=SMALL_QUOTAS), secret=bytes([i + 1]) * 32) for i in range(3)]
         self.users = [User(bytes([i + 10]) * 32) for i in range(3)]
         self.ids: list[tuple[str, str]] = []  # (kind, id) of every record created
         self.relayed: list[Relayed] = []
@@ -130,9 +134,9 @@ class Scenario:
 
     def _byzantine(self) -> None:
         rnd = self.rnd
-        byz = Node(Store(clock=clock), secret=BYZ_SECRET)
+        byz = Node(Store(clock=clock, quotas=SMALL_QUOTAS), secret=BYZ_SECRET)
         victim = self.nodes[0]
-        view = Store(clock=clock)
+        view = Store(clock=clock, quotas=SMALL_QUOTAS)
         assert view.ingest(self.honest).rejected == []
         heads = view.heads()
         hlc = max(m.hlc for m in view.ops.values()) + 1
@@ -228,7 +232,7 @@ def deliver(wires: list[bytes], rnd: random.Random) -> Store:
     """A fresh replica fed the ops shuffled, partly duplicated, in random batches."""
     ops = wires + rnd.sample(wires, k=len(wires) // 3)
     rnd.shuffle(ops)
-    store = Store(clock=clock)
+    store = Store(clock=clock, quotas=SMALL_QUOTAS)
     i = 0
     while i < len(ops):
         n = rnd.randint(1, 8)
@@ -242,7 +246,7 @@ def rejected(store: Store) -> dict[bytes, str]:
 
 
 def fed(wires: list[bytes]) -> Store:
-    store = Store(clock=clock)
+    store = Store(clock=clock, quotas=SMALL_QUOTAS)
     res = store.ingest(wires)
     assert res.rejected == [] and res.pending == 0
     return store
@@ -321,14 +325,14 @@ def test_rewrapped_request_is_the_same_write():
     assert len(res.accepted) == len(sc.same_write) and res.rejected == []
     assert store.state_hash() == before and records_dump(store) == dump and len(store) == n + len(sc.same_write)
     # and a re-wrap that arrives before the op it copies is the write itself
-    first = Store(clock=clock)
+    first = Store(clock=clock, quotas=SMALL_QUOTAS)
     assert first.ingest(sc.same_write[:1] + sc.honest + sc.valid_extra + sc.same_write[1:]).rejected == []
     assert first.state_hash() == before
 
 
 def test_equivocating_author_cannot_split_replicas():
     sc = Scenario(seed=11)
-    a, b = Store(clock=clock), Store(clock=clock)
+    a, b = Store(clock=clock, quotas=SMALL_QUOTAS), Store(clock=clock, quotas=SMALL_QUOTAS)
     a.ingest(sc.honest + sc.valid_extra)
     b.ingest(sc.honest + list(reversed(sc.valid_extra)))
     assert a.state_hash() == b.state_hash()

@@ -38,7 +38,7 @@ from .auth import AuthError, ReplayGuard, Signed, check_headers, has_signature, 
 STATUS_OF_CODE = {
     "bad_field": 400, "bad_request": 400, "malformed": 400, "bad_key": 400,
     "unauthorized": 403, "not_found": 404, "conflict": 409, "replay": 409, "unknown_version": 409,
-    "bad_prev": 409, "too_early": 425,
+    "bad_prev": 409, "too_early": 425, "quota_exceeded": 402,
     "too_large": 413, "unprocessable": 422,
 }
 # the query parameters of a paged list (see `paged`)
