@@ -109,14 +109,33 @@ def passed_over(doubted: Mapping[str, set[str]], watching: set[str], instance_id
     return len(who) >= min(DOUBTERS_NEEDED, len(watching - {address}))
 
 
+def has_gpus(cap: dict, gpu: dict | None) -> bool:
+    """Whether a node's capacity holds the GPUs an instance asks for: as many as it asks that a
+    VM can be given, of the model it names (any model when it names none). GPUs are booked by
+    count (BOOKED): on a node with GPUs of two models, a booked GPU is not told apart by model."""
+    if not gpu:
+        return True
+    count, model = gpu.get("count", 0), gpu.get("model")
+    if model:
+        models = cap.get("gpu_models") or []
+        return isinstance(models, list) and models.count(model) >= count
+    return cap.get("gpus", 0) >= count
+
+
+def gpu_wish(gpu: dict | None) -> str:
+    if not gpu:
+        return "0 GPUs"
+    count, model = gpu.get("count", 0), gpu.get("model")
+    return f"{count} {model + ' ' if model else ''}GPU{'s' * (count != 1)} a VM can be given (VFIO)"
+
+
 def fits(node: dict, resources: dict) -> bool:
     cap = node.get("capacity") or {}
-    gpu = (resources.get("gpu") or {}).get("count", 0)
     return (cap.get("vms", True) is not False  # a node that runs no VMs says so
             and cap.get("vcpus", 0) >= resources.get("vcpus", 1)
             and cap.get("memory_mb", 0) >= resources.get("memory_mb", 0)
             and cap.get("disk_gb", 0) >= resources.get("disk_gb", 0)
-            and cap.get("gpus", 0) >= gpu)
+            and has_gpus(cap, resources.get("gpu")))
 
 
 # What placement books per node, in the instances' creation order: the node's advertised
@@ -209,12 +228,11 @@ def shortfall(instance: dict, placed: list[str], nodes: Iterable[dict], *, now_m
         return None
     live = candidates(nodes, [instance], statuses, now_ms=now_ms, stale_ms=stale_ms)
     res = instance.get("resources") or {}
-    gpus = (res.get("gpu") or {}).get("count", 0)
     needs = [("runs VMs", lambda c: c.get("vms", True) is not False),
              (f"{res.get('vcpus', 1)} vCPUs", lambda c: c.get("vcpus", 0) >= res.get("vcpus", 1)),
              (f"{res.get('memory_mb', 0)} MB of memory", lambda c: c.get("memory_mb", 0) >= res.get("memory_mb", 0)),
              (f"{res.get('disk_gb', 0)} GB of disk", lambda c: c.get("disk_gb", 0) >= res.get("disk_gb", 0)),
-             (f"{gpus} GPUs", lambda c: c.get("gpus", 0) >= gpus)]
+             (gpu_wish(res.get("gpu")), lambda c: has_gpus(c, res.get("gpu")))]
     got = f"{len(placed)} of {wanted} replicas placed"
     if not live:
         return f"{got}: no live node in the fog"

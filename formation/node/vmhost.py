@@ -13,7 +13,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import trio
@@ -23,9 +23,11 @@ from formation.pack.builder import Builder
 from formation.vm import network
 from formation.vm.backend import VmBackend
 from formation.vm.driver import QemuDriver
+from formation.vm.gpus import Gpu
 from formation.vm.kit import BootKit, KitError, ensure_kit
 from formation.vm.spec import VmSpec
 
+from . import capacity
 from .config import Config
 
 log = logging.getLogger("formation.vm")
@@ -146,16 +148,24 @@ class VmHost:
                 await self.driver.delete(vm_id)
 
     def spec_for(self, instance_id: str, ip: str, *, vcpus: int, memory_mb: int, image: Path,
-                 hostname: str, disk_gb: int | None = None) -> VmSpec:
+                 hostname: str, disk_gb: int | None = None, gpus: tuple[str, ...] = ()) -> VmSpec:
+        """`gpus`: PCI addresses from `pick_gpus`; a VM with GPUs is a q35 machine (PCI)."""
         assert self.kit is not None
         try:
             return VmSpec(vm_id=instance_id, kernel=self.kit.kernel, initrd=self.kit.initrd, image=image,
                           vcpus=vcpus, memory_mb=memory_mb, tap=network.tap_name(instance_id),
                           mac=network.mac_for(instance_id), ip_cidr=f"{ip}/{self.subnet.prefixlen}",
-                          gateway=str(self.gateway), hostname=hostname, machine=self.machine,
-                          bridge=self.bridge, disk_gb=disk_gb)
+                          gateway=str(self.gateway), hostname=hostname,
+                          machine="q35" if gpus else self.machine,
+                          bridge=self.bridge, disk_gb=disk_gb, gpus=gpus)
         except ValueError as exc:  # what the record allows and a VM cannot be (a version skew)
             raise VmUnavailable(f"cannot make a VM of this instance: {exc}") from None
+
+    def pick_gpus(self, gpu: dict, taken: set[str]) -> tuple[str, ...]:
+        """PCI addresses of the host GPUs (VFIO-ready) an instance asks for (`resources.gpu`:
+        count and model), none of them in `taken` (other local VMs'). VmUnavailable, saying
+        what is missing, when the host has too few free."""
+        return pick_gpus(capacity.host_gpu_list(), gpu, taken)
 
     def pick_ip(self, instance_id: str, taken: set[str]) -> str:
         return pick_address(self.subnet, instance_id, taken)
@@ -173,6 +183,19 @@ class VmHost:
     def vm_addresses(self) -> int:
         """How many VMs the subnet holds (what the node advertises; placement books one each)."""
         return address_count(self.subnet)
+
+
+def pick_gpus(host: Iterable[Gpu], gpu: dict, taken: set[str]) -> tuple[str, ...]:
+    count, model = int(gpu.get("count", 0)), gpu.get("model")
+    usable = [g for g in host if g.passthrough and (not model or capacity.gpu_model(g) == model)]
+    free = [g.pci for g in usable if g.pci not in taken]
+    if len(free) < count:
+        what = f"{count} {model + ' ' if model else ''}GPU{'s' * (count != 1)}"
+        raise VmUnavailable(
+            f"this node has {len(usable)} such GPU{'s' * (len(usable) != 1)} a VM can be given "
+            f"({len(usable) - len(free)} in use by other VMs); the instance asks {what}. A GPU is given to "
+            "VMs once its host binds it to vfio-pci with the IOMMU on (docs/vms.md, \"GPUs\")")
+    return tuple(free[:count])
 
 
 def address_count(subnet: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:

@@ -226,6 +226,8 @@ class QemuDriver:
         elif spec.user_net:
             cmd += ["-netdev", "user,id=n0", "-device",
                     f"virtio-net-{dev},netdev=n0,mac={spec.mac or network.mac_for(spec.vm_id)}"]
+        for addr in spec.gpus:  # bound to vfio-pci by the host's operator (gpus.py)
+            cmd += ["-device", f"vfio-pci,host={addr}"]
         if spec.netns:
             cmd = ["ip", "netns", "exec", spec.netns, *cmd]
         return cmd

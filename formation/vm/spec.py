@@ -12,6 +12,8 @@ from pathlib import Path
 # into a VM (QEMU itself takes up to 288 vCPUs)
 from formation.crdt.kinds.user_kinds import MAX_DISK_GB, MAX_VCPUS
 
+from .gpus import PCI_ADDRESS
+
 VM_ID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
 # a value that goes on the kernel command line as key=value: one word, no quotes
 CMDLINE_WORD_RE = re.compile(r"[A-Za-z0-9_.:/@+-]{1,253}")
@@ -49,9 +51,19 @@ class VmSpec:
     # the size of the VM's disk (its overlay's virtual size, in GiB): what the guest can write at
     # most; None: as big as the image (build VMs, tests)
     disk_gb: int | None = None
+    # PCI addresses of host GPUs given to the VM (VFIO passthrough: gpus.py); q35 machines only
+    gpus: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
+        object.__setattr__(self, "gpus", tuple(self.gpus))
+        for addr in self.gpus:
+            if not isinstance(addr, str) or not PCI_ADDRESS.fullmatch(addr):
+                raise ValueError(f"bad GPU PCI address {addr!r}: like 0000:01:00.0")
+        if self.gpus and self.machine != "q35":
+            raise ValueError("GPUs are given to q35 machines only (microvm has no PCI bus to put them on)")
+        if len(set(self.gpus)) != len(self.gpus):
+            raise ValueError("a GPU is given to a VM once")
         for name in ("kernel", "initrd", "image"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):

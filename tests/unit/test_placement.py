@@ -95,7 +95,7 @@ def test_shortfall_says_why_an_instance_is_not_placed():
     nodes = [node(0), node(1, gpus=1)]
     gpu4 = inst(1, replicas=1, gpu={"count": 4})
     assert shortfall(gpu4, place(gpu4, nodes, now_ms=NOW), nodes, now_ms=NOW) == \
-        "0 of 1 replicas placed: no live node has 4 GPUs"
+        "0 of 1 replicas placed: no live node has 4 GPUs a VM can be given (VFIO)"
     big = inst(2, replicas=1, memory_mb=10**6)
     assert "no live node has 1000000 MB of memory" in shortfall(big, [], nodes, now_ms=NOW)
     three = inst(3, replicas=3)

@@ -30,7 +30,8 @@ class Capacity(Record):
     vcpus: int = field(integer(0, 4096))
     memory_mb: int = field(integer(0, 2**40))
     disk_gb: int = field(integer(0, 2**30))
-    gpus: int = field(integer(0, 64), default=0)
+    gpus: int = field(integer(0, 64), default=0)  # GPUs a VM can be given (VFIO passthrough)
+    gpu_models: list = field(list_of(text(64, min_len=1), 64), factory=list)  # one per GPU: "H100", ...
     kvm: bool = field(boolean, default=False)
     vms: bool = field(boolean, default=True)  # false: the node runs no VMs (placement skips it)
     # how many VMs its subnet holds (placement books one address per replica); None: not said

@@ -87,7 +87,8 @@ SEARCH_SCHEMA = {
 # every record): the record nested in a field, the items of a list, the values of a map.
 NESTED = {"capacity": Capacity, "resources": Resources, "gpu": Gpu, "policy": Policy, "invite": Invite,
           "fog": Fog}
-ITEMS = {name: STRING for name in ("tags", "multiaddrs", "capabilities", "targets", "endpoints", "seen", "doubts", "reaches")}
+ITEMS = {name: STRING for name in ("tags", "multiaddrs", "capabilities", "targets", "endpoints", "seen", "doubts", "reaches",
+                                   "gpu_models")}
 VALUES = {"metadata": STRING, "authorized": {"type": "string", "enum": list(GRANTABLE)}}
 ENUMS = {"state": REPLICA_STATE}
 
