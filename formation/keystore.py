@@ -115,31 +115,36 @@ OPERATOR = "the operator keystore"
 
 
 def resolve_password(config_password_file: str | None, *, prompt: bool, confirm: bool,
-                     what: str = OPERATOR) -> str:
+                     what: str = OPERATOR, env_name: str = PASSWORD_ENV) -> str:
     """Where the password of the keystore `what` (named in the prompt and errors) comes from, in
-    order: FORMATION_PASSWORD, the password file named in formation.toml ([node] password_file,
-    the operator's only), an interactive prompt."""
-    env = os.environ.get(PASSWORD_ENV)
+    order: its environment variable (`env_name`: FORMATION_PASSWORD for the operator's, the
+    wallet's own for a user's wallet), the password file named in formation.toml ([node]
+    password_file, the operator's only), an interactive prompt."""
+    env = os.environ.get(env_name)
     if env is not None:
         if not env:
-            raise KeystoreError(f"{PASSWORD_ENV} is set but empty")
+            raise KeystoreError(f"{env_name} is set but empty")
         return env
     if config_password_file is not None:
         return _read_password_file(Path(config_password_file).expanduser())
     if prompt and stdin_is_tty():
         return _prompt(what, confirm)
-    ways = [f"set the {PASSWORD_ENV} environment variable"]
+    ways = [f"set the {env_name} environment variable"]
     if what == OPERATOR:
         ways.append("name a file holding it as password_file in the [node] section of "
                     "formation.toml")
     ways.append("run form in a terminal to be prompted")
-    raise KeystoreError(f"no password for {what}; provide one in one of "
+    other = ""
+    if env_name != PASSWORD_ENV and os.environ.get(PASSWORD_ENV):
+        other = (f" ({PASSWORD_ENV} is set, but it is the node operator key's password, never "
+                 f"used for {what})")
+    raise KeystoreError(f"no password for {what}{other}; provide one in one of "
                         f"{_COUNT[len(ways)]} ways: {', '.join(ways[:-1])}, or {ways[-1]}")
 
 
-def password_available(config_password_file: str | None = None) -> bool:
+def password_available(config_password_file: str | None = None, env_name: str = PASSWORD_ENV) -> bool:
     """Whether resolve_password can find a password (or ask for one) without failing."""
-    return bool(os.environ.get(PASSWORD_ENV) or config_password_file or stdin_is_tty())
+    return bool(os.environ.get(env_name) or config_password_file or stdin_is_tty())
 
 
 def stdin_is_tty() -> bool:

@@ -9,7 +9,7 @@ import ipaddress
 import json
 from pathlib import Path
 
-from formation.node.vmhost import VmUnavailable, address_count, pick_address
+from formation.node.vmhost import VmUnavailable, address_count, pick_address, pick_gpus
 from formation.vm import network
 from formation.vm.fake import FakeBackend
 from formation.vm.spec import VmSpec
@@ -48,13 +48,21 @@ class FakeVmHost:
     def disk_in_use(self) -> int:
         return 0  # its VMs have no disks
 
+    host_gpus: tuple = ()  # the fake host's GPUs (formation.vm.gpus.Gpu), for GPU placement tests
+
+    def gpus(self) -> tuple:
+        return self.host_gpus
+
+    def pick_gpus(self, gpu: dict, taken: set[str]) -> tuple[str, ...]:
+        return pick_gpus(self.host_gpus, gpu, taken)
+
     def spec_for(self, instance_id: str, ip: str, *, vcpus: int, memory_mb: int, image: Path,
-                 hostname: str, disk_gb: int | None = None) -> VmSpec:
+                 hostname: str, disk_gb: int | None = None, gpus: tuple[str, ...] = ()) -> VmSpec:
         try:
             return VmSpec(vm_id=instance_id, kernel=self.kernel, initrd=self.initrd, image=image,
                           vcpus=vcpus, memory_mb=memory_mb, tap=network.tap_name(instance_id),
                           ip_cidr=f"{ip}/{self.subnet.prefixlen}", gateway=str(next(self.subnet.hosts())),
-                          hostname=hostname, disk_gb=disk_gb)
+                          hostname=hostname, disk_gb=disk_gb, gpus=gpus, machine="q35" if gpus else "microvm")
         except ValueError as exc:  # as VmHost.spec_for says it
             raise VmUnavailable(f"cannot make a VM of this instance: {exc}") from None
 

@@ -1,6 +1,10 @@
 """Building an image on a node, for `form pack build` and `form pack ship`: the Formfile and its
 context folder checked and packed here, the build submitted, followed (its steps and log on
-stderr, a progress bar in a terminal) and, when it fails, reported with its Formfile line."""
+stderr, a progress bar in a terminal) and, when it fails, reported with its Formfile line.
+
+A node answers builds only once its VM side is up, a moment after it starts (the guest kernel
+kit, the bridge): a build sent before is answered 503 vms_starting, and is sent again once the
+node's /health says its VMs are on (waiting at most --vm-wait seconds, with a progress line)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from formation.pack.formfile import parse as parse_formfile
 PACK_BASE = "/v1/pack"
 CONTEXT_LIMIT = pack_context.DEFAULT_LIMIT  # bytes of packed context a node takes
 POLL_SECONDS = 0.5  # between two looks at a running build
+VM_WAIT_SECONDS = 600  # how long a build waits by default for the node's VM side to come up
+VM_POLL_SECONDS = 1.0  # between two looks at a node whose VMs are starting
 UPLOAD_TIMEOUT = 300.0  # seconds for POST /pack/build: the context may be tens of MiB
 BUILD_DONE = ("done", "failed")
 _STEP_RX = re.compile(r"--- step (\d+)/(\d+) \(line (\d+)\): (.*)")
@@ -88,27 +94,67 @@ def build_failure(status: dict, src: Source | None, *, tail_shown: bool = False)
     return CliError(f"{what} {verb}{where}: {first}", EXIT_FAILURE)
 
 
-def submit_build(ctx: Context, src: Source, *, quiet: bool) -> dict:
+def submit_build(ctx: Context, src: Source, *, quiet: bool, vm_wait: float = VM_WAIT_SECONDS) -> dict:
     ctx.key()  # a missing wallet or password is reported before the context is packed
     body = {"formfile": src.text, "context": src.packed_context()}
     if not quiet:
         output.note(f"sending {src.path} and the build context {src.folder.resolve()} "
                     f"({output.size(len(body['context']) * 3 // 4)}) to {ctx.node_url}")
     path = f"{PACK_BASE}/build"
-    with output.progress("sending the build", enabled=not quiet):
-        code, doc = ctx.post_doc(path, body, timeout=UPLOAD_TIMEOUT)
-        if code == 401 and doc.get("error") == "replay":
-            # the same build submitted twice in one second has the same signature (one use
-            # each): sign again in the next second
-            time.sleep(1.05 - time.time() % 1)
+    deadline = time.monotonic() + vm_wait
+    while True:
+        with output.progress("sending the build", enabled=not quiet):
             code, doc = ctx.post_doc(path, body, timeout=UPLOAD_TIMEOUT)
+            if code == 401 and doc.get("error") == "replay":
+                # the same build submitted twice in one second has the same signature (one use
+                # each): sign again in the next second
+                time.sleep(1.05 - time.time() % 1)
+                code, doc = ctx.post_doc(path, body, timeout=UPLOAD_TIMEOUT)
+        if not (code == 503 and doc.get("error") == "vms_starting"):
+            break
+        wait_for_vms(ctx, deadline, vm_wait, quiet=quiet)
     if code == 400 and doc.get("error") == "build_refused":
         raise build_failure({"failure": doc.get("failure") or {"message": doc.get("detail")}}, src)
+    if code == 503 and doc.get("error") == "vm_disabled":
+        raise vms_off(ctx, str(doc.get("detail", "")))
     if code >= 400:
         raise node_refused(code, str(doc.get("error", "http_error")), str(doc.get("detail", "")), "POST", path)
     if not quiet and doc.get("state") == "done":
         output.note(f"build {doc.get('build_id', '')[:16]}: built before, nothing to do (cache hit)")
     return doc
+
+
+def vms_off(ctx: Context, why: str) -> CliError:
+    """The node runs no VMs: why, and what to do."""
+    return CliError(f"the node at {ctx.node_url} runs no VMs, so it builds nothing ({why}); on that host run "
+                    "the node as root with QEMU installed (`sudo ./dev run` installs what it needs), or send the "
+                    "build to a node that runs VMs with --node URL", EXIT_FAILURE)
+
+
+def wait_for_vms(ctx: Context, deadline: float, vm_wait: float, *, quiet: bool) -> None:
+    """Wait until the node's VM side is on (its /health: vms.enabled), a line on stderr saying so
+    and a live one in a terminal; CliError when it turns off, or is not on by `deadline`."""
+    health = ctx.call("GET", "/v1/health", sign=False)
+    vms = health.get("vms") or {}
+    if not quiet and not vms.get("enabled"):
+        output.note(f"the node's VMs are starting ({vms.get('reason') or 'no reason given'}); waiting for "
+                    f"them, at most {max(0, deadline - time.monotonic()):.0f} s (--vm-wait)")
+    with output.progress("waiting for the node's VMs", enabled=not quiet) as bar:
+        while not vms.get("enabled"):
+            if not vms.get("starting"):
+                raise vms_off(ctx, str(vms.get("reason") or "no reason given"))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CliError(f"the node at {ctx.node_url} still has its VMs starting after {vm_wait:g} s "
+                               f"({vms.get('reason') or 'no reason given'}); its log says what it waits for "
+                               "(the terminal of `./dev run`, or `journalctl -u formation-node`); when `form "
+                               "node status` shows VMs on, run this command again (or give it a longer "
+                               "--vm-wait)", EXIT_FAILURE)
+            bar.update(f"waiting for the node's VMs: {vms.get('reason') or 'starting'}")
+            time.sleep(min(VM_POLL_SECONDS, left))
+            vms = ctx.call("GET", "/v1/health", sign=False).get("vms") or {}
+    if not quiet:
+        output.note("the node's VMs are on; sending the build again")
 
 
 def log_chunk(ctx: Context, bid: str, offset: int) -> tuple[str, int, str]:

@@ -1,5 +1,6 @@
 """`form manage`: the instances you own or are authorized on; list, get, authorize, transfer,
-delete|start|stop|restart, and each replica's address (get-ip), console (logs) and metrics."""
+delete|start|stop|restart|pause|resume, and each replica's address (get-ip), console (logs) and
+metrics."""
 
 from __future__ import annotations
 
@@ -83,8 +84,10 @@ def cmd_manage_action(args: argparse.Namespace) -> int:
     rid = check_id(args.id, "instance id")
     ctx = context(args)
     res = ctx.call("POST", f"{INSTANCE_BASE}/{rid}/{args.action}")
-    verb = {"delete": "deletion", "start": "start", "stop": "stop", "restart": "restart"}[args.action]
-    return output.report_write(ctx.json, res, f"{verb} of instance {rid} accepted; its nodes apply it shortly")
+    verb = {"delete": "deletion", "start": "start", "stop": "stop", "restart": "restart", "pause": "pause",
+            "resume": "resume"}[args.action]
+    return output.report_write(ctx.json, res, f"{verb} of instance {rid} accepted; its nodes apply it shortly "
+                                              f"(`form manage get {rid}` shows its replicas' states)")
 
 
 def cmd_manage_get_ip(args: argparse.Namespace) -> int:
@@ -180,5 +183,8 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     for action, help_ in (("delete", "delete an instance (owner only)"),
                           ("start", "start an instance's replicas (operator or above)"),
                           ("stop", "stop an instance's replicas (operator or above)"),
-                          ("restart", "restart an instance's replicas (operator or above)")):
+                          ("restart", "restart an instance's replicas (operator or above)"),
+                          ("pause", "pause an instance's VMs: they keep their memory, their vCPUs stop "
+                                    "(operator or above)"),
+                          ("resume", "run a paused instance's VMs on (operator or above)")):
         record_id(leaf(man, action, help_, cmd_manage_action, common, action=action))

@@ -71,7 +71,8 @@ def cmd_kit_init(args: argparse.Namespace) -> int:
     else:
         output.result(address)
         output.note(f"{'imported the key into' if args.import_key else 'created a new wallet in'} "
-                    f"{wallet}; keep its password safe, it cannot be recovered")
+                    f"{wallet}; keep its password safe, it cannot be recovered (scripts give it in "
+                    "FORM_WALLET_PASSWORD)")
         output.note(f"settings in {settings.path}; next: form account create --name NAME")
     return EXIT_OK
 
@@ -101,6 +102,7 @@ def register_kit(commands, common: argparse.ArgumentParser) -> None:
              common, description="Create a new wallet, or with --import-key encrypt a hex private "
                                  "key read from stdin, at CONFIG_DIR/wallet.json, and write "
                                  "CONFIG_DIR/config.toml (node, wallet). The password comes from "
-                                 "FORMATION_PASSWORD or a prompt. Prints the wallet's address.")
+                                 "FORM_WALLET_PASSWORD or a prompt (the node's FORMATION_PASSWORD "
+                                 "is not the wallet's). Prints the wallet's address.")
     p.add_argument("--import-key", action="store_true",
                    help="read a secp256k1 private key (64 hex digits) from stdin instead of making one")

@@ -4,8 +4,9 @@ reads, decrypts or creates it here, with the same password rules and messages.
 A KeyFile names the keystore (formation/keystore.py: scrypt + AES-256-GCM), what to call it in
 prompts and errors, the message when it is missing, and the exit code of any failure to read it:
 1 for the operator's key (`form key`, a node's own file), 2 for the wallet (a user's input, like a
-bad flag). The password comes from FORMATION_PASSWORD, [node] password_file (the operator's only)
-or a prompt.
+bad flag). The password comes from the key's own environment variable (FORMATION_PASSWORD for the
+operator's key, FORM_WALLET_PASSWORD for the wallet: a node's password never unlocks a wallet by
+accident), [node] password_file (the operator's only) or a prompt.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class KeyFile:
     exists: str  # the error when creating it over an existing one
     code: int  # exit code when it cannot be read, or is there already when creating it
     password_file: str | None = None
+    password_env: str = PASSWORD_ENV  # the environment variable that holds its password
+
+
+WALLET_PASSWORD_ENV = "FORM_WALLET_PASSWORD"  # the wallet's (a user's key), not the node's
 
 
 def operator_key(path: Path, password_file: str | None) -> KeyFile:
@@ -52,7 +57,8 @@ def read_key(kf: KeyFile) -> PrivateKey:
     if not kf.path.exists():
         raise CliError(kf.missing, kf.code)
     try:
-        password = resolve_password(kf.password_file, prompt=True, confirm=False, what=kf.what)
+        password = resolve_password(kf.password_file, prompt=True, confirm=False, what=kf.what,
+                                    env_name=kf.password_env)
         return load_keystore(kf.path, password)
     except KeystoreError as exc:
         raise CliError(str(exc), kf.code) from None
@@ -63,8 +69,8 @@ def read_key_if_unlockable(kf: KeyFile) -> PrivateKey | None:
     reads that anyone may make but that show more to a signer)."""
     if not kf.path.exists():
         return None
-    if not password_available(kf.password_file):
-        note(f"no password for {kf.what} ({PASSWORD_ENV} is not set): reading unsigned, so "
+    if not password_available(kf.password_file, kf.password_env):
+        note(f"no password for {kf.what} ({kf.password_env} is not set): reading unsigned, so "
              "private records are not shown")
         return None
     return read_key(kf)
@@ -79,7 +85,8 @@ def new_key(kf: KeyFile, *, import_hex: bool, prepare: Callable[[], None] = lamb
         raise CliError(kf.exists, kf.code)
     secret = read_hex_key(kf.code).secret if import_hex else None
     try:
-        password = resolve_password(kf.password_file, prompt=True, confirm=True, what=kf.what)
+        password = resolve_password(kf.password_file, prompt=True, confirm=True, what=kf.what,
+                                    env_name=kf.password_env)
     except KeystoreError as exc:
         raise CliError(str(exc), kf.code) from None
     prepare()

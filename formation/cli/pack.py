@@ -62,7 +62,7 @@ def cmd_pack_validate(args: argparse.Namespace) -> int:
 def cmd_pack_build(args: argparse.Namespace) -> int:
     src = Source(args)
     ctx = context(args)
-    st = build.submit_build(ctx, src, quiet=args.quiet)
+    st = build.submit_build(ctx, src, quiet=args.quiet, vm_wait=args.vm_wait)
     if args.wait and st.get("state") not in BUILD_DONE:
         st = build.follow_build(ctx, st, src, quiet=args.quiet)
     if ctx.json:
@@ -138,7 +138,10 @@ def _wait_running(ctx: Context, iid: str, timeout: float, *, quiet: bool) -> tup
             failed = [s for s in statuses if s.get("state") == "failed"]
             if failed:
                 s = failed[0]
-                return inst, f"the replica of instance {iid} on {s.get('node')} failed: {s.get('reason') or 'no reason given'}"
+                return inst, (f"the replica of instance {iid} on {s.get('node')} failed: "
+                              f"{s.get('reason') or 'no reason given'}; its console: `form manage logs {iid}` "
+                              f"(on that node: --node its API URL); fix the cause, then `form manage "
+                              f"restart {iid}`")
             if time.monotonic() > deadline:
                 states = ", ".join(f"{output.short(s.get('node'))} {s.get('state')}" for s in statuses) or "no replica reported"
                 return inst, (f"no replica of instance {iid} runs after {timeout:g} s ({states}); it stays "
@@ -158,7 +161,7 @@ def cmd_pack_ship(args: argparse.Namespace) -> int:
     if args.build_id:
         bid = check_id(args.build_id, "build id")
     else:
-        built = build.submit_build(ctx, src, quiet=args.quiet)
+        built = build.submit_build(ctx, src, quiet=args.quiet, vm_wait=args.vm_wait)
         if built.get("state") not in BUILD_DONE:
             built = build.follow_build(ctx, built, src, quiet=args.quiet)
         if built.get("state") == "failed":
@@ -224,6 +227,10 @@ def register(commands, common: argparse.ArgumentParser) -> None:
         p.add_argument("--formfile", metavar="PATH", help="the Formfile (default DIR/Formfile)")
         p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help=wait_help)
         p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+        p.add_argument("--vm-wait", metavar="SECONDS", type=int_in(0, 86400, "a number of seconds"),
+                       default=build.VM_WAIT_SECONDS,
+                       help="right after the node starts, its VMs are not up yet: how long to wait "
+                            f"for them before giving up (default {build.VM_WAIT_SECONDS})")
 
     p = leaf(pack, "build", "build an image from a Formfile on the node", cmd_pack_build, common,
              description="Check DIR/Formfile, pack DIR (the build context, at most "

@@ -7,7 +7,8 @@ Settings live in CONFIG_DIR/config.toml (CONFIG_DIR: --config-dir, else $FORM_CO
     node = "http://127.0.0.1:3004"     # the node's HTTP API
     wallet = "/home/me/.config/form/wallet.json"
 
-Every request is signed with the wallet's key (formation.client). A command gets its Context
+Every request is signed with the wallet's key (formation.client); the wallet's password comes
+from FORM_WALLET_PASSWORD or a prompt (never from the node's FORMATION_PASSWORD). A command gets its Context
 with `context(args)`; `main` closes it when the command ends.
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from formation.cli.keyfile import KeyFile, read_key, read_key_if_unlockable
+from formation.cli.keyfile import WALLET_PASSWORD_ENV, KeyFile, read_key, read_key_if_unlockable
 from formation.cli.output import EXIT_FAILURE, EXIT_UNREACHABLE, EXIT_USAGE, CliError, report_write
 from formation.client import ApiError, Client, sign_headers
 from formation.crdt.intents import MAX_BODY
@@ -64,7 +65,7 @@ class Settings:
                     f"wallet in {self.path})",
             exists=f"a wallet already exists at {wallet}; refusing to overwrite it (move it away "
                    "first, or use another --config-dir)",
-            code=EXIT_USAGE)
+            code=EXIT_USAGE, password_env=WALLET_PASSWORD_ENV)
 
     def write(self, values: dict) -> None:
         lines = ["# form: the user side of Formation (see `form --help`)"]
@@ -178,8 +179,9 @@ class Context:
             return CliError(f"bad node URL {self.node_url!r}: {exc}", EXIT_USAGE)
         return CliError(
             f"cannot reach the node at {self.node_url} ({_reason(exc)}); check that `form node` "
-            f"is running there and that its API listens on that address and port; the URL comes "
-            f"from --node, else node in {self.settings.path}, else {DEFAULT_NODE}",
+            f"is running there (`./dev run` starts one on this machine) and that its API listens "
+            f"on that address and port; the URL comes from --node, else node in "
+            f"{self.settings.path}, else {DEFAULT_NODE}",
             EXIT_UNREACHABLE)
 
     def close(self) -> None:
@@ -203,10 +205,21 @@ def close_context(args: argparse.Namespace) -> None:
         ctx.close()
 
 
+# what to do next, for the refusals whose detail cannot know it (it is the node's, not the CLI's)
+NEXT_STEP = {
+    "stale": "this machine's clock is off from the node's by more than 2 minutes: set it (e.g. "
+             "`sudo timedatectl set-ntp true`) and run the command again",
+    "too_early": "this machine's clock is ahead of the node's: set it (e.g. `sudo timedatectl "
+                 "set-ntp true`) and run the command again",
+    "internal": "the node's log has the details; please report it with the command you ran",
+}
+
+
 def node_refused(status: int, error: str, detail: str, method: str, path: str) -> CliError:
     detail = f": {detail}" if detail else ""
     verb = "failed" if status >= 500 else "refused"
-    return CliError(f"the node {verb}: {error}{detail} (HTTP {status} from {method} {path})",
+    step = f"; {NEXT_STEP[error]}" if error in NEXT_STEP else ""
+    return CliError(f"the node {verb}: {error}{detail} (HTTP {status} from {method} {path}){step}",
                     EXIT_FAILURE)
 
 

@@ -39,7 +39,7 @@ class Quotas:
         "instance": 64, "agent": 128, "model": 128, "dns": 256})  # live records per account
     replicas: int = 128  # replicas of an account's instances, in total
     vcpus: int = 256  # booked: each instance's vCPUs times its replicas, in total
-    memory_mb: int = 512 * 1024
+    memory_mb: int = 2 * 1024 * 1024  # two replicas of the largest instance (1 TiB each)
     disk_gb: int = 8 * 1024
 
 

@@ -29,8 +29,8 @@ DISK_RESERVE_SHARE = 0.05
 
 def detect(data_dir: Path, vms: Any = None, gpus: Iterable[host_gpus.Gpu] | None = None) -> dict:
     """The capacity a node record advertises. `vms`: the node's VM side (vmside.py); when it
-    has a VM host, its subnet's VM addresses are advertised too. `gpus`: the host's GPUs
-    (default: detected once per process); only those a VM can be given count."""
+    has a VM host, its subnet's VM addresses are advertised too, and the GPUs it can give VMs
+    (`gpus` overrides what it finds)."""
     pages = os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     page_size = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
     host = getattr(vms, "host", None)  # VmsStarting and VmsOn have one
@@ -38,7 +38,8 @@ def detect(data_dir: Path, vms: Any = None, gpus: Iterable[host_gpus.Gpu] | None
         "vcpus": os.cpu_count() or 1,
         "memory_mb": pages * page_size // (1024 * 1024),
         "disk_gb": vm_disk_gb(data_dir, host.disk_in_use() if host is not None else 0),
-        **gpu_capacity(host_gpu_list() if gpus is None else gpus),
+        # a node without a VM host gives no GPU to any VM
+        **gpu_capacity(gpus if gpus is not None else host.gpus() if host is not None else ()),
         # the same test the QEMU driver chooses its accelerator by: what the node advertises is
         # what its VMs get
         "kvm": kvm_problem() is None,

@@ -4,7 +4,7 @@ is a table row a test can check (tests/unit/test_planner.py).
 
 The scheduler (scheduler.py) gathers an `Observed` for each instance, calls `plan`, saves the
 replica memory it returns and carries out its actions in order. The lifecycle a replica reports
-(pending, building, booting, running, stopped, failed) follows from one classified event per
+(pending, building, booting, running, paused, stopped, failed) follows from one classified event per
 look, h11-style: `classify` names what the observation is, `TRANSITIONS` says what that event
 makes the replica report and which actions it takes; `plan` fills in the reasons.
 
@@ -33,6 +33,7 @@ class State(enum.StrEnum):
     BUILDING = "building"
     BOOTING = "booting"
     RUNNING = "running"
+    PAUSED = "paused"
     STOPPED = "stopped"
     FAILED = "failed"
 
@@ -45,10 +46,11 @@ class Desired:
     """The instance record's part the planner needs."""
 
     generation: int
-    running: bool  # desired_state is not "stopped"
+    running: bool  # desired_state is "running"
     build_id: str | None
     has_formfile: bool
     port: int | None = None  # the first EXPOSEd port: "running" waits until it answers
+    paused: bool = False  # desired_state is "paused": the VM keeps its memory, its vCPUs stopped
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class Observed:
     images: Images = Images()
     console: ServiceView | None = None  # None: not read (nothing new on it since the last look)
     answers: bool | None = None  # the port answered; None: not probed
+    paused: bool = False  # the VM is alive with its vCPUs stopped (looked at when pausing matters)
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,16 @@ class Boot:
 
 
 @dataclass(frozen=True)
+class Pause:
+    """Stop the VM's vCPUs; it keeps its memory (and its process, its tap, its address)."""
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Run a paused VM's vCPUs again."""
+
+
+@dataclass(frozen=True)
 class FetchContext:
     """Find the build context: the Formfile alone, kept here, or from a connected node."""
 
@@ -164,7 +177,7 @@ class Remove:
     """Delete the VM, its disk and tap, and withdraw this node's status of it."""
 
 
-Action = Report | Stop | Boot | FetchContext | StartBuild | Remove
+Action = Report | Stop | Boot | Pause | Resume | FetchContext | StartBuild | Remove
 
 
 # ---- the table --------------------------------------------------------------------------------
@@ -173,6 +186,10 @@ Action = Report | Stop | Boot | FetchContext | StartBuild | Remove
 class Event(enum.Enum):
     STOP_WANTED = "the owner stopped it, VM alive"
     STOPPED = "the owner stopped it, VM down"
+    PAUSE_WANTED = "the owner paused it, VM running"
+    PAUSED = "the owner paused it, VM paused"
+    PAUSED_DOWN = "the owner paused it, VM down: nothing to pause"
+    RESUME_WANTED = "the owner wants it running, VM paused"
     NO_IMAGE = "no image here and no Formfile to build one"
     IMAGE_BUILDING = "its image is being built"
     BUILD_FAILED = "its image's build failed"
@@ -195,6 +212,10 @@ class Event(enum.Enum):
 TRANSITIONS: dict[Event, tuple[State | None, tuple[type, ...]]] = {
     Event.STOP_WANTED: (State.STOPPED, (Stop,)),
     Event.STOPPED: (State.STOPPED, ()),
+    Event.PAUSE_WANTED: (State.PAUSED, (Pause,)),
+    Event.PAUSED: (State.PAUSED, ()),
+    Event.PAUSED_DOWN: (State.STOPPED, ()),
+    Event.RESUME_WANTED: (None, (Resume,)),  # the next look sees it run (and reports it running)
     Event.NO_IMAGE: (State.PENDING, ()),
     Event.IMAGE_BUILDING: (State.BUILDING, ()),
     Event.BUILD_FAILED: (State.FAILED, ()),
@@ -216,6 +237,10 @@ TRANSITIONS: dict[Event, tuple[State | None, tuple[type, ...]]] = {
 
 def classify(want: Desired, rep: Replica, obs: Observed) -> tuple[Event, Path | None]:
     """What this look at the replica is, and the image to boot when there is one."""
+    if want.paused:  # a paused VM is not booted, only paused where it runs
+        if not obs.alive:
+            return Event.PAUSED_DOWN, None
+        return (Event.PAUSED if obs.paused else Event.PAUSE_WANTED), None
     if not want.running:
         return (Event.STOP_WANTED if obs.alive else Event.STOPPED), None
     image, event = _image(want, rep, obs)
@@ -224,6 +249,8 @@ def classify(want: Desired, rep: Replica, obs: Observed) -> tuple[Event, Path | 
     if obs.alive:
         if rep.generation != want.generation:
             return Event.NEW_GENERATION, image
+        if obs.paused:
+            return Event.RESUME_WANTED, image
         return _service(want, rep, obs), image
     if rep.want_running and rep.generation == want.generation:
         if rep.crashed_at is not None and obs.now < rep.next_boot:
@@ -295,6 +322,10 @@ def plan(want: Desired, rep: Replica, obs: Observed) -> tuple[Replica, list[Acti
             assert image is not None
             reason = _boot(want, new, obs, crashed=event is Event.CRASHED)
             actions.append(Boot(image))
+        elif kind is Pause:
+            actions.append(Pause())
+        elif kind is Resume:
+            actions.append(Resume())
         elif kind is FetchContext:
             actions.append(FetchContext())
         elif kind is StartBuild:
@@ -347,6 +378,10 @@ def _reason(event: Event, want: Desired, rep: Replica, obs: Observed) -> str:
     im, bid = obs.images, (want.build_id or "?")[:12]
     if event in (Event.STOP_WANTED, Event.STOPPED):
         return "stopped by its owner"
+    if event in (Event.PAUSE_WANTED, Event.PAUSED):
+        return "paused by its owner (its VM keeps its memory; resume runs it on)"
+    if event is Event.PAUSED_DOWN:
+        return "paused by its owner, but no VM of it runs on this node to pause: resume (or start) boots one"
     if event is Event.NO_IMAGE:
         return f"image {bid} is not on this node, and the instance has no Formfile to build it from"
     if event is Event.IMAGE_BUILDING:

@@ -4,12 +4,14 @@ Desired: every instance whose placement (rendezvous hashing over live nodes, pla
 names this node, with its desired_state and generation. Each pass, for each such instance, the
 scheduler gathers what it observes (is the VM alive, where its image stands, what the guest's
 console says, does its port answer), asks the planner (planner.py, no IO) what to do, saves the
-replica's memory and carries the actions out: report a state, stop, boot, find a build context,
-start a build. A replica placed elsewhere now is made-before-broken (planner.retire): it keeps
-running until a node placed for it reports it running, is then stopped, and its VM, tap and
-overlay are deleted after a grace period (at once when the instance was deleted). After a node
-restart the VMs on the backend are adopted (QEMU runs daemonized, so they outlive the node).
-Every change of a replica's state is a signed instance_status op of this node.
+replica's memory and carries the actions out: report a state, stop, boot, pause, resume, find a
+build context, start a build. A paused instance's VMs keep their memory with their vCPUs stopped
+(QMP stop/cont); a node holding none of its VMs has nothing to pause and reports it stopped. A
+replica placed elsewhere now is made-before-broken (planner.retire): it keeps running until a
+node placed for it reports it running, is then stopped, and its VM, tap and overlay are deleted
+after a grace period (at once when the instance was deleted). After a node restart the VMs on
+the backend are adopted (QEMU runs daemonized, so they outlive the node). Every change of a
+replica's state is a signed instance_status op of this node.
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ class Scheduler:
         running = {(s["instance_id"], s["node"]) for s in view.statuses
                    if s.get("generation", 0) == generation.get(s["instance_id"])} - self._unverified
         expected = {(i["instance_id"], n): i.get("generation", 0) for i in view.instances
-                    if i.get("desired_state") != "stopped"
+                    if i.get("desired_state") == "running"  # stopped and paused ones run nowhere
                     for n in placements.get(i["instance_id"], []) if n != self.node.address}
         if self.doubts.observe(trio.current_time(), expected, running, set(generation)):
             log.info("doubts now: %s", self.doubts.published() or "none")
@@ -231,14 +233,17 @@ class Scheduler:
             rep = self.replicas[iid]
             rep, actions = planner.plan(want, rep, await self._observe(want, rep))
             await self._carry_out(inst, rep, actions)
-            if not any(isinstance(a, planner.FetchContext | planner.StartBuild) for a in actions):
+            if not any(isinstance(a, planner.FetchContext | planner.StartBuild | planner.Resume) for a in actions):
                 return
 
     async def _observe(self, want: Desired, rep: Replica) -> Observed:
         iid = rep.instance_id
         alive = self.backend.is_alive(iid)
-        obs = Observed(now=trio.current_time(), alive=alive, images=self._images(want, rep))
-        if not (alive and want.running and rep.generation == want.generation):
+        paused = False
+        if alive and (want.paused or rep.reported.get("state") == planner.State.PAUSED):
+            paused = (await self.backend.status(iid)).state == "paused"  # a QMP look, only then
+        obs = Observed(now=trio.current_time(), alive=alive, images=self._images(want, rep), paused=paused)
+        if paused or not (alive and want.running and rep.generation == want.generation):
             return obs
         size = self.backend.console_size(iid)
         if rep.reported.get("state") == planner.State.RUNNING and size == rep.console_size:
@@ -249,7 +254,7 @@ class Scheduler:
         if (want.port is not None and view.started and not view.exited_last
                 and rep.reported.get("state") != planner.State.RUNNING):
             answers = await self.reach(rep.ip, want.port)
-        return Observed(now=obs.now, alive=alive, images=obs.images, console=view, answers=answers)
+        return Observed(now=obs.now, alive=alive, images=obs.images, console=view, answers=answers, paused=False)
 
     # ---- health: probe this node's running replicas, report changes -------------------------
 
@@ -337,6 +342,12 @@ class Scheduler:
                 log.info("instance %s stopped (%s)", iid, how)
             elif isinstance(action, planner.Boot):
                 await self._boot(inst, rep, action.image)
+            elif isinstance(action, planner.Pause):
+                await self.backend.pause(iid)
+                log.info("instance %s paused", iid)
+            elif isinstance(action, planner.Resume):
+                await self.backend.resume(iid)
+                log.info("instance %s resumed", iid)
             elif isinstance(action, planner.FetchContext):
                 await self._fetch_context(inst, rep)
             elif isinstance(action, planner.StartBuild):
@@ -398,10 +409,19 @@ class Scheduler:
     async def _boot(self, inst: dict, rep: Replica, image: Path) -> None:
         iid = inst["instance_id"]
         res = inst.get("resources") or {}
+        existing = self.backend.spec_of(iid)
+        gpus: tuple[str, ...] = ()
+        if res.get("gpu"):
+            # the GPUs this VM had stay its own; others come from those no other local VM holds
+            taken = {a for v in self.backend.list() if v != iid
+                     for a in getattr(self.backend.spec_of(v), "gpus", ())}
+            kept = tuple(getattr(existing, "gpus", ()))
+            fits = len(kept) == res["gpu"].get("count") and not set(kept) & taken
+            gpus = kept if fits else self.vms.pick_gpus(res["gpu"], taken)
         spec = self.vms.spec_for(iid, rep.ip, vcpus=res.get("vcpus", 1),
                                  memory_mb=res.get("memory_mb", 512), image=image,
-                                 hostname=_hostname(inst.get("name") or iid), disk_gb=res.get("disk_gb", 5))
-        existing = self.backend.spec_of(iid)
+                                 hostname=_hostname(inst.get("name") or iid), disk_gb=res.get("disk_gb", 5),
+                                 gpus=gpus)
         if existing is not None and existing != spec:
             await self.backend.delete(iid)  # another image or size: start from a fresh overlay
         await self.backend.create(spec)
@@ -495,9 +515,9 @@ class Scheduler:
 
 def _desired(inst: dict) -> Desired:
     ports = exposed_ports(inst.get("formfile"))
-    return Desired(generation=inst["generation"], running=inst["desired_state"] != "stopped",
+    return Desired(generation=inst["generation"], running=inst["desired_state"] == "running",
                    build_id=inst.get("build_id") or None, has_formfile=bool(inst.get("formfile")),
-                   port=ports[0] if ports else None)
+                   port=ports[0] if ports else None, paused=inst["desired_state"] == "paused")
 
 
 def _build(status: dict | None) -> planner.Build | None:

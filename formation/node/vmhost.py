@@ -161,11 +161,15 @@ class VmHost:
         except ValueError as exc:  # what the record allows and a VM cannot be (a version skew)
             raise VmUnavailable(f"cannot make a VM of this instance: {exc}") from None
 
+    def gpus(self) -> tuple[Gpu, ...]:
+        """This host's GPUs (read once per process: a GPU is bound to vfio-pci before the node starts)."""
+        return capacity.host_gpu_list()
+
     def pick_gpus(self, gpu: dict, taken: set[str]) -> tuple[str, ...]:
         """PCI addresses of the host GPUs (VFIO-ready) an instance asks for (`resources.gpu`:
         count and model), none of them in `taken` (other local VMs'). VmUnavailable, saying
         what is missing, when the host has too few free."""
-        return pick_gpus(capacity.host_gpu_list(), gpu, taken)
+        return pick_gpus(self.gpus(), gpu, taken)
 
     def pick_ip(self, instance_id: str, taken: set[str]) -> str:
         return pick_address(self.subnet, instance_id, taken)

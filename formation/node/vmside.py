@@ -43,6 +43,8 @@ def runs_vms(side: VmSide) -> bool:
 
 
 def vm_status(side: VmSide) -> dict:
+    if isinstance(side, VmsStarting):  # a client may wait for it (`form pack ship` does)
+        return {"enabled": False, "starting": True, "reason": side.reason}
     if not isinstance(side, VmsOn):
         return {"enabled": False, "reason": side.reason}
     return {"enabled": True, "reason": "", **side.host.describe(), "replicas": len(side.scheduler.replicas)}

@@ -33,7 +33,14 @@ class VmBackend(Protocol):
     async def boot(self, vm_id: str) -> float: ...
 
     async def stop(self, vm_id: str, timeout: float = 30.0) -> str:
-        """Stop cleanly (power button), killing after `timeout`; says which it took."""
+        """Stop cleanly (power button), killing after `timeout`; says which it took. A paused VM
+        is resumed first (a paused guest cannot see the button)."""
+
+    async def pause(self, vm_id: str) -> None:
+        """Stop the running VM's vCPUs; it keeps its memory, process and tap (status: paused)."""
+
+    async def resume(self, vm_id: str) -> None:
+        """Run a paused VM's vCPUs again."""
 
     async def delete(self, vm_id: str) -> None:
         """The VM, its disk overlay and its tap, gone (stopping it first)."""

@@ -1,7 +1,8 @@
 """An in-memory VM backend (backend.VmBackend) for tests of what sits above the driver: no QEMU,
 no root, no bridge. Its VMs live in a dict; a boot prints the guest init's markers on the console
 at once (formation.guest's protocol), so a scheduler sees the service start on its next look.
-`crash` makes a VM's process end on its own; `events` records every lifecycle call in order.
+`crash` makes a VM's process end on its own; `events` records every lifecycle call in order; a
+paused VM is alive with its status "paused", as QEMU's is after QMP stop.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ BOOT_LOG = f"{guest.BOOT}\nguest init: mounting root\n{guest.SERVICE_START}\n"
 class FakeVm:
     spec: VmSpec
     alive: bool = False
+    paused: bool = False
     boots: int = 0
     console: str = ""
 
@@ -85,8 +87,24 @@ class FakeBackend:
         if vm is None or not vm.alive:
             return "stopped"
         self.events.append(("stop", vm_id))
-        vm.alive = False
+        vm.alive = vm.paused = False
         return "powerdown"
+
+    async def pause(self, vm_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        vm = self._vm(vm_id)
+        if not vm.alive:
+            raise VmError(f"VM {vm_id} is not running")
+        self.events.append(("pause", vm_id))
+        vm.paused = True
+
+    async def resume(self, vm_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        vm = self._vm(vm_id)
+        if not vm.alive:
+            raise VmError(f"VM {vm_id} is not running")
+        self.events.append(("resume", vm_id))
+        vm.paused = False
 
     async def delete(self, vm_id: str) -> None:
         await trio.lowlevel.checkpoint()  # as a real backend does: a cancel lands here
@@ -108,7 +126,9 @@ class FakeBackend:
         vm = self.vms.get(vm_id)
         if vm is None:
             return VmStatus("missing")
-        return VmStatus("running", 1) if vm.alive else VmStatus("stopped")
+        if not vm.alive:
+            return VmStatus("stopped")
+        return VmStatus("paused", 1, "paused") if vm.paused else VmStatus("running", 1, "running")
 
     async def metrics(self, vm_id: str) -> VmMetrics:
         if not self.is_alive(vm_id):
@@ -127,7 +147,8 @@ class FakeBackend:
 
     def crash(self, vm_id: str) -> None:
         """The VM's process exits on its own."""
-        self._vm(vm_id).alive = False
+        vm = self._vm(vm_id)
+        vm.alive = vm.paused = False
 
     def say(self, vm_id: str, text: str) -> None:
         """The guest prints `text` on its console."""

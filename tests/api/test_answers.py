@@ -22,7 +22,7 @@ from tests.api.conftest import status_of
 
 BUILD = "c" * 64
 # answered by the agent, whatever it says (the schema is {}): its refusals are checked below
-NOT_2XX = {"GET /v1/events", "POST /v1/agents/{id}/hire"}
+NOT_2XX = {"GET /v1/events", "POST /v1/agents/{id}/hire", "POST /v1/agents/{id}/run_task"}
 
 
 def key(n: int) -> PrivateKey:
@@ -70,9 +70,14 @@ async def test_every_answer_is_as_documented(vnode):
 
     full = {"model": {"name": "full", "version": "1", "context_length": 8192, "quantization": "q4",
                       "price_per_1k_tokens": 0.25, "weights_url": "https://w", "metadata": {"k": "v"},
-                      "is_private": True, "tags": ["chat"]},
+                      "is_private": True, "tags": ["chat"], "input_tokens_per_second": 50,
+                      "output_tokens_per_second": 20, "capabilities": ["chat"], "formfile_template": "NAME m\n",
+                      "resource_requirements": {"min_vcpus": 2, "requires_gpu": True, "min_vram_gb": 24,
+                                                "required_cpu_extensions": ["avx2"]}},
             "agent": {"name": "full", "build_id": BUILD, "port": 8080, "path": "/run", "capabilities": ["talk"],
-                      "price_per_request": 1, "metadata": {"k": "v"}, "tags": ["chat"]}}
+                      "price_per_request": 1, "metadata": {"k": "v"}, "tags": ["chat"], "tools": ["search"],
+                      "compatible_model_types": ["llm"], "preferred_models": ["m1"],
+                      "resource_requirements": {"min_memory_mb": 2048}, "formfile_template": "NAME a\n"}}
     for kind, base in (("model", "/v1/models"), ("agent", "/v1/agents")):
         rid = (await alice.post(base, full[kind]))["id"]
         await alice.put(f"{base}/{rid}", {"description": "updated"})
@@ -106,7 +111,7 @@ async def test_every_answer_is_as_documented(vnode):
     await alice.post(f"/v1/instance/{here}/update", {"description": "the web"})
     await alice.post("/v1/instance/update", {"instance_id": here, "tags": ["web"]})
     await alice.post(f"/v1/instance/{here}/authorize", {"address": addr(3), "level": "operator"})
-    for action in ("stop", "start", "restart"):
+    for action in ("stop", "start", "pause", "resume", "restart"):
         await client(3).post(f"/v1/instance/{here}/{action}")
     for iid in (here, gpu):
         await alice.get(f"/v1/instance/{iid}/get")
@@ -123,6 +128,12 @@ async def test_every_answer_is_as_documented(vnode):
     with pytest.raises(ApiError) as e:
         await alice.post(f"/v1/agents/{agent_id}/hire", {"q": 1})  # its owner runs no instance of it
     assert e.value.status == 503
+    with pytest.raises(ApiError) as e:
+        await alice.post(f"/v1/agents/{agent_id}/run_task", {"task": "x"})  # the same call
+    assert e.value.status == 503
+    with pytest.raises(ApiError) as e:
+        await alice.post("/v1/agents/nobody/run_task", {"task": "x"})
+    assert e.value.status == 404
     await bob.delete(f"/v1/agents/{agent_id}")
     await alice.post(f"/v1/instance/{gpu}/transfer", {"to": addr(2)})
     await bob.post(f"/v1/instance/{gpu}/delete")

@@ -37,7 +37,7 @@ def hello_image(tmp_path):
 
 
 def form(node, cfg: Path, *args: str, timeout: float = 600) -> dict:
-    env = {**os.environ, "FORM_CONFIG_DIR": str(cfg), "FORMATION_PASSWORD": "readme"}
+    env = {**os.environ, "FORM_CONFIG_DIR": str(cfg), "FORM_WALLET_PASSWORD": "readme"}
     proc = subprocess.run([sys.executable, "-m", "formation.cli", *args, "--node",
                            f"http://{node.api_ip}:3004", "--json"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)

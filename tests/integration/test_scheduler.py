@@ -1,6 +1,7 @@
 """The scheduler with real VMs: a `form node` process in its own network namespace builds an
 instance's image in a build VM, boots it, restarts it when its QEMU is killed, adopts it after
-a node restart, stops/starts it, reports a failing build, and deletes it without leftovers.
+a node restart, pauses/resumes it, stops/starts it, reports a failing build, and deletes it
+without leftovers.
 
 The node's API is reached over a veth pair into the namespace; the VMs' bridge and taps live in
 the namespace only, so nothing here touches the host's own network.
@@ -77,6 +78,15 @@ def test_instance_lifecycle_with_real_vms(node):
     assert node.qemu_pid(iid) == new_pid
     assert "fmtdeadbeef000" not in ip("-n", node.ns, "link").stdout
     assert len(list((node.data / "vms").iterdir())) == 1
+    assert http_get(node.ns, f"http://{rep['ip']}:8000/") == "hello-instance\n"
+
+    # pause (QMP stop: the same QEMU, its memory kept) and resume (QMP cont): it answers again
+    user.post(f"/v1/instance/{iid}/pause")
+    wait_replica(user, iid, lambda r: r["state"] == "paused", timeout=30, log=node.log_text)
+    assert user.get(f"/v1/instance/{iid}/metrics")["vm_state"] == "paused"
+    user.post(f"/v1/instance/{iid}/resume")
+    wait_replica(user, iid, lambda r: r["state"] == "running", timeout=30, log=node.log_text)
+    assert node.qemu_pid(iid) == new_pid
     assert http_get(node.ns, f"http://{rep['ip']}:8000/") == "hello-instance\n"
 
     # stop (graceful) and start again

@@ -435,7 +435,8 @@ async def test_an_admitted_member_lying_about_its_capacity_stops_no_honest_vm(tm
         # placed on the liar alone, by every node, and the liar reports it running.
         own = await honest.call("get", "node", honest.address)
         assert own["capacity"]["memory_mb"] < 1024 * 1024
-        big = await create_instance(honest, user, replicas=2, resources={"memory_mb": 1024 * 1024})
+        # (another account: the first one's instances and this one's 2 TiB pass its memory quota)
+        big = await create_instance(honest, User(b"\x94" * 32), replicas=2, resources={"memory_mb": 1024 * 1024})
         for n in fog:
             await wait_for(f"node {n.i} places the big instance", lambda n=n: placement(n, big), timeout=10)
             assert await placement(n, big) == {liar.address}

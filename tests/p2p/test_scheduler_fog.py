@@ -26,7 +26,7 @@ BID = "img-" + "ab" * 30  # a build id (HASH_ID) whose image every node holds
 
 
 class FogNode:
-    def __init__(self, i: int, root, bootstrap: list[str], invite: str = ""):
+    def __init__(self, i: int, root, bootstrap: list[str], invite: str = "", gpus: tuple = ()):
         self.i = i
         data = root / f"n{i}"
         data.mkdir()
@@ -38,6 +38,7 @@ class FogNode:
         self.runtime = open_node(cfg, PrivateKey(bytes([0x40 + i]) * 32), Store(str(data / "state.db")))
         self.vms = FakeVmHost(root / f"vmhost{i}", subnet=f"10.77.{i}.0/24")
         self.vms.add_image(BID)
+        self.vms.host_gpus = gpus
         self.builds = FakeBuilds()
         self.scheduler = Scheduler(self.runtime, self.vms, self.builds)
         self.runtime.vms = VmsOn(self.vms, self.builds, self.scheduler)  # its VMs are the fake's
@@ -78,16 +79,17 @@ class FogNode:
 
 
 @contextlib.asynccontextmanager
-async def open_fog(root, n: int = 3, *, timeout: float = 20.0):
+async def open_fog(root, n: int = 3, *, timeout: float = 20.0, gpus: dict[int, tuple] | None = None):
     """n in-process nodes, each bootstrapped from the ones before it, every one knowing all n
-    node records; schedulers started once the membership is complete."""
+    node records; schedulers started once the membership is complete. `gpus`: node index -> the
+    GPUs its (fake) VM host has."""
     nodes: list[FogNode] = []
     async with trio.open_nursery() as nursery:
         for i in range(n):
             boot = [a for m in nodes for a in m.runtime.p2p.addrs()]
             # node 0 makes the fog; each other node claims an invite of node 0's
             invite = (await nodes[0].runtime.create_invite(expires_s=600)).encode() if nodes else ""
-            node = FogNode(i, root, boot, invite)
+            node = FogNode(i, root, boot, invite, gpus=(gpus or {}).get(i, ()))
             await nursery.start(node.serve)
             nodes.append(node)
         with trio.fail_after(timeout):
@@ -406,3 +408,33 @@ async def test_the_http_probe_wants_a_status_below_500():
         assert not await _http_answers("127.0.0.1", ports[b""], "/")  # closed without a word
         assert not await _http_answers("127.0.0.1", free_port(), "/")  # nobody listens
         nursery.cancel_scope.cancel()
+
+
+async def test_a_gpu_instance_runs_where_the_gpu_is_with_it_and_a_second_one_is_told_why_not(tmp_path, no_taps):
+    from formation.node.api.records import _placement
+    from formation.vm.gpus import Gpu
+    h100 = Gpu("0000:41:00.0", "10de", "2330", "NVIDIA Corporation", "GH100 [H100 SXM5 80GB]", "12", "vfio-pci")
+    async with open_fog(tmp_path, 2, gpus={1: (h100,)}) as fog:
+        user = User(b"\x6a" * 32)
+        gpu = {"vcpus": 1, "memory_mb": 512, "disk_gb": 5, "gpu": {"count": 1, "model": "H100"}}
+        first = await create_instance(fog[0], user, replicas=1, resources=gpu)
+
+        async def running_on_the_gpu_node():
+            st = await fog[0].statuses(first)
+            return st.get(fog[1].address, {}).get("state") == "running" and len(st) == 1
+
+        await wait_for("the GPU instance running on the node with the GPU", running_on_the_gpu_node)
+        spec = fog[1].vms.driver.spec_of(first)
+        assert spec.gpus == ("0000:41:00.0",) and spec.machine == "q35"
+        await trio.sleep(1.1)  # created a second later (placement goes by signed second, then id)
+        second = await create_instance(fog[0], user, replicas=1, resources=gpu)
+
+        class Call:  # what _placement reads of an API call
+            runtime = fog[0].runtime
+
+        inst = await fog[0].call("get", "instance", second)
+        problem = (await _placement(Call, inst))["problem"]
+        assert "0 of 1 replicas placed" in problem and "GPUs" in problem, problem
+        await trio.sleep(1.5)  # a few scheduler passes: nobody runs it
+        assert await fog[0].statuses(second) == {} and await fog[1].statuses(second) == {}
+        assert fog[0].address not in (await fog[0].statuses(first))

@@ -27,7 +27,8 @@ IMPORT_HEX = "4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318"
 def cfg(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # ~/.config/form must not be touched
     monkeypatch.setenv("FORM_CONFIG_DIR", str(tmp_path / "cfg"))
-    monkeypatch.setenv("FORMATION_PASSWORD", PASSWORD)
+    monkeypatch.setenv("FORM_WALLET_PASSWORD", PASSWORD)
+    monkeypatch.delenv("FORMATION_PASSWORD", raising=False)  # the node's: never the wallet's
     # wallets made here unlock in ~1 ms instead of ~150 ms (the file records its own parameters)
     monkeypatch.setattr(keystore, "SCRYPT_PARAMS", {"n": 2**10, "r": 8, "p": 1})
     return tmp_path / "cfg"
@@ -85,6 +86,22 @@ async def test_kit_init_imports_a_key_from_stdin(form, cfg, monkeypatch, tmp_pat
     assert "does not hold a private key" in err and "not a key" not in err
 
 
+async def test_the_wallet_has_its_own_password_variable(form, cfg, monkeypatch):
+    await form("kit", "init")
+    # the node's password is set, the wallet's is not (and no terminal to ask in): not used, said so
+    monkeypatch.delenv("FORM_WALLET_PASSWORD")
+    monkeypatch.setenv("FORMATION_PASSWORD", PASSWORD)
+    _, _, err = await form("account", "get", code=2)
+    assert "no password for the wallet" in err and "FORM_WALLET_PASSWORD" in err
+    assert "FORMATION_PASSWORD is set, but it is the node operator key's password" in err
+    assert "password_file" not in err  # the operator's way only
+    _, _, err = await form("kit", "init", "--config-dir", str(cfg.parent / "c3"), code=2)
+    assert "FORM_WALLET_PASSWORD" in err and not (cfg.parent / "c3" / "wallet.json").exists()
+    monkeypatch.setenv("FORM_WALLET_PASSWORD", "")
+    _, _, err = await form("account", "get", code=2)
+    assert "FORM_WALLET_PASSWORD is set but empty" in err
+
+
 async def test_local_problems_exit_2(form, cfg, tmp_path, monkeypatch):
     _, _, err = await form("account", "get", code=2)
     assert "no wallet at" in err and "form kit init" in err
@@ -105,7 +122,7 @@ async def test_local_problems_exit_2(form, cfg, tmp_path, monkeypatch):
     (cfg / "config.toml").write_text('node = "http://127.0.0.1:3004"\nnod = "typo"\n')
     _, _, err = await form("node", "status", code=2)
     assert "unknown setting 'nod'" in err
-    monkeypatch.setenv("FORMATION_PASSWORD", "wrong")
+    monkeypatch.setenv("FORM_WALLET_PASSWORD", "wrong")
     (cfg / "config.toml").unlink()
     _, _, err = await form("account", "get", code=2)
     assert "wrong password" in err
@@ -222,6 +239,17 @@ async def test_user_commands_against_a_node(form, cfg, tmp_path):
         await form("manage", "authorize", iid, other, "operator")
         await form("manage", "start", iid, "--config-dir", other_cfg)
         assert (await form.json("manage", "get", iid))["desired_state"] == "running"
+        # pause and resume: an operator may; the answer carries the README's fields too
+        _, out, _ = await form("manage", "pause", iid, "--config-dir", other_cfg)
+        assert out.startswith(f"pause of instance {iid} accepted") and f"form manage get {iid}" in out
+        assert (await form.json("manage", "get", iid))["desired_state"] == "paused"
+        doc = await form.json("manage", "resume", iid)
+        assert doc["status"] == "REQUEST_RECEIVED" and doc["instanceId"] == iid
+        assert (await form.json("manage", "get", iid))["desired_state"] == "running"
+        await form("manage", "stop", iid)
+        _, _, err = await form("manage", "pause", iid, code=1)
+        assert "is stopped" in err and f"form manage start {iid}" in err
+        await form("manage", "start", iid)
         _, _, err = await form("manage", "delete", iid, "--config-dir", other_cfg, code=1)
         assert "needs level owner" in err
 

@@ -97,6 +97,9 @@ class Host:
     def vm_addresses(self) -> int:
         return self.addresses
 
+    def gpus(self) -> tuple:
+        return ()
+
 
 class Side:
     def __init__(self, host: Host):

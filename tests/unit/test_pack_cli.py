@@ -15,7 +15,7 @@ import trio
 from formation import keystore
 from formation.cli import build, pack
 from formation.dns.names import replica_name
-from formation.node.vmside import VmsOff
+from formation.node.vmside import VmsOff, VmsStarting
 from tests.api.test_workloads import vm_node
 from tests.unit.test_client_cli import PASSWORD, Runner
 
@@ -26,7 +26,8 @@ FORMFILE = "NAME web\nVCPU 2\nMEMORY 1024\nDISK 10\nCOPY app.txt /srv/app.txt\nR
 def cfg(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FORM_CONFIG_DIR", str(tmp_path / "cfg"))
-    monkeypatch.setenv("FORMATION_PASSWORD", PASSWORD)
+    monkeypatch.setenv("FORM_WALLET_PASSWORD", PASSWORD)
+    monkeypatch.delenv("FORMATION_PASSWORD", raising=False)
     monkeypatch.setattr(keystore, "SCRYPT_PARAMS", {"n": 2**10, "r": 8, "p": 1})
     monkeypatch.setattr(build, "POLL_SECONDS", 0.05)
     monkeypatch.setattr(pack, "SHIP_POLL_SECONDS", 0.05)
@@ -142,7 +143,50 @@ async def test_failed_and_refused_builds_exit_1(form, cfg, tmp_path, app_dir):
         # a node without VMs
         rt.vms = VmsOff("no /dev/kvm")
         _, _, err = await form("pack", "build", str(app_dir), code=1)
-        assert "vm_disabled" in err and "no /dev/kvm" in err and "HTTP 503" in err
+        assert "runs no VMs" in err and "no /dev/kvm" in err and "sudo ./dev run" in err and "--node" in err
+
+
+async def test_a_build_waits_for_the_nodes_vms_to_start(form, cfg, tmp_path, app_dir, monkeypatch):
+    """Right after `./dev run` starts, the node's VM side is not up: the build waits for it, says
+    so, and goes on once it is; a bounded wait that ends says what to do."""
+    monkeypatch.setattr(build, "VM_POLL_SECONDS", 0.05)
+    async with vm_node(tmp_path / "vm") as rt, trio.open_nursery() as nursery:
+        on = rt.vms
+        await form("kit", "init", "--node", rt.base_url)
+        rt.vms = VmsStarting(on.host)
+
+        async def come_up():
+            await trio.sleep(1.0)
+            rt.vms = on
+
+        nursery.start_soon(come_up)
+        doc = await form.json("pack", "build", str(app_dir))
+        assert doc["state"] == "done"
+        _, _, err = await form("pack", "build", str(app_dir), "--no-wait", code=0)  # on: no waiting
+        assert "starting" not in err
+
+        rt.vms = VmsStarting(on.host)
+        nursery.start_soon(come_up)
+        _, out, err = await form("pack", "build", str(app_dir))
+        assert "the node's VMs are starting (VMs are starting (guest kernel kit, bridge))" in err
+        assert "waiting for them, at most" in err and "the node's VMs are on; sending the build again" in err
+        assert "state" in out
+        # never up: the wait ends, saying what to look at and what to run then
+        rt.vms = VmsStarting(on.host)
+        _, out, err = await form("pack", "ship", str(app_dir), "--vm-wait", "1", code=1)
+        assert out == "" and "still has its VMs starting after 1 s" in err
+        assert "form node status" in err and "--vm-wait" in err
+        assert await rt.astore.list("instance", limit=10) == []  # nothing deployed
+        # it gives up starting VMs meanwhile: why, and what to do
+        rt.vms = VmsStarting(on.host)
+
+        async def give_up():
+            await trio.sleep(0.5)
+            rt.vms = VmsOff("VMs are off: no bridge")
+
+        nursery.start_soon(give_up)
+        _, _, err = await form("pack", "build", str(app_dir), code=1)
+        assert "runs no VMs" in err and "no bridge" in err
 
 
 async def _report(rt, states: list[tuple[str, str | None, str]], delay: float = 0.1):

@@ -19,8 +19,10 @@ from formation.node.planner import (
     FetchContext,
     Images,
     Observed,
+    Pause,
     Replica,
     Report,
+    Resume,
     StartBuild,
     State,
     Stop,
@@ -29,6 +31,7 @@ from formation.node.planner import (
 IMG = Path("/images/x/image.raw")
 BID = "b" * 64
 RUN = Desired(generation=1, running=True, build_id=BID, has_formfile=True, port=8000)
+PAUSE = replace(RUN, running=False, paused=True)
 STARTED = guest.read_service(f"{guest.BOOT}\n{guest.SERVICE_START}\n")
 EXITING = guest.read_service(f"{guest.BOOT}\n" + f"{guest.SERVICE_START}\nboom\n{guest.SERVICE_EXIT}3\n" * 3)
 IDLE = guest.read_service(f"{guest.BOOT}\n{guest.NO_ENTRYPOINT}\n")
@@ -111,6 +114,16 @@ TABLE = [
      Event.CRASH_LOOP, [Report], State.FAILED),
     ("recovered after a crash loop", RUN, rep("failed", **BOOTED), obs(alive=True, console=STARTED, answers=True),
      Event.SERVICE_UP, [Report], State.RUNNING),
+    ("pause a running VM", PAUSE, rep("running", **BOOTED), obs(alive=True),
+     Event.PAUSE_WANTED, [Pause, Report], State.PAUSED),
+    ("a VM found paused is reported paused", PAUSE, rep("booting", **BOOTED), obs(alive=True, paused=True),
+     Event.PAUSED, [Report], State.PAUSED),
+    ("paused, no VM here: nothing is booted to pause it", PAUSE, rep(), obs(),
+     Event.PAUSED_DOWN, [Report], State.STOPPED),
+    ("resume a paused VM", RUN, rep("paused", **BOOTED), obs(alive=True, paused=True),
+     Event.RESUME_WANTED, [Resume], None),
+    ("restart a paused VM", replace(RUN, generation=2), rep("paused", **BOOTED), obs(alive=True, paused=True),
+     Event.NEW_GENERATION, [Stop, Boot, Report], State.BOOTING),
 ]
 
 
@@ -150,6 +163,18 @@ def test_a_report_is_not_repeated():
     assert kinds(first) == [FetchContext]
     assert kinds(second) == [Report] and second[0].state is State.PENDING
     assert third == []
+
+
+def test_a_paused_replica_is_not_reported_again():
+    after, first = planner.plan(PAUSE, rep("running", **BOOTED), obs(alive=True))
+    assert kinds(first) == [Pause, Report] and "paused by its owner" in first[1].reason
+    again, second = planner.plan(PAUSE, after, obs(alive=True, paused=True))
+    assert second == [] and again.want_running  # booted and not stopped: its death is a crash
+    # resumed: the next look, the VM running, reads its console and reports it running
+    _, resumed = planner.plan(RUN, again, obs(alive=True, paused=True))
+    assert kinds(resumed) == [Resume]
+    _, running = planner.plan(RUN, again, obs(alive=True, console=STARTED, answers=True))
+    assert kinds(running) == [Report] and running[0].state is State.RUNNING
 
 
 def test_boot_remembers_generation_and_want():

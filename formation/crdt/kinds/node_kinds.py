@@ -129,7 +129,7 @@ class PeerKind(SelfRecordKind):
         return {"owner": value["address"], "type": None, "text": value["overlay_ip"]}
 
 
-STATES = ("pending", "building", "booting", "running", "stopped", "failed")
+STATES = ("pending", "building", "booting", "running", "paused", "stopped", "failed")
 # what the hosting node's own probe of a running replica says (docs/dns.md, "Health"); "unknown":
 # not probed (no EXPOSEd port, not running, or a record from before probes): it counts
 HEALTH = ("healthy", "unhealthy", "unknown")

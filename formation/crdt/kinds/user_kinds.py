@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..schema import (
     DESCRIPTION,
     METADATA,
     NAME,
+    OBJECT_ID,
     SLUG,
     TAGS,
     TIMESTAMP,
@@ -103,6 +105,9 @@ class Resources(Record):
     gpu: dict | None = field(optional(nested(Gpu)), default=None)
 
 
+DESIRED_STATES = ("running", "stopped", "paused")
+
+
 @dataclass(frozen=True, slots=True)
 class Instance(Record):
     instance_id: str = field(text(64, min_len=1))
@@ -112,7 +117,8 @@ class Instance(Record):
     formfile: str | None = field(optional(text(32 * 1024)), default=None)
     replicas: int = field(integer(1, 64), default=1)
     resources: dict = field(nested(Resources), factory=lambda: Resources().to_dict())
-    desired_state: str = field(one_of("running", "stopped"), default="running")
+    # paused: the VMs keep their memory with their vCPUs stopped (resume, or start, runs them on)
+    desired_state: str = field(one_of(*DESIRED_STATES), default="running")
     generation: int = field(integer(0, 2**62), default=0)  # bumped by restart
     tags: list = field(TAGS, factory=list)
     description: str = field(DESCRIPTION, default="")
@@ -128,7 +134,7 @@ class InstanceKind(OwnedKind):
     settable = frozenset({"name", "build_id", "formfile", "replicas", "resources", "tags", "description"})
     routes = owned_routes(
         "/instance", create=("POST", "/instance/create"), update=("POST", "/instance/{id}/update"),
-        delete=("POST", "/instance/{id}/delete"), extra=("start", "stop", "restart")) + (
+        delete=("POST", "/instance/{id}/delete"), extra=("start", "stop", "restart", "pause", "resume")) + (
         Route("POST", "/instance/update", "update"),)  # the original's form: id in the body
 
     def _lifecycle(self, intent: Intent, base: dict, **change) -> dict:
@@ -145,12 +151,90 @@ class InstanceKind(OwnedKind):
     def _restart(self, intent, key, base):
         return self._lifecycle(intent, base, desired_state="running", generation=base["generation"] + 1)
 
+    def _pause(self, intent, key, base):
+        self._not_stopped(intent, key, base, "pause", "pausing keeps a running VM's memory; a stopped one has none")
+        return self._lifecycle(intent, base, desired_state="paused")
+
+    def _resume(self, intent, key, base):
+        self._not_stopped(intent, key, base, "resume", "resume runs on a paused VM; start boots a stopped one")
+        return self._lifecycle(intent, base, desired_state="running")
+
+    def _not_stopped(self, intent: Intent, key: str, base: dict, what: str, why: str) -> None:
+        """Pause and resume act on VMs that exist: refused (after the level and body checks) on a
+        stopped instance, saying what to run instead. Both are idempotent otherwise."""
+        _need(self.name, base, intent.signer, "operator", f"{what.rstrip('e')}ing")
+        reject_fields(self.name, intent.body, frozenset(), frozenset())
+        if base["desired_state"] == "stopped":
+            raise Invalid("unprocessable", f"instance {key} is stopped, there is nothing to {what} ({why}): "
+                          f"start it with POST /instance/{key}/start (form manage start {key})")
+
     def index(self, value: dict) -> dict:
         return {"owner": value["owner"], "type": value.get("build_id"),
                 "text": " ".join([value["name"], value["description"], *value["tags"]])}
 
 
 # ---- models and agents ----------------------------------------------------------------------
+
+# The registry plan's fields (seeds/formation-registry-plan.md), bounded like every user value.
+MAX_VRAM_GB = 64 * 1024
+CAPABILITIES = list_of(text(64, min_len=1), 64, unique=True)
+# the plan's `tools: Vec<String>`: tool names (one line each, no markup)
+TOOLS = list_of(text(64, min_len=1, pattern=r"[A-Za-z0-9][A-Za-z0-9 ._:/+-]*",
+                     what="a tool name: letters, digits, spaces and . _ : / + -"), 64, unique=True)
+MODEL_TYPES = list_of(SLUG, 32, unique=True)  # an agent's compatible_model_types (model_type values)
+MODEL_IDS = list_of(OBJECT_ID, 32, unique=True)  # an agent's preferred_models (model ids)
+CPU_EXTENSIONS = list_of(text(32, min_len=1, pattern=r"[a-z0-9][a-z0-9._-]*",
+                              what="a lowercase CPU flag like avx2"), 32, unique=True)
+TOKENS_PER_SECOND = optional(integer(0, 2**32 - 1))
+FORMFILE_TEMPLATE = text(32 * 1024)
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceRequirements(Record):
+    """What a model or agent needs to run (the plan's Model/AgentResourceRequirements in one
+    record: an agent may name GPU needs too). Defaults: the plan's agent defaults."""
+
+    min_vcpus: int = field(integer(1, MAX_VCPUS), default=1)
+    recommended_vcpus: int = field(integer(1, MAX_VCPUS), default=1)
+    min_memory_mb: int = field(integer(64, 1024 * 1024), default=512)
+    recommended_memory_mb: int = field(integer(64, 1024 * 1024), default=1024)
+    min_disk_gb: int = field(integer(1, MAX_DISK_GB), default=5)
+    recommended_disk_gb: int = field(integer(1, MAX_DISK_GB), default=10)
+    requires_gpu: bool = field(boolean, default=False)
+    min_vram_gb: int | None = field(optional(integer(0, MAX_VRAM_GB)), default=None)
+    cuda_cores: int | None = field(optional(integer(0, 10**7)), default=None)
+    tensor_cores: int | None = field(optional(integer(0, 10**6)), default=None)
+    required_cpu_extensions: list = field(CPU_EXTENSIONS, factory=list)
+    required_cuda_version: str | None = field(optional(text(16, min_len=1, pattern=r"[0-9]+(\.[0-9]+){0,2}",
+                                                            what="a version like 12.1")), default=None)
+
+
+_PAIRED = ("vcpus", "memory_mb", "disk_gb")  # each has a min_ and a recommended_ field
+
+
+def requirements(v):
+    """A ResourceRequirements object whose minimums do not exceed what it recommends. Of a pair
+    given half, the other half follows it: a minimum above the default recommendation raises
+    the recommendation, a recommendation below the default minimum lowers the minimum."""
+    if isinstance(v, dict):
+        v = dict(v)
+        defaults = {f.name: f.default for f in dataclasses.fields(ResourceRequirements)}
+        for what in _PAIRED:
+            lo, hi = f"min_{what}", f"recommended_{what}"
+            if (lo in v) != (hi in v):
+                given = v.get(lo, v.get(hi))
+                if isinstance(given, int) and not isinstance(given, bool):
+                    if lo in v:
+                        v[hi] = max(given, defaults[hi])
+                    else:
+                        v[lo] = min(given, defaults[lo])
+    out = ResourceRequirements.normalize(v)
+    for what in _PAIRED:
+        if out[f"min_{what}"] > out[f"recommended_{what}"]:
+            raise ValueError(f"min_{what} ({out[f'min_{what}']}) is more than recommended_{what} "
+                             f"({out[f'recommended_{what}']})")
+    return out
+
 
 @dataclass(frozen=True, slots=True)
 class Model(Record):
@@ -165,8 +249,13 @@ class Model(Record):
     parameters: int = field(integer(0, 2**62), default=0)
     context_length: int | None = field(optional(integer(0, 2**40)), default=None)
     quantization: str | None = field(optional(text(32)), default=None)
+    input_tokens_per_second: int | None = field(TOKENS_PER_SECOND, default=None)
+    output_tokens_per_second: int | None = field(TOKENS_PER_SECOND, default=None)
     tags: list = field(TAGS, factory=list)
+    capabilities: list = field(CAPABILITIES, factory=list)
+    resource_requirements: dict | None = field(optional(requirements), default=None)
     formfile: str | None = field(optional(text(32 * 1024)), default=None)
+    formfile_template: str = field(FORMFILE_TEMPLATE, default="")
     weights_url: str | None = field(optional(text(2048)), default=None)
     weights_checksum: str | None = field(optional(text(128)), default=None)
     repository_url: str | None = field(optional(text(2048)), default=None)
@@ -190,8 +279,13 @@ class Agent(Record):
     runtime: str = field(SLUG, default="other")
     license: str = field(text(64), default="")
     tags: list = field(TAGS, factory=list)
-    capabilities: list = field(list_of(text(64, min_len=1), 64, unique=True), factory=list)
+    capabilities: list = field(CAPABILITIES, factory=list)
+    tools: list = field(TOOLS, factory=list)
+    compatible_model_types: list = field(MODEL_TYPES, factory=list)
+    preferred_models: list = field(MODEL_IDS, factory=list)
+    resource_requirements: dict | None = field(optional(requirements), default=None)
     formfile: str | None = field(optional(text(32 * 1024)), default=None)
+    formfile_template: str = field(FORMFILE_TEMPLATE, default="")
     build_id: str | None = field(optional(HASH_ID), default=None)
     port: int = field(integer(1, 65535), default=8000)  # where /agents/:id/hire proxies to
     path: str = field(text(256, min_len=1, pattern=r"/[^\s]*", what="a path starting with '/'"), default="/")

@@ -1,5 +1,6 @@
-"""Hiring an agent: POST /agents/{id}/hire sends the body to a running replica of the agent's
-build (this node's first) and streams the agent's answer back as it gave it, status included.
+"""Calling an agent: POST /agents/{id}/hire (and the original README's POST /agents/{id}/run_task)
+sends the body to a running replica of the agent's build (this node's first) and streams the
+agent's answer back as it gave it, status included.
 
 Who may send traffic to a VM (docs/api.md, "Hiring"): a hire is using the agent, so the caller
 needs the level that may use it, `operator` (read_only may read a private agent's record, not
@@ -8,12 +9,18 @@ holds `operator` or more count, so neither naming someone else's build nor a rea
 on their instance reaches their VMs. A replica whose node stopped sending heartbeats is not
 tried. The node's own refusals are {error, detail}: 403 not allowed, 404 no such agent, 409
 no_build, 503 no_replica, 502 agent_unreachable.
+
+run_task is the same call. Its id may also be, as the README says, "the buildId (the name you
+provided during instance creation)" with no agent registered: then the call goes to the
+caller's own instances of that name or build (those they may operate, the same level), to the
+first port their Formfile EXPOSEs, at path "/" (an agent record chooses another port and path).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+from dataclasses import dataclass
 
 import httpx
 import trio
@@ -52,24 +59,63 @@ HIRE_RESPONSES = {
 }
 
 
-async def _targets(call: Call, agent: dict) -> list[tuple[dict, str]]:
-    """(status, ip) of the running replicas of the agent's build that are not unhealthy
-    (names.counts, the DNS's rule), this node's first. Only the
-    instances its owner may act on count: naming someone else's build must not reach their VMs."""
+@dataclass(frozen=True)
+class Callee:
+    """Where a call goes: the instances whose running replicas may answer, the port (None: each
+    instance's first EXPOSEd port) and path, and how to name it in answers and headers."""
+
+    label: str  # "agent <id>", or "your instances named <name>"
+    instances: list[dict]
+    port: int | None
+    path: str
+    agent_id: str  # the X-Formation-Agent header ("" when no agent record is called)
+
+
+async def _agent_callee(call: Call, agent: dict) -> Callee:
+    """An agent the caller may call, with the instances of its build that its owner may operate:
+    naming someone else's build must not reach their VMs."""
+    aid = agent["agent_id"]
+    if agent.get("is_private") and level_of(agent, call.who) < LEVELS[HIRE_LEVEL]:
+        raise ApiError(403, "forbidden", f"hiring private agent {aid} needs level {HIRE_LEVEL} on it; "
+                                         f"{call.who} may only read it")
+    if not agent.get("build_id"):
+        raise ApiError(409, "no_build", f"agent {aid} has no build_id: its owner sets it to the build "
+                                        "its instances run (PUT /agents/{id} with build_id)")
     build = agent["build_id"]
     instances = [i for i in await call.runtime.astore.list("instance", type=build, limit=1000)
                  if level_of(i, agent["owner"]) >= LEVELS[HIRE_LEVEL]]
     if not instances:
-        raise ApiError(503, "no_replica", f"no instance runs build {build} of agent {agent['agent_id']} "
+        raise ApiError(503, "no_replica", f"no instance runs build {build} of agent {aid} "
                                           f"that the agent's owner may operate (level {HIRE_LEVEL} or more); "
                                           "its owner deploys one with `form pack ship`")
-    running: list[tuple[dict, str]] = []
+    return Callee(f"agent {aid} (build {build})", instances, agent["port"], agent["path"], aid)
+
+
+async def _visible_agent(call: Call, aid: str) -> dict | None:
+    agent = await call.runtime.astore.get("agent", aid)
+    if agent is None or not views.visible("agent", agent, call.who):
+        return None
+    why = await call.runtime.astore.over_quota("agent", aid)
+    if why:  # inert everywhere (crdt/quotas.py): it is not hired, and its owner is told why
+        raise ApiError(409, "over_quota", f"agent {aid} is over its creator's quota and takes no calls: {why}")
+    return agent
+
+
+async def _targets(call: Call, callee: Callee) -> list[tuple[dict, str, int]]:
+    """(status, ip, port) of the callee's running replicas that are not unhealthy (names.counts,
+    the DNS's rule), this node's first."""
+    running: list[tuple[dict, str, int]] = []
     states: list[str] = []
     scheduler = scheduler_of(call)
     subnets = await call.runtime.vm_subnets()
-    for inst in instances:
-        if agent["port"] not in exposed_ports(inst.get("formfile")):
-            states.append(f"{inst['instance_id']}: its Formfile does not EXPOSE port {agent['port']}, "
+    for inst in callee.instances:
+        exposed = exposed_ports(inst.get("formfile"))
+        port = callee.port if callee.port is not None else (exposed[0] if exposed else None)
+        if port is None:
+            states.append(f"{inst['instance_id']}: its Formfile EXPOSEs no port to send the call to")
+            continue
+        if port not in exposed:
+            states.append(f"{inst['instance_id']}: its Formfile does not EXPOSE port {port}, "
                           "the agent's port")
             continue
         statuses = await views.replica_statuses(call, inst["instance_id"])
@@ -88,10 +134,9 @@ async def _targets(call: Call, agent: dict) -> list[tuple[dict, str]]:
             if why:
                 states.append(f"{inst['instance_id']}@{s['node']}: {why}")
                 continue
-            running.append((s, ip))
+            running.append((s, ip, port))
     if not running:
-        raise ApiError(503, "no_replica", f"no running replica of agent {agent['agent_id']} (build "
-                                          f"{build}): " + "; ".join(states))
+        raise ApiError(503, "no_replica", f"no running replica of {callee.label}: " + "; ".join(states))
     running.sort(key=lambda t: t[0]["node"] != call.runtime.address)
     return running
 
@@ -120,29 +165,49 @@ def _url(ip: str, port: int, path: str) -> str:
 
 async def agent_hire(call: Call):
     aid = call.params["id"]
-    agent = await call.runtime.astore.get("agent", aid)
-    if agent is None or not views.visible("agent", agent, call.who):
+    agent = await _visible_agent(call, aid)
+    if agent is None:
         raise ApiError(404, "not_found", f"no agent {aid}")
-    if agent.get("is_private") and level_of(agent, call.who) < LEVELS[HIRE_LEVEL]:
-        raise ApiError(403, "forbidden", f"hiring private agent {aid} needs level {HIRE_LEVEL} on it; "
-                                         f"{call.who} may only read it")
-    if not agent.get("build_id"):
-        raise ApiError(409, "no_build", f"agent {aid} has no build_id: its owner sets it to the build "
-                                        "its instances run (PUT /agents/{id} with build_id)")
+    return await _call(call, await _agent_callee(call, agent))
+
+
+async def run_task(call: Call):
+    """The README's POST /agents/{id}/run_task: the hire of agent {id}; or, with no agent {id} the
+    caller may see, a call to the caller's own instances named (or built as) {id}."""
+    aid = call.params["id"]
+    agent = await _visible_agent(call, aid)
+    if agent is not None:
+        return await _call(call, await _agent_callee(call, agent))
+    mine = [i for i in await views.visible_rows(call, "instance", type=aid) + await views.instances_named(call, aid)
+            if level_of(i, call.who) >= LEVELS[HIRE_LEVEL]]
+    instances = list({i["instance_id"]: i for i in mine}.values())
+    if not instances:
+        raise ApiError(404, "not_found", f"no agent {aid}, and no instance named or built as {aid} that you "
+                                         f"may operate (level {HIRE_LEVEL} or more): register an agent with "
+                                         "`form agent register` (POST /agents) or deploy an instance with "
+                                         "`form pack ship` (POST /instance/create)")
+    return await _call(call, Callee(f"your instances named {aid}", instances, None, "/", ""))
+
+
+async def _call(call: Call, callee: Callee):
+    """Send the caller's body to the callee's first running replica that takes a connection;
+    stream its answer back as it gave it."""
     # any JSON the agent takes (not a record: no text policy), but parsed safely
     json_body(call.body, object_only=False, max_depth=HIRE_MAX_DEPTH, plain_text=False)
-    targets = await _targets(call, agent)
+    targets = await _targets(call, callee)
     deadline = trio.current_time() + HIRE_TIMEOUT
     client = httpx.AsyncClient(timeout=httpx.Timeout(HIRE_TIMEOUT, connect=HIRE_CONNECT_TIMEOUT))
     headers = {"Content-Type": call.headers.get("Content-Type") or "application/json",
-               "X-Formation-Agent": aid, "X-Formation-Caller": call.who or ""}
+               "X-Formation-Caller": call.who or ""}
+    if callee.agent_id:
+        headers["X-Formation-Agent"] = callee.agent_id
     failures = []
     resp = None
     served_by = ""
     try:
-        for target, ip in targets:
+        for target, ip, port in targets:
             served_by = target["node"]
-            url = _url(ip, agent["port"], agent["path"])
+            url = _url(ip, port, callee.path)
             req = client.build_request("POST", url, content=call.body, headers=headers)
             try:
                 with trio.fail_after(max(0.0, deadline - trio.current_time())):
@@ -160,17 +225,17 @@ async def agent_hire(call: Call):
         if resp is None:
             await client.aclose()
     if resp is None:
-        raise ApiError(502, "agent_unreachable", f"agent {aid} did not answer: " + "; ".join(failures))
+        raise ApiError(502, "agent_unreachable", f"{callee.label} did not answer: " + "; ".join(failures))
 
     async def relay():
         try:
             async for chunk in resp.aiter_bytes():
                 yield chunk
                 if trio.current_time() > deadline:
-                    log.warning("hire of agent %s: answer cut after %g s", aid, HIRE_TIMEOUT)
+                    log.warning("call of %s: answer cut after %g s", callee.label, HIRE_TIMEOUT)
                     break
         except httpx.HTTPError as exc:
-            log.warning("hire of agent %s: the answer broke off: %s", aid, exc)
+            log.warning("call of %s: the answer broke off: %s", callee.label, exc)
         finally:
             with trio.CancelScope(shield=True):
                 await resp.aclose()
@@ -190,5 +255,9 @@ def endpoints() -> list[Endpoint]:
     return [
         Endpoint("POST", "/agents/{id}/hire", "Call an agent: the body goes to a running replica, "
                  "its answer comes back", "required", agent_hire, body=HIRE_SCHEMA, tags=["agents"],
+                 answer={}, responses=HIRE_RESPONSES, max_body=HIRE_MAX_BODY),
+        Endpoint("POST", "/agents/{id}/run_task", "The original README's call of an agent: the hire of "
+                 "agent {id}, or (no such agent) a call to your own instances named or built as {id}, on "
+                 "their first EXPOSEd port at /", "required", run_task, body=HIRE_SCHEMA, tags=["agents"],
                  answer={}, responses=HIRE_RESPONSES, max_body=HIRE_MAX_BODY),
     ]

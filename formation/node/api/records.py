@@ -42,7 +42,7 @@ from .schemas import (
 )
 
 ASYNC_ACTIONS = {("instance", "create"), ("instance", "start"), ("instance", "stop"),
-                 ("instance", "restart"), ("instance", "delete")}
+                 ("instance", "restart"), ("instance", "delete"), ("instance", "pause"), ("instance", "resume")}
 
 
 def write_status(kind: str, action: str) -> int:
@@ -53,8 +53,8 @@ def write_status(kind: str, action: str) -> int:
 # ---- node -------------------------------------------------------------------------------------
 
 VM_STATUS = obj({"enabled": BOOLEAN, "reason": STRING},
-                {"accel": STRING, "machine": STRING, "bridge": STRING, "subnet": STRING, "replicas": COUNT,
-                 "kernel": nullable(STRING), "nat": BOOLEAN})
+                {"starting": BOOLEAN, "accel": STRING, "machine": STRING, "bridge": STRING, "subnet": STRING,
+                 "replicas": COUNT, "kernel": nullable(STRING), "nat": BOOLEAN})
 HEALTH = obj({"status": {"type": "string", "enum": ["healthy", "degraded"]}, "problems": array(STRING),
               "version": STRING, "address": {"type": "string", "pattern": "^0x[0-9a-fA-F]{40}$"},
               "peer_id": STRING, "ops": COUNT, "peers": COUNT, "vms": VM_STATUS})
@@ -86,9 +86,29 @@ def make_write(kind: str, action: str) -> Handler:
             op = await call.runtime.submit_request(call.signed.message, call.body, call.signed.signature)
         except OpError as exc:
             raise ApiError(STATUS_OF_CODE.get(exc.code, 400), exc.code, exc.detail) from None
-        return {"op_id": op.id.hex(), "kind": op.kind, "key": op.key, "id": op.key}, write_status(kind, action)
+        answer = {"op_id": op.id.hex(), "kind": op.kind, "key": op.key, "id": op.key}
+        if kind == "instance":
+            answer.update(await _seed_answer(call, op.key, action))
+        return answer, write_status(kind, action)
 
     return handler
+
+
+# The original README's answer to an instance write (seeds: "Creating the Agent Instance"),
+# given beside ours: its build id is the record's build_id, or (a create from a Formfile that
+# names no build: the node builds it) the instance's name, which GET /instance/{build_id}/
+# get_by_build_id finds too, as the README says.
+SEED_VERBS = {"create": "creation", "update": "update", "delete": "deletion", "authorize": "authorization",
+              "transfer": "transfer"}
+
+
+async def _seed_answer(call: Call, iid: str, action: str) -> dict:
+    value = await call.runtime.astore.get("instance", iid)
+    build = (value.get("build_id") or value.get("name")) if value else None
+    verb = SEED_VERBS.get(action, action)
+    later = " and is being processed" if ("instance", action) in ASYNC_ACTIONS else ""
+    return {"instanceId": iid, "buildId": build, "status": "REQUEST_RECEIVED",
+            "message": f"Instance {verb} request received{later}."}
 
 
 # ---- accounts and instances -------------------------------------------------------------------
@@ -122,6 +142,8 @@ async def instance_get(call: Call):
 async def _placement(call: Call, inst: dict) -> dict:
     """Where the fog places the instance now, and why it cannot place all of it (e.g. no node
     has the GPUs it asks for) instead of leaving it pending in silence."""
+    if inst.get("over_quota"):  # inert (crdt/quotas.py): no node places it
+        return {"nodes": [], "problem": f"not placed: {inst['over_quota']}"}
     view = await fogview.read(call.runtime, now_ms=int(time.time() * 1000),
                               stale_ms=stale_after_ms(call.runtime.config.node.heartbeat_seconds))
     placed = view.placements().get(inst["instance_id"], [])
@@ -129,7 +151,12 @@ async def _placement(call: Call, inst: dict) -> dict:
 
 
 async def instance_by_build(call: Call):
-    items = await views.visible_rows(call, "instance", type=call.params["build_id"])
+    """The instances of a build the caller may see: those whose build_id is the one asked, and
+    (the README's "build_id (the name you provided during creation)") those of that name."""
+    wanted = call.params["build_id"]
+    items = await views.visible_rows(call, "instance", type=wanted)
+    seen = {i["instance_id"] for i in items}
+    items += [i for i in await views.instances_named(call, wanted) if i["instance_id"] not in seen]
     return {"instances": items, "count": len(items)}, 200
 
 

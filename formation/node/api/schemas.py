@@ -20,7 +20,7 @@ from formation.crdt.kinds import get_kind, registry
 from formation.crdt.kinds.fog_kinds import Fog, Invite, Policy
 from formation.crdt.kinds.node_kinds import STATES, Capacity
 from formation.crdt.kinds.owned import GRANTABLE, OwnedKind
-from formation.crdt.kinds.user_kinds import Gpu, Resources
+from formation.crdt.kinds.user_kinds import DESIRED_STATES, Gpu, ResourceRequirements, Resources
 from formation.crdt.schema import address
 
 STRING = {"type": "string"}
@@ -86,11 +86,12 @@ SEARCH_SCHEMA = {
 # What the records' type hints cannot say, by field name (the same name means the same thing in
 # every record): the record nested in a field, the items of a list, the values of a map.
 NESTED = {"capacity": Capacity, "resources": Resources, "gpu": Gpu, "policy": Policy, "invite": Invite,
-          "fog": Fog}
-ITEMS = {name: STRING for name in ("tags", "multiaddrs", "capabilities", "targets", "endpoints", "seen", "doubts", "reaches",
-                                   "gpu_models")}
+          "fog": Fog, "resource_requirements": ResourceRequirements}
+ITEMS = {name: STRING for name in ("tags", "multiaddrs", "capabilities", "targets", "endpoints", "seen", "doubts",
+                                   "reaches", "tools", "compatible_model_types", "preferred_models",
+                                   "required_cpu_extensions", "gpu_models")}
 VALUES = {"metadata": STRING, "authorized": {"type": "string", "enum": list(GRANTABLE)}}
-ENUMS = {"state": REPLICA_STATE}
+ENUMS = {"state": REPLICA_STATE, "desired_state": {"type": "string", "enum": list(DESIRED_STATES)}}
 
 
 def _is_optional(tp) -> bool:
@@ -116,7 +117,7 @@ def fields_schema(record_cls, names) -> dict:
 
 def write_body_schema(kind, action: str) -> dict:
     """The body a write takes; the authoritative checks are the kind's, at the node."""
-    if action in ("delete", "start", "stop", "restart"):
+    if action in ("delete", "start", "stop", "restart", "pause", "resume"):
         return {"type": "object", "maxProperties": 0}
     if action == "authorize":
         return {"type": "object", "required": ["address"], "additionalProperties": False, "properties": {
@@ -180,6 +181,14 @@ def page_schema(name: str, item: dict, **extra: dict) -> dict:
     return obj({name: array(item), "count": COUNT, "limit": INTEGER, "offset": INTEGER, **extra})
 
 
+# What the original README's instance routes answer (seeds/formation-README.txt, "Creating the
+# Agent Instance"), beside our own keys: an instance write answers both (records.py).
+SEED_INSTANCE_ANSWER = {"instanceId": STRING, "buildId": nullable(STRING),
+                        "status": {"type": "string", "enum": ["REQUEST_RECEIVED"]}, "message": STRING}
+
+
 def write_result_schema(kind_name: str) -> dict:
-    """What a signed write answers: the op that carries it and the record it is about."""
-    return obj({"op_id": OP_ID, "kind": {"type": "string", "enum": [kind_name]}, "key": STRING, "id": STRING})
+    """What a signed write answers: the op that carries it and the record it is about (and, for
+    an instance, the README's fields)."""
+    ours = {"op_id": OP_ID, "kind": {"type": "string", "enum": [kind_name]}, "key": STRING, "id": STRING}
+    return obj({**ours, **(SEED_INSTANCE_ANSWER if kind_name == "instance" else {})})

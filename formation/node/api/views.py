@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from formation.crdt.kinds.owned import level_of
+from formation.crdt.schema import SLUG
 
 from ..placement import is_live, stale_after_ms
 from ..vmside import VmsOn
@@ -80,6 +81,16 @@ async def visible_rows(call: Call, kind: str, *, limit: int = 10_000, **filters)
     """The records of a kind the caller may see (each with its `record_version`)."""
     rows = await call.runtime.astore.list(kind, limit=limit, **filters)
     return [r for r in rows if visible(kind, r, call.who)]
+
+
+async def instances_named(call: Call, name: str) -> list[dict]:
+    """The instances the caller may see whose name is `name` (names are slugs: any other text
+    names none, and is not searched for)."""
+    try:
+        SLUG(name)
+    except ValueError:
+        return []
+    return [i for i in await visible_rows(call, "instance", text=name) if i["name"] == name]
 
 
 async def replica_statuses(call: Call, instance_id: str) -> list[dict]:

@@ -8,7 +8,8 @@
     GET  /instance/{id}/ips        signed: every replica's node, state and IP address
 
 Builds and consoles belong to the node's VM side (`runtime.vms`, node/vmside.py); a node
-that runs no VMs answers the build endpoints with 503 vm_disabled and has no replica to show.
+that runs no VMs answers the build endpoints with 503 vm_disabled and has no replica to show (503
+vms_starting while its VM side is starting, a moment after the node starts).
 Build status and logs live on the node that ran the build: ask the node you submitted to.
 """
 
@@ -23,7 +24,7 @@ import trio
 from formation.node.builds import BuildRefused, BuildService
 from formation.pack import context as pack_context
 
-from ..vmside import VmsOn
+from ..vmside import VmsOn, VmsStarting
 from . import views
 from .http import PAGING, ApiError, Call, Endpoint, int_arg, json_body, paged
 from .schemas import (
@@ -85,7 +86,8 @@ REPLICA_IPS = obj({"instance_id": STRING, "replicas": array(obj({
 NOT_HERE = {404: error_doc("no such instance, or no replica of it on this node (then `nodes` says where "
                            "its replicas are)", error_schema(nodes=array(obj({
                                "node": ADDRESS, "state": REPLICA_STATE, "api_url": nullable(STRING)}))))}
-VM_DISABLED = {503: error_doc("this node runs no VMs (vm_disabled)")}
+VM_DISABLED = {503: error_doc("this node runs no VMs (vm_disabled), or not yet: its VM side is starting "
+                              "(vms_starting, a moment after the node starts: ask again)")}
 # a refused build context: the limit it is over (pack/archive.py Limits; None when unsafe) and the entry
 CONTEXT_REFUSAL = {"limit": nullable(STRING), "entry": nullable(STRING)}
 
@@ -95,6 +97,9 @@ CONTEXT_REFUSAL = {"limit": nullable(STRING), "entry": nullable(STRING)}
 
 def _builds(call: Call) -> BuildService:
     side = call.runtime.vms
+    if isinstance(side, VmsStarting):  # a moment after the node starts: ask again shortly
+        raise ApiError(503, "vms_starting", f"this node's VM side is not up yet: {side.reason}; ask again "
+                                            "in a few seconds (GET /health says when: vms.enabled)")
     if not isinstance(side, VmsOn):
         raise ApiError(503, "vm_disabled", f"this node does not build images: {side.reason}")
     return side.builds
@@ -240,7 +245,9 @@ async def _not_here(call: Call, iid: str, what: str) -> tuple[dict, int]:
         where = f"; this node reports its replica {mine[0]['state']} but has no {what} of it"
     else:
         where = "; no node reports a replica of it yet"
-    if scheduler_of(call) is None:
+    if isinstance(call.runtime.vms, VmsStarting):
+        where += " (this node's VMs are starting: ask again shortly)"
+    elif scheduler_of(call) is None:
         where += " (this node runs no VMs)"
     return {"error": "not_found", "detail": f"no replica of instance {iid} on this node{where}",
             "nodes": hosts}, 404
