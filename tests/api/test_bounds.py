@@ -350,3 +350,46 @@ async def test_read_only_grants_cannot_send_traffic_to_the_vm(vnode):
         await owner.post(f"/v1/instance/{iid}/authorize", {"address": addr(22), "level": "operator"})
         assert (await reader.post(f"/v1/agents/{own}/hire", {"q": 4})) == {"echo": {"q": 4}}
         assert seen[-1][0] == "POST /admin/shutdown HTTP/1.1"
+
+
+# ---- uploads: refused from the head when the node cannot take them ------------------------------
+
+
+async def test_a_node_that_does_not_build_refuses_an_upload_from_its_head(node):
+    """Measured by the soak (docs/soak.md): a node without VMs read each ~89 MB build body and
+    checked its signature before it said 503; four at once took it from 111 to 484 MB."""
+    path = "/v1/pack/build"
+    r = await exchange(node, "POST", path, signed_for(key(4), "POST", path, BIG), length=BIG)  # no body sent
+    assert (r.status, r.json()["error"]) == (503, "vm_disabled") and r.sent == 0, r.body
+
+
+async def test_uploads_are_capped_at_once_per_source_and_in_all(vnode):
+    """A build upload holds a slot from its head to its answer: two per client address, four in
+    all; the next is 429 from its head, and a slot comes back when an upload ends."""
+    from formation.node.api.http import UPLOADS_PER_SOURCE
+    path = "/v1/pack/build"
+    port = int(vnode.base_url.rsplit(":", 1)[1])
+    held = []
+    try:
+        for n in range(UPLOADS_PER_SOURCE):  # heads sent, bodies held back: the node waits for them
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            h = signed_for(key(10 + n), "POST", path, BIG)
+            head = f"POST {path} HTTP/1.1\r\nHost: node\r\nContent-Length: {BIG}\r\n" + "".join(
+                f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n"
+            await stream.send_all(head.encode())
+            held.append(stream)
+        await trio.sleep(0.3)
+        r = await exchange(vnode, "POST", path, signed_for(key(20), "POST", path, BIG), length=BIG)
+        assert (r.status, r.json()["error"]) == (429, "too_many_uploads") and r.sent == 0, r.body
+        assert "uploads from 127.0.0.1 are under way" in r.json()["detail"]
+    finally:
+        for stream in held:
+            await stream.aclose()
+    # the slots come back once those connections end: the next upload is read (and judged on its body)
+    with trio.fail_after(10):
+        while True:
+            r = await exchange(vnode, "POST", path, signed_for(key(21), "POST", path, 10), body=10)
+            if r.status != 429:
+                break
+            await trio.sleep(0.1)
+    assert r.status == 400, r.body  # read and parsed: not JSON

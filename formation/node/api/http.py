@@ -160,6 +160,9 @@ class Endpoint:
     # bytes of request body the route takes (None: MAX_BODY, a signed write's limit; a GET takes
     # none). Checked before the body is read (`Admission`).
     max_body: int | None = None
+    # whether the node can serve the route now (ApiError when not, e.g. 503 while its VM side is
+    # off): asked before the body is read, so a node that cannot build reads no upload
+    ready: Callable[[Any], ApiError | None] | None = None
 
     @property
     def body_limit(self) -> int:
@@ -182,20 +185,57 @@ def too_large(ep: Endpoint, size: str) -> ApiError:
                                       f"{ep.body_limit} bytes")
 
 
+# Routes that take bodies over UPLOAD_BYTES (build contexts) are uploads: a request to one
+# holds an upload slot from its head to its answer, at most UPLOADS at once in all and
+# UPLOADS_PER_SOURCE per client address; without a free slot it is 429 before its body is read
+# (each may hold ~89 MB in memory: four unchecked at once took a node from 111 to 484 MB).
+UPLOAD_BYTES = 1024 * 1024
+UPLOADS = 4
+UPLOADS_PER_SOURCE = 2
+
+
+class UploadSlots:
+    def __init__(self, total: int = UPLOADS, per_source: int = UPLOADS_PER_SOURCE):
+        self.total, self.per_source = total, per_source
+        self.held: dict[str, int] = {}
+
+    def take(self, source: str) -> ApiError | None:
+        if sum(self.held.values()) >= self.total:
+            return ApiError(429, "too_many_uploads", f"this node takes {self.total} uploads at once and is "
+                                                     "taking them now; send it again in a moment")
+        if self.held.get(source, 0) >= self.per_source:
+            return ApiError(429, "too_many_uploads", f"{self.per_source} uploads from {source} are under way "
+                                                     "here; send the next when one has finished")
+        self.held[source] = self.held.get(source, 0) + 1
+        return None
+
+    def give_back(self, source: str) -> None:
+        left = self.held.get(source, 0) - 1
+        if left > 0:
+            self.held[source] = left
+        else:
+            self.held.pop(source, None)
+
+
 class Admission:
     """ASGI middleware: the checks a request's head decides, before any of its body is read.
 
     For a request to an endpoint of the table: a Content-Length over the endpoint's body limit
-    is 413, and (where the endpoint wants a signature) missing or malformed signature headers
-    are 401, answered at once; the app never runs and the node reads none of the body. Every
-    body, of any route, is counted as it arrives: past the limit the app gets an end of body,
-    the view answers 413 (TOO_LARGE in the scope), and the rest is never read.
+    is 413, (where the endpoint wants a signature) missing or malformed signature headers are
+    401, an endpoint the node cannot serve now (`Endpoint.ready`) answers its error, and an
+    upload without a free slot (`UploadSlots`) is 429: answered at once, the app never runs
+    and the node reads none of the body. Every body, of any route, is counted as it arrives:
+    past the limit the app gets an end of body, the view answers 413 (TOO_LARGE in the scope),
+    and the rest is never read.
     """
 
-    def __init__(self, inner, app: QuartTrio, routes: dict[str, Endpoint]):
+    def __init__(self, inner, app: QuartTrio, routes: dict[str, Endpoint], runtime: Any = None,
+                 uploads: UploadSlots | None = None):
         self.inner = inner
         self.app = app
         self.routes = routes  # Quart endpoint name -> Endpoint
+        self.runtime = runtime
+        self.uploads = uploads or UploadSlots()
 
     def endpoint(self, method: str, path: str) -> Endpoint | None:
         try:
@@ -215,6 +255,16 @@ class Admission:
         if ep is not None:
             headers = Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]])
             refused = self.refusal(ep, method, path_query_of(path, scope.get("query_string", b"")), headers)
+            if refused is None and ep.ready is not None:
+                refused = ep.ready(self.runtime)
+            if refused is None and limit > UPLOAD_BYTES:
+                source = (scope.get("client") or ("?",))[0]
+                refused = self.uploads.take(source)
+                if refused is None:
+                    try:
+                        return await self.inner(scope, _capped(receive, limit, scope), send)
+                    finally:
+                        self.uploads.give_back(source)
             if refused is not None:
                 await _answer(send, refused)
                 return
@@ -313,7 +363,7 @@ def build_app(runtime: ApiNode, table: list[Endpoint], *, document: dict) -> Qua
             name = f"ep{i}{prefix.replace('/', '_')}"
             routes[name] = ep
             app.add_url_rule(prefix + rule, name, bind(ep), methods=[ep.method])
-    app.asgi_app = Admission(app.asgi_app, app, routes)  # type: ignore[method-assign]
+    app.asgi_app = Admission(app.asgi_app, app, routes, runtime)  # type: ignore[method-assign]
 
     @app.route("/openapi.json")
     @app.route("/v1/openapi.json")

@@ -61,7 +61,7 @@ HEALTH = obj({"status": {"type": "string", "enum": ["healthy", "degraded"]}, "pr
 
 
 async def health(call: Call):
-    st = await call.runtime.status()
+    st = await call.runtime.status(full=False)
     problems = call.runtime.health_problems(len(st["connected"]), st["pending"])
     return {"status": "degraded" if problems else "healthy", "problems": problems,
             "version": st["version"], "address": st["address"], "peer_id": st["peer_id"], "ops": st["ops"],

@@ -95,14 +95,23 @@ CONTEXT_REFUSAL = {"limit": nullable(STRING), "entry": nullable(STRING)}
 # ---- builds -----------------------------------------------------------------------------------
 
 
-def _builds(call: Call) -> BuildService:
-    side = call.runtime.vms
+def _not_building(runtime) -> ApiError | None:
+    """Why this node takes no build now (None: it does). Asked from the request's head too
+    (Endpoint.ready), so a node that cannot build reads no upload."""
+    side = runtime.vms
     if isinstance(side, VmsStarting):  # a moment after the node starts: ask again shortly
-        raise ApiError(503, "vms_starting", f"this node's VM side is not up yet: {side.reason}; ask again "
-                                            "in a few seconds (GET /health says when: vms.enabled)")
+        return ApiError(503, "vms_starting", f"this node's VM side is not up yet: {side.reason}; ask again "
+                                             "in a few seconds (GET /health says when: vms.enabled)")
     if not isinstance(side, VmsOn):
-        raise ApiError(503, "vm_disabled", f"this node does not build images: {side.reason}")
-    return side.builds
+        return ApiError(503, "vm_disabled", f"this node does not build images: {side.reason}")
+    return None
+
+
+def _builds(call: Call) -> BuildService:
+    refused = _not_building(call.runtime)
+    if refused is not None:
+        raise refused
+    return call.runtime.vms.builds
 
 
 def _context_limit(builds) -> int:
@@ -291,7 +300,7 @@ def endpoints() -> list[Endpoint]:
     return [
         Endpoint("POST", "/pack/build", "Build an image from a Formfile and a context (signed, one use)",
                  "required", pack_build, body=BUILD_SCHEMA, ok=202, tags=["pack"], write=True, answer=BUILD_STATUS,
-                 max_body=MAX_UPLOAD,
+                 max_body=MAX_UPLOAD, ready=_not_building,
                  responses={200: {"description": "already built (a cache hit)", "content": {
                      "application/json": {"schema": BUILD_STATUS}}},
                      400: error_doc("bad input, or the build is refused (build_refused: `failure` says where; "
