@@ -291,13 +291,7 @@ class DevFog:
         pid = self.nodes[i].pid
         if pid is None or not self.nodes[i].running:
             return None
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        except OSError:
-            return None
-        return None
+        return process_rss_kb(pid)
 
     # ---- waiting ------------------------------------------------------------------------
 
@@ -435,6 +429,17 @@ class DevFog:
                  "dns_port": n.dns_port, "proxy_port": n.proxy_port,
                  "data_dir": str(n.data_dir), "log": str(n.log_path), "pid": n.pid,
                  "running": n.running} for n in self.nodes]
+
+
+def process_rss_kb(pid: int) -> int | None:
+    """A process's resident set size in kB (VmRSS), None when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 def _local_addr(status: Mapping[str, Any]) -> str:

@@ -57,7 +57,7 @@ from formation.client import ApiError, AsyncClient, sign_headers
 from formation.crdt.hlc import from_ms
 from formation.crdt.intents import canonical_message
 from formation.crdt.keys import PrivateKey, parse_signature, sha256
-from formation.devfog import DevFog
+from formation.devfog import DevFog, process_rss_kb
 
 MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parents[1]
@@ -483,14 +483,7 @@ async def _stop_helper(proc) -> None:
     await proc.stdout.aclose()
 
 
-def _rss_kb(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+_rss_kb = process_rss_kb
 
 
 async def _sample_main(out: Path, interval: float, timeout: float, targets: list[str]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shlex
 import shutil
 import tarfile
@@ -325,25 +326,59 @@ def _stage(ff: Formfile, context_dir: Path, root: Path) -> list[_Planned]:
     q = shlex.quote
     for u in ff.users:
         planned.append(_Planned(0, "USER", f"user {u.username}", _user_script(u)))
+    cwd, env = "/", Environments()
     for i, s in enumerate(ff.steps):
-        planned.append(_step_plan(i, s, context_dir, build))
+        if s.kind == "WORKDIR":
+            cwd = s.args[0]
+        elif s.kind == "ENV":
+            s = Step("ENV", (s.args[0], s.args[1], env.set(*s.args)), s.line)
+        planned.append(_step_plan(i, s, context_dir, build, cwd))
     etc = root / "etc/formation"
     etc.mkdir(parents=True, exist_ok=True)
     (etc / "workdir").write_text(ff.workdir + "\n")
     if ff.entrypoint:
         (etc / "entrypoint").write_text("exec " + " ".join(q(a) for a in ff.entrypoint) + "\n")
-    planned.append(_Planned(0, "WORKDIR", f"workdir {ff.workdir}", f"mkdir -p {q(ff.workdir)}"))
     if any(p.instruction in ("INSTALL", "USER") for p in planned):
         planned.append(_Planned(0, "CLEAN", "clean the apt cache", "apt-get clean"))
     _write_steps(build / "steps.sh", planned)
     return planned
 
 
-def _step_plan(i: int, s: Step, context_dir: Path, build: Path) -> _Planned:
+# What a variable holds before any ENV names it (Debian's login PATH), for ENV's $VAR expansion.
+BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+_VAR = re.compile(r"\\\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+class Environments:
+    """ENV's values as the Formfile's steps set them, per scope: `$VAR` and `${VAR}` in a value
+    are expanded when the image is planned (as Docker's ENV does), against what the scope holds
+    so far: the system scope's variables (BASE_ENV before any ENV), and for a user:<name> or
+    service:<name> scope its own on top. A variable nothing set is empty; a backslash before a
+    `$` makes it a plain `$`."""
+
+    def __init__(self):
+        self.scopes: dict[str, dict[str, str]] = {"system": dict(BASE_ENV)}
+
+    def set(self, scope: str, key: str, value: str) -> str:
+        seen = {**self.scopes["system"], **self.scopes.get(scope, {})}
+
+        def sub(m: re.Match) -> str:
+            if m.group(0) == "\\$":
+                return "$"
+            return seen.get(m.group(1) or m.group(2), "")
+
+        expanded = _VAR.sub(sub, value)
+        self.scopes.setdefault(scope, {})[key] = expanded
+        return expanded
+
+
+def _step_plan(i: int, s: Step, context_dir: Path, build: Path, cwd: str = "/") -> _Planned:
     q = shlex.quote
-    if s.kind == "RUN":
+    if s.kind == "RUN":  # in the WORKDIR before it, as the README's examples expect
         return _Planned(s.line, "RUN", s.args[0],
-                        f"cd {q('/')} && /bin/sh -c {q(s.args[0])}")
+                        f"cd {q(cwd)} && /bin/sh -c {q(s.args[0])}")
+    if s.kind == "WORKDIR":
+        return _Planned(s.line, "WORKDIR", f"workdir {s.args[0]}", f"mkdir -p {q(s.args[0])}")
     if s.kind == "INSTALL":
         return _Planned(s.line, "INSTALL", "install " + " ".join(s.args),
                         "apt-get install -y --no-download --no-install-recommends "

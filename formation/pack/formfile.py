@@ -9,6 +9,7 @@ thing, so two spellings of one Formfile have one canonical text (and one build h
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import re
@@ -23,7 +24,7 @@ LIMITS = {"vcpu": (1, MAX_VCPUS), "memory_mb": (512, 256_000), "disk_gb": (5, MA
 ALIASES = {"CPU": "VCPU", "CORES": "VCPU", "MEM": "MEMORY", "MBS": "MEMORY", "STORAGE": "DISK"}
 INSTRUCTIONS = ("NAME", "DESCRIPTION", "MODEL", "USER", "VCPU", "MEMORY", "DISK", "GPU", "COPY",
                 "RUN", "INSTALL", "ENV", "WORKDIR", "ENTRYPOINT", "EXPOSE")
-SINGLE = frozenset({"NAME", "DESCRIPTION", "MODEL", "VCPU", "MEMORY", "DISK", "WORKDIR", "ENTRYPOINT"})
+SINGLE = frozenset({"NAME", "DESCRIPTION", "MODEL", "VCPU", "MEMORY", "DISK", "ENTRYPOINT"})
 USER_FIELDS = ("username", "passwd", "ssh_authorized_keys", "lock_passwd", "sudo", "ssh_pwauth",
                "disable_root", "chpasswd_expire", "groups", "shell")
 _BOOLS = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False, "off": False}
@@ -58,8 +59,9 @@ class User:
 class Step:
     """A build step, in Formfile order: RUN, COPY, INSTALL or ENV."""
 
-    kind: str  # "RUN" | "COPY" | "INSTALL" | "ENV"
-    args: tuple[str, ...]  # RUN: (command,); COPY: (src, dest); INSTALL: packages; ENV: (scope, key, value)
+    kind: str  # "RUN" | "COPY" | "INSTALL" | "ENV" | "WORKDIR"
+    # RUN: (command,); COPY: (src, dest); INSTALL: packages; ENV: (scope, key, value); WORKDIR: (path,)
+    args: tuple[str, ...]
     line: int = field(default=0, compare=False)
 
 
@@ -74,7 +76,7 @@ class Formfile:
     gpus: tuple[tuple[str, int], ...] = ()
     users: tuple[User, ...] = ()
     steps: tuple[Step, ...] = ()
-    workdir: str = "/"
+    workdir: str = "/"  # the last WORKDIR: where the ENTRYPOINT runs (each RUN runs in the one before it)
     entrypoint: tuple[str, ...] = ()
     expose: tuple[int, ...] = ()
 
@@ -127,12 +129,12 @@ def parse(text: str, *, source: str = "Formfile") -> Formfile:
             _apply(instr, arg, no, values)
         except ValueError as exc:
             errors.append((no, f"{word}: {exc}"))
-    if "NAME" not in seen and not any("NAME" in m for _, m in errors):
-        errors.append((0, "NAME is required (e.g. 'NAME my-agent')"))
     if errors:
         raise FormfileError(sorted(errors), source)
     return Formfile(
-        name=values["name"], description=values.get("description", ""), model=values.get("model"),
+        # as the original: a Formfile without NAME gets one (from its text, so the same file
+        # gets the same name, and the same image id)
+        name=values.get("name") or "formfile-" + hashlib.sha256(text.encode()).hexdigest()[:8], description=values.get("description", ""), model=values.get("model"),
         vcpu=values.get("vcpu", 1), memory_mb=values.get("memory_mb", 512), disk_gb=values.get("disk_gb", 5),
         gpus=tuple(values["gpus"]), users=tuple(values["users"]), steps=tuple(values["steps"]),
         workdir=values.get("workdir", "/"), entrypoint=tuple(values.get("entrypoint", ())),
@@ -203,6 +205,7 @@ def _apply(instr: str, arg: str, no: int, v: dict) -> None:
         if not arg.startswith("/") or any(p in (".", "..") for p in arg.split("/")):
             raise ValueError(f"{arg!r} must be an absolute path without '.' or '..'")
         v["workdir"] = posixpath.normpath(arg)
+        v["steps"].append(Step("WORKDIR", (v["workdir"],), no))
     elif instr == "ENTRYPOINT":
         v["entrypoint"] = _entrypoint(arg)
     elif instr == "EXPOSE":
@@ -311,10 +314,11 @@ def canonical(ff: Formfile) -> str:
             out.append(f"COPY {_q(s.args[0])} {_q(s.args[1])}")
         elif s.kind == "INSTALL":
             out.append("INSTALL " + " ".join(s.args))
+        elif s.kind == "WORKDIR":
+            out.append(f"WORKDIR {s.args[0]}")
         else:
             scope, key, value = s.args
             out.append(f"ENV --scope={scope} {_q(f'{key}={value}')}")
-    out.append(f"WORKDIR {ff.workdir}")
     if ff.expose:
         out.append("EXPOSE " + " ".join(str(p) for p in ff.expose))
     if ff.entrypoint:

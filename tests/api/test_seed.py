@@ -18,22 +18,11 @@ from formation.crdt.keys import PrivateKey, format_address
 from formation.node.vmside import VmsOff, VmsStarting
 from tests.api.conftest import VM_IP, status_of
 from tests.api.test_workloads import agent_server
+from tests.pack.test_formfile import README_EXAMPLE
 
 # The README's Formfile.my-simple-agent, as its "Creating the Agent Instance" writes it
-README_FORMFILE = """NAME my-simple-agent
-VCPU 1
-MEM 512
-DISK 5
-USER username:agentuser passwd:somepassword ssh_authorized_keys:"your-ssh-public-key"
-INSTALL python3
-# Create a dummy app directory for the COPY command to succeed
-RUN mkdir -p /app
-COPY ./app /app\x20
-WORKDIR /app
-RUN echo "from http.server import SimpleHTTPRequestHandler, HTTPServer; server_address = ('', 8000); httpd = HTTPServer(server_address, SimpleHTTPRequestHandler); print('Server running on port 8000...'); httpd.serve_forever()" > /app/server.py
-EXPOSE 8000
-ENTRYPOINT ["python3", "server.py"]
-"""
+README_FORMFILE = README_EXAMPLE
+
 AGENT_BUILD_NAME = "my-first-agent-from-file"
 # the README's AGENT_JSON_PAYLOAD, byte for byte
 AGENT_JSON_PAYLOAD = b'{"task": "translate_text", "source_language": "en", "target_language": "es", "text": "Hello, world!"}'

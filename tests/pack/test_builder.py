@@ -36,7 +36,11 @@ NAME tiny-web
 USER username:alice passwd:s3cret groups:web
 COPY www /srv/www
 ENV --scope=system GREETING=hello-from-env
+ENV --scope=system PATH=/opt/tools:$PATH
 RUN echo "$GREETING" > /srv/www/greeting.txt && id alice > /srv/www/alice.txt
+RUN mkdir -p /opt/tools && printf '#!/bin/sh\\necho tool-ran\\n' > /opt/tools/mytool && chmod +x /opt/tools/mytool
+WORKDIR /srv/www
+RUN mytool > tool.txt && pwd > where.txt
 RUN chown -R alice /srv/www
 EXPOSE 8000
 ENTRYPOINT ["httpd", "-f", "-p", "8000", "-h", "/srv/www"]
@@ -178,8 +182,8 @@ async def test_build_boot_serve_pause_resume_stop_and_cache_hit(tmp_path):
     image = await b.build(plan, tmp_path, log=log.append, progress=events.append)
     assert not image.cached and image.path.is_file()
     steps = [e for e in events if e.get("phase") == "step"]
-    assert [e["instruction"] for e in steps][:5] == ["USER", "COPY", "ENV", "RUN", "RUN"]
-    assert steps[3]["line"] == 5  # steps carry their Formfile line
+    assert [e["instruction"] for e in steps][:8] == ["USER", "COPY", "ENV", "ENV", "RUN", "RUN", "WORKDIR", "RUN"]
+    assert steps[4]["line"] == 6  # steps carry their Formfile line
     assert "passwd:<redacted>" in image.manifest["formfile"] and "s3cret" not in image.manifest["formfile"]
 
     # a second build of the same inputs is a cache hit, without a VM
@@ -206,6 +210,9 @@ async def test_build_boot_serve_pause_resume_stop_and_cache_hit(tmp_path):
             assert await trio.to_thread.run_sync(http_get, ns, "http://10.213.8.2:8000/greeting.txt") == "hello-from-env\n"
             alice = await trio.to_thread.run_sync(http_get, ns, "http://10.213.8.2:8000/alice.txt")
             assert "(alice)" in alice and "(web)" in alice
+            # ENV extended PATH ($PATH expanded), and RUN ran in the WORKDIR before it
+            assert await trio.to_thread.run_sync(http_get, ns, "http://10.213.8.2:8000/tool.txt") == "tool-ran\n"
+            assert await trio.to_thread.run_sync(http_get, ns, "http://10.213.8.2:8000/where.txt") == "/srv/www\n"
 
             await driver.pause("web")
             assert (await driver.status("web")).state == "paused"
@@ -263,3 +270,26 @@ async def test_build_network_is_off_unless_enabled(tmp_path):
                                   log=log.append)
         assert "fetched-over-the-network" in log and image.path.is_file()
         nursery.cancel_scope.cancel()
+
+
+def test_run_steps_run_in_the_workdir_before_them_and_env_values_expand(tmp_path):
+    """The README's own Formfile lines: `ENV --scope=system PATH=/usr/local/bin:$PATH` must
+    extend PATH (it was kept literally, and later steps found no mkdir), and RUN runs in the
+    WORKDIR set before it."""
+    from formation.pack.builder import BASE_ENV, _stage
+    from formation.pack.formfile import parse
+    ff = parse("NAME t\nRUN pwd\nENV --scope=system PATH=/usr/local/bin:$PATH\nWORKDIR /app\nRUN pwd\n"
+               "ENV --scope=user:bob 'P=${PATH}:/home/bob/bin \\$HOME'\nWORKDIR /srv\nRUN ls\n")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    planned = _stage(ff, ctx, root)
+    scripts = [(p.instruction, p.script) for p in planned]
+    runs = [s for i, s in scripts if i == "RUN"]
+    assert runs == ["cd / && /bin/sh -c pwd", "cd /app && /bin/sh -c pwd", "cd /srv && /bin/sh -c ls"]
+    envs = [s for i, s in scripts if i == "ENV"]
+    assert f"export PATH=/usr/local/bin:{BASE_ENV['PATH']}" in envs[0]
+    assert f"/usr/local/bin:{BASE_ENV['PATH']}:/home/bob/bin $HOME" in envs[1] and "${PATH}" not in envs[1]
+    assert [s for i, s in scripts if i == "WORKDIR"] == ["mkdir -p /app", "mkdir -p /srv"]
+    assert (root / "etc/formation/workdir").read_text() == "/srv\n"  # where the ENTRYPOINT starts
