@@ -143,15 +143,15 @@ class DevFog:
         self._launch(node.index, [self._node0_addr()], self._invite())
         return node.index
 
-    def _invite(self) -> str:
-        """An invite of node 0's (the fog's genesis) for one more node."""
-        c = self.client(0)
+    def _invite(self, inviter: int = 0) -> str:
+        """An invite of node `inviter`'s (by default node 0, the fog's genesis) for one more node."""
+        c = self.client(inviter)
         try:
             answer = c.call(cmd="invite", expires=3600)
         finally:
             c.close()
         if not answer.get("ok"):
-            raise DevFogError(f"node 0 made no invite: {answer.get('detail')}")
+            raise DevFogError(f"node {inviter} made no invite: {answer.get('detail')}")
         return answer["token"]
 
     def restart(self, i: int, *, wait: bool = True, timeout: float | None = None) -> None:

@@ -54,6 +54,8 @@ def open_node(config: Config, key: PrivateKey, store: Store) -> NodeRuntime:
         sync_max_sessions=config.p2p.sync_sessions,
         sync_budget_bytes=config.p2p.sync_budget_mb * 1024 * 1024,
         sync_budget_seconds=float(config.p2p.sync_budget_seconds),
+        author_ops_per_s=float(config.p2p.author_ops_per_second),
+        author_burst=float(config.p2p.author_burst),
     ))
     host, reason = VmHost.check(config, format_address(key.address))
     vms: VmSide = VmsStarting(host) if host is not None else VmsOff(reason)

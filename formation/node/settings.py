@@ -137,6 +137,11 @@ SETTINGS: tuple[Setting, ...] = (
       "Op bytes served to one peer by sync per window (MiB); a peer past it is refused until "
       "its budget refills."),
     S("p2p", "sync_budget_seconds", 60, int, c.positive, "The window of sync_budget_mb (seconds)."),
+    S("p2p", "author_ops_per_second", 100, int, c.positive,
+      "Ops one author (a node key) may have forwarded by gossip per second, after a burst of "
+      "author_burst; a batch past it is not forwarded here and its ops come later by sync "
+      "(slowed, never refused)."),
+    S("p2p", "author_burst", 1000, int, c.positive, "The burst of author_ops_per_second (ops)."),
     S("fog", "invite", "", str, c.string,
       "An invite token (`fmi1.…`, made by a member with `form invite create`) this node claims at "
       "its first start to become a member of that fog; its bootstrap peers are dialed too. Empty, "

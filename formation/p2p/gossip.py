@@ -1,13 +1,14 @@
 """Gossip payloads: many ops per pubsub message, verified before anything is forwarded.
 
 py-libp2p spends 2.5-8 ms of CPU per message and hop (../shared/notes/libp2p.md), so ops travel
-in batches: `Batcher` collects local ops and flushes them as one message after a short delay or
-when the batch is big enough. `BatchValidator` is the topic validator: it decodes and verifies
-every op of a batch (form and signatures; the rules need the causal past and are checked by the
-store), so an invalid op dies at the first honest hop and its sender is scored down. It keeps
-the decoded ops for the subscription handler, so nothing is verified twice. The checks run in a
-worker thread, one batch at a time, the forwarders taking turns (`FairTurns`): a full batch is
-some 650 ms of CPU, which on the event loop stalled the whole node.
+in batches: `Batcher` collects local ops and flushes them as one message after a short delay, a
+longer one under load, or when the batch is big enough. `BatchValidator` is the topic validator:
+it decodes and verifies every op of a batch (form and signatures; the rules need the causal past
+and are checked by the store), so an invalid op dies at the first honest hop and its sender is
+scored down. It keeps the decoded ops for the subscription handler, so nothing is verified twice,
+and skips the ops the store holds already. The checks run one batch at a time, the forwarders taking turns
+(`FairTurns`), in a worker thread (a full batch is some 650 ms of CPU, which on the event loop
+stalled the whole node), except for a batch of a few fresh ops, checked on the event loop.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def encode_batch(wires: list[bytes]) -> bytes:
     return codec.pack_trusted([1, wires])
 
 
-def decode_batch(data: bytes, known=None) -> list[Op]:
-    """The ops of a gossip message that are not `known`, verified; BatchError if any part is bad."""
+def batch_wires(data: bytes, known=None) -> list[bytes]:
+    """The op wires of a gossip message that are not `known`, unchecked; BatchError if the
+    message is not a batch. Cheap (no signature): what decides where the checks run."""
     try:
         body = codec.unpack(data, max_bytes=MAX_BATCH_BYTES + 64 * 1024)
     except codec.CodecError as exc:
@@ -46,17 +48,68 @@ def decode_batch(data: bytes, known=None) -> list[Op]:
     wires = body[1]
     if not 0 < len(wires) <= MAX_BATCH_OPS:
         raise BatchError(f"a gossip batch holds 1..{MAX_BATCH_OPS} ops")
-    ops = []
+    fresh = []
     for w in wires:
         if not isinstance(w, bytes) or len(w) > MAX_OP_BYTES:
             raise BatchError("a gossip batch holds op byte strings")
         if known is not None and known(sha256(w)):
             continue  # already held: verified when we stored it
+        fresh.append(w)
+    return fresh
+
+
+def decode_wires(wires: list[bytes]) -> list[Op]:
+    """Each wire decoded and verified (form, signatures); BatchError at the first bad one."""
+    ops = []
+    for w in wires:
         try:
             ops.append(decode_op(w))
         except OpError as exc:
             raise BatchError(f"op in gossip batch: {exc}") from None
     return ops
+
+
+def decode_batch(data: bytes, known=None) -> list[Op]:
+    """The ops of a gossip message that are not `known`, verified; BatchError if any part is bad."""
+    return decode_wires(batch_wires(data, known))
+
+
+class AuthorBudget:
+    """How many ops each author (the node key that signed them) may have forwarded by gossip: a
+    bucket of `burst` ops refilled at `rate` per second. A batch whose authors are over it is
+    neither delivered nor forwarded here (its publisher is not struck: the ops may be valid);
+    the ops come later by sync, bounded by the sync budgets. So a node that writes faster than
+    this (an honest one under a burst of its users' writes, or a flood of valid ops from one
+    key) is slowed, never refused: validity does not depend on it. At most `max_authors` buckets
+    are kept (keys are free to make); full ones are forgotten first (the same as unknown)."""
+
+    def __init__(self, rate: float = 100.0, burst: float = 1000.0, max_authors: int = 4096,
+                 clock=time.monotonic):
+        self.rate, self.burst, self.max_authors, self.clock = rate, burst, max_authors, clock
+        self._buckets: dict[bytes, tuple[float, float]] = {}
+        self.throttled = 0  # ops held back, in all
+
+    def _tokens(self, author: bytes, now: float) -> float:
+        tokens, at = self._buckets.get(author, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.rate)
+
+    def admit(self, ops: list[Op]) -> bool:
+        """Charge the batch's ops to their authors, all or nothing."""
+        if self.rate <= 0 or not ops:
+            return True
+        now = self.clock()
+        want = Counter(op.author for op in ops)
+        if any(self._tokens(a, now) < n for a, n in want.items()):
+            self.throttled += len(ops)
+            return False
+        for a, n in want.items():
+            self._buckets[a] = (self._tokens(a, now) - n, now)
+        if len(self._buckets) > self.max_authors:
+            for a in [a for a in self._buckets if self._tokens(a, now) >= self.burst]:
+                del self._buckets[a]
+            while len(self._buckets) > self.max_authors:  # all busy: the oldest charged goes
+                del self._buckets[next(iter(self._buckets))]
+        return True
 
 
 class BatchValidator:
@@ -67,9 +120,10 @@ class BatchValidator:
     in turn from the peers that forwarded them (FairTurns): the event loop keeps serving while a
     batch is checked, and a peer that floods waits behind its own batches, not before others'."""
 
-    def __init__(self, own_peer_id: bytes, cache_size: int = 256, known=None):
+    def __init__(self, own_peer_id: bytes, cache_size: int = 256, known=None, authors: AuthorBudget | None = None):
         self.own = own_peer_id
         self.known = known
+        self.authors = authors or AuthorBudget()
         self.cache: OrderedDict[bytes, list[Op]] = OrderedDict()
         self.cache_size = cache_size
         self.rejected = 0
@@ -79,16 +133,21 @@ class BatchValidator:
         self.proof_strikes = 3
         self.turns = FairTurns()
         self.checked_ops = 0  # ops decoded and verified
-        self.checking_seconds = 0.0  # spent doing it (in the worker thread)
+        self.checking_seconds = 0.0  # spent doing it
+        # batches with at most this many fresh ops are checked on the event loop (~0.2-0.5 ms
+        # per op: a stall of a few ms at most), bigger ones in a worker thread
+        self.inline_ops = 4
 
     def __call__(self, forwarder, msg) -> bool:
         """The synchronous form: checks on the caller's thread."""
         if msg.from_id == self.own:
             return True  # our own batch, made from ops our store already accepted
         try:
-            ops = self._decode(msg.data)
+            ops = self._decode(batch_wires(msg.data, self.known))
         except BatchError:
             return self._reject(forwarder)
+        if not self.authors.admit(ops):
+            return False  # valid, maybe: its authors wrote too fast; sync brings it (AuthorBudget)
         self._keep(msg.data, ops)
         return True
 
@@ -97,16 +156,25 @@ class BatchValidator:
             return True
         async with self.turns.turn(_peer_text(forwarder)):
             try:
-                ops = await trio.to_thread.run_sync(self._decode, msg.data)
+                # What we hold already is not checked again; a few fresh ops are checked right
+                # here (a thread hop and the GIL hand-overs it causes cost more than ~1 ms of
+                # checks), more in a worker thread so the event loop keeps serving.
+                wires = batch_wires(msg.data, self.known)
+                if len(wires) <= self.inline_ops:
+                    ops = self._decode(wires)
+                else:
+                    ops = await trio.to_thread.run_sync(self._decode, wires)
             except BatchError:
                 return self._reject(forwarder)
+        if not self.authors.admit(ops):
+            return False  # valid, maybe: its authors wrote too fast; sync brings it (AuthorBudget)
         self._keep(msg.data, ops)
         return True
 
-    def _decode(self, data: bytes) -> list[Op]:
+    def _decode(self, wires: list[bytes]) -> list[Op]:
         start = time.perf_counter()
         try:
-            ops = decode_batch(data, self.known)
+            ops = decode_wires(wires)
         finally:
             self.checking_seconds += time.perf_counter() - start
         self.checked_ops += len(ops)
@@ -178,12 +246,25 @@ def _peer_text(peer) -> str:
 
 
 class Batcher:
-    """Collects op wires and hands out batches: after `delay` seconds, or sooner when full."""
+    """Collects op wires and hands out batches: after `delay` seconds, or sooner when full.
 
-    def __init__(self, delay: float = 0.01, min_interval: float = 0.05):
+    py-libp2p's cost is per message and per hop (milliseconds of CPU on every node of the fog),
+    so under load a batch grows instead of the message count: the shortest time between two
+    flushes, `interval`, starts at `min_interval` and grows (x1.5 per flush, up to
+    `max_interval`) while flushes find ops that had to wait for it, and shrinks back when they
+    do not. An op alone on a quiet node waits `delay`; under load an op waits at most
+    `max_interval` (latency bounded), and a node publishes at most 1 / max_interval messages
+    per second. The first op of a batch waits `delay`, or `hold` when the service says the fog
+    is busy (its message rate near the budget: then each node waits for company, whatever its
+    own rate). The service sets `max_interval` from the fog's size and `hold` from the fog's
+    message rate: that rate, which every node pays for, is what the window bounds."""
+
+    def __init__(self, delay: float = 0.01, min_interval: float = 0.05, max_interval: float = 0.05):
         self.delay = delay
-        # py-libp2p's cost is per message: under a steady trickle, batch at most every 50 ms
         self.min_interval = min_interval
+        self.max_interval = max(min_interval, max_interval)
+        self.interval = min_interval
+        self.hold = 0.0
         self._last_flush = -1e9
         self._wires: list[bytes] = []
         self._bytes = 0
@@ -216,8 +297,12 @@ class Batcher:
 
     async def next_batches(self) -> list[list[bytes]]:
         await self._have.wait()
-        wait = max(self.delay, self._last_flush + self.min_interval - trio.current_time())
-        with trio.move_on_after(wait):
+        held_back = self._last_flush + self.interval - trio.current_time()  # > delay: busy
+        with trio.move_on_after(max(self.delay, min(self.hold, self.max_interval), held_back)):
             await self._full.wait()
         self._last_flush = trio.current_time()
+        if held_back > self.delay or len(self._wires) > 1:
+            self.interval = min(self.max_interval, max(self.interval, self.min_interval) * 1.5)
+        else:
+            self.interval = max(self.min_interval, min(self.interval, self.max_interval) / 1.5)
         return self.take_all()

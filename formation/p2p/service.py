@@ -17,6 +17,7 @@ import functools
 import logging
 import random
 import time
+import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,10 +27,11 @@ import multiaddr
 import trio
 
 from formation.crdt.async_store import AsyncStore
+from formation.crdt.hlc import to_ms
 from formation.crdt.keys import PrivateKey, address_of, format_address, sha256
 
 from . import blobs, sync
-from .gossip import TOPIC, Batcher, BatchValidator, encode_batch
+from .gossip import TOPIC, AuthorBudget, Batcher, BatchValidator, encode_batch
 
 log = logging.getLogger("formation.p2p")
 BAN_STRIKES = 3  # invalid gossip batches or sync sessions with invalid ops before a peer is cut off
@@ -38,6 +40,7 @@ RPC_QUEUE = 1024  # RPCs queued to one peer (py-libp2p: 32) ...
 RPC_QUEUE_BYTES = 64 * 1024 * 1024  # ... and their bytes
 BLOB_SERVES_PER_PEER = 1  # blob answers sent to one peer at once (an honest fetcher asks one at a time)
 BLOB_SERVES = 4  # blob answers sent at once in all
+GOSSIP_INGEST_MESSAGES = 32  # validated gossip messages taken from the subscription at once
 
 
 _fixed = False
@@ -77,9 +80,72 @@ def _libp2p_fixes() -> None:
             raise ParseError(f"malformed pubsub RPC: {exc}") from None
 
     pubsub_mod.Pubsub.continuously_read_stream = continuously_read_stream
+    _cheaper_peer_records()
+    # yamux sends a WINDOW_UPDATE after every read that did not refill the window (~3 of the 4
+    # frames per gossip message were these); without it credit is returned once half the window
+    # is consumed, as go-yamux does. Flow control is unchanged. (-10 % of a node's CPU in
+    # ../shared/notes/gossip-profile.md)
+    import libp2p.stream_muxer.yamux.yamux as yamux_mod
+
+    yamux_mod._yamux_release_on_read = lambda: False
     # libp2p logs every failed dial (including to the 0.0.0.0 listen addresses identify
     # reports) and every closed stream at WARNING/ERROR; our own lines say what matters.
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+
+
+PEER_RECORD_CACHE = 1024  # peers whose last signed peer record we remember as checked
+
+
+def _cheaper_peer_records() -> None:
+    """py-libp2p attaches the host's signed peer record ("senderRecord") to every pubsub RPC it
+    sends, rebuilding the address set each time, and checks the signature of the one on every
+    RPC it receives, duplicates included (200-250 us each: most of the signature work of a
+    node). The record only changes when a peer's addresses do: an RPC carrying the very record
+    (same bytes) its peer sent and we checked before is not checked again, and the record we
+    send is reused for a second before the addresses are looked at again. A different record
+    is checked as before."""
+    from collections import OrderedDict
+
+    import libp2p.pubsub.floodsub as floodsub_mod
+    import libp2p.pubsub.gossipsub as gossipsub_mod
+    import libp2p.pubsub.pubsub as pubsub_mod
+    from libp2p.peer.peerstore import env_to_send_in_RPC
+    from libp2p.pubsub.utils import maybe_consume_signed_record
+
+    # (our host, peer id) -> (the record of that peer we checked last, when): the peerstore
+    # (which keeps it 2 h) hears of it again every 10 min
+    checked: OrderedDict[tuple[int, bytes], tuple[bytes, float]] = OrderedDict()
+
+    def consume(msg, host, peer_id) -> bool:
+        if not msg.HasField("senderRecord"):
+            return True
+        key, now = (id(host), peer_id.to_bytes()), time.monotonic()
+        hit = checked.get(key)
+        if hit is not None and hit[0] == msg.senderRecord and now - hit[1] < 600:
+            checked.move_to_end(key)
+            return True
+        ok = maybe_consume_signed_record(msg, host, peer_id)
+        if ok:
+            checked[key] = (msg.senderRecord, now)
+            checked.move_to_end(key)
+            while len(checked) > PEER_RECORD_CACHE:
+                checked.popitem(last=False)
+        return ok
+
+    sent: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # host -> (when, its record)
+
+    def to_send(host) -> tuple[bytes, bool]:
+        now = time.monotonic()
+        hit = sent.get(host)
+        if hit is not None and now - hit[0] < 1.0:
+            return hit[1], False
+        record, fresh = env_to_send_in_RPC(host)
+        sent[host] = (now, record)
+        return record, fresh
+
+    for mod in (pubsub_mod, gossipsub_mod, floodsub_mod):
+        mod.maybe_consume_signed_record = consume
+        mod.env_to_send_in_RPC = to_send
 
 
 @dataclass
@@ -88,18 +154,35 @@ class P2PSettings:
     bootstrap: list[str] = field(default_factory=list)
     heartbeat_interval: int = 1
     gossip_delay: float = 0.01
+    # Under load a node flushes its gossip at most every `gossip_fog_window * fog size` seconds
+    # (gossip.Batcher), from 50 ms up to `gossip_max_window`: every message costs every node
+    # milliseconds of CPU, so the window bounds the fog's message rate (about 1 / this setting
+    # messages per second, ~40), and the latency it adds.
+    gossip_fog_window: float = 0.025
+    gossip_max_window: float = 0.5
+    # gossip messages per second the whole fog may publish before every node holds its ops
+    # back (up to the window above) to batch them: at ~1-5 ms of CPU per message per node,
+    # 20 messages/s is 0.2-1 core over 10 nodes
+    gossip_fog_msgs_per_s: float = 20.0
     sync_interval: float = 10.0
     peer_refresh: float = 2.0
     redial_min: float = 0.5
     redial_max: float = 30.0
     dial_timeout: float = 10.0
     gap_grace: float = 1.0  # wait this long for missing deps to arrive by gossip before a sync
+    # ... or longer when gossip is slow (twice its recent delay), up to this: under load a sync
+    # per gap carried most ops, and verified them again when their gossip copies came
+    gap_grace_max: float = 10.0
     # What a peer may cost us in sync (docs/p2p.md, "Sync"): sessions it opens to us at once, all
     # peers' sessions at once, and op bytes we send it (either direction) per window.
     sync_max_sessions_per_peer: int = 1
     sync_max_sessions: int = 8
     sync_budget_bytes: int = 64 * 1024 * 1024
     sync_budget_seconds: float = 60.0
+    # ops one author (node key) may have forwarded by gossip per second, after a burst
+    # (gossip.AuthorBudget): past it a batch waits for sync, never refused
+    author_ops_per_s: float = 100.0
+    author_burst: float = 1000.0
     # What the node records can make us dial, and what connections can cost (docs/p2p.md, "Peers"):
     # addresses dialed per peer (a member's own, the first of its record), dials started per
     # second over all peers (a bucket of dial_burst) and at once, and connections kept.
@@ -125,6 +208,15 @@ class P2PStats:
     syncs_failed: int = 0
     syncs_refused: int = 0  # sync streams reset at once: too many sessions, or budget spent
     ops_from_sync: int = 0
+    # what the wire costs (bench/gossip.py): pubsub messages read from peers, every copy counted
+    # (before the seen check), their bytes; RPCs written to peers and their bytes
+    gossip_copies_in: int = 0
+    gossip_bytes_in: int = 0
+    rpcs_out: int = 0
+    rpc_bytes_out: int = 0
+    fog_msgs_per_s: float = 0.0  # gossip messages the fog publishes per second, as seen here
+    gossip_hold_ms: float = 0.0  # how long the first op of a batch waits now (Batcher.hold)
+    gossip_lag_s: float = 0.0  # from an op's time to its arrival here by gossip, recently (decays)
 
 
 def address_of_peer(peer: str) -> str | None:
@@ -183,14 +275,19 @@ class P2PService:
         self._pushing: dict[bytes, trio.Event] = {}  # message ids being validated
         self._push_msg = self.pubsub.push_msg
         self.pubsub.push_msg = self._bounded_push_msg  # what its stream readers start per message
+        self._write_msg = self.pubsub.write_msg
+        self.pubsub.write_msg = self._counted_write_msg
         # A.3 #5: seqno seeded in whole seconds silences a restarted publisher; use nanoseconds.
         self.pubsub.counter = time.time_ns()
         self.peer_id = self.host.get_id().to_string()
         # Membership tests on the store's dict from the event loop are safe under the GIL, and
         # let the validator skip verifying ops we already hold.
-        self.validator = BatchValidator(self.host.get_id().to_bytes(), known=astore.store.has)
+        self.validator = BatchValidator(self.host.get_id().to_bytes(), known=astore.store.has,
+                                        authors=AuthorBudget(self.settings.author_ops_per_s,
+                                                             self.settings.author_burst))
         self.validator.proof_strikes = BAN_STRIKES
         self.batcher = Batcher(self.settings.gossip_delay)
+        self._size_gossip_window(1)
         self.stats = P2PStats()
         self.blocked: set[str] = set()  # peers we neither dial nor keep (partition tests, bans)
         self.banned: set[str] = set()
@@ -215,6 +312,8 @@ class P2PService:
         self._dial_tokens_at = 0.0
         self._want_sync: trio.MemorySendChannel | None = None
         self._gap_check_scheduled = False
+        self._fog_msgs = 0.0  # gossip messages published in the fog per second, recently (seen here)
+        self._fog_msgs_count = (0, 0.0)
         self._nursery: trio.Nursery | None = None
 
     def _router(self):
@@ -231,8 +330,11 @@ class P2PService:
             # v1.1: v1.2's IDONTWANT costs ~8 % of a node's CPU (an extra control message to every
             # mesh peer for every message) and buys little at our message sizes.
             protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
-            # a fog is small: D=4 halves the duplicate deliveries of D=6 at one extra hop
-            degree=4, degree_low=3, degree_high=8,
+            # A fog is small, and every copy of a message costs its receiver a parse, a seen
+            # check and the scheduling of a task: with D=3 (2..4) a node read 1.5-2.0 copies of
+            # each message at 10 nodes (bench/gossip.py), 1.8-3.1 with D=4 (3..8); IHAVE gossip,
+            # the periodic sync and gap syncs cover what a thin mesh misses.
+            degree=3, degree_low=2, degree_high=4,
             heartbeat_interval=self.settings.heartbeat_interval,  # default is 120 s
             spam_protection_enabled=False,  # A.3 #1: 10 msg/s per forwarder, then silent drops
             adaptive_gossip_enabled=False,  # A.3 #4: stretches the heartbeat to 30-60 s
@@ -349,6 +451,8 @@ class P2PService:
         if peer == self.peer_id:
             await self._push_msg(forwarder, msg)  # our own publishes
             return
+        self.stats.gossip_copies_in += 1
+        self.stats.gossip_bytes_in += msg.ByteSize()
         if self._in_flight[peer] >= self.settings.gossip_in_flight_per_peer:
             self.stats.gossip_dropped += 1
             return
@@ -374,6 +478,11 @@ class P2PService:
             if not self._in_flight[peer]:
                 del self._in_flight[peer]
 
+    async def _counted_write_msg(self, stream, rpc) -> bool:
+        self.stats.rpcs_out += 1
+        self.stats.rpc_bytes_out += rpc.ByteSize()
+        return await self._write_msg(stream, rpc)
+
     async def _gossip_out(self) -> None:
         while True:
             batches = await self.batcher.next_batches()
@@ -394,43 +503,62 @@ class P2PService:
         own = self.host.get_id().to_bytes()
         store_errors = 0  # batches the store failed to take (disk full, I/O error, a bug)
         while True:
-            msg = await sub.get()
-            if msg.from_id == own:
-                continue
-            self.stats.gossip_received += 1
-            try:
-                ops = self.validator.take(msg.data)
-            except ValueError:
-                self.stats.gossip_rejected += 1
-                continue
-            source = _peer_str(msg.from_id)
-            if source in self.banned:
-                continue
-            try:
-                res = await self.astore.ingest_ops(ops, source=source)
-            except Exception as exc:  # noqa: BLE001 - one batch the store could not take
-                # must not end the node: these ops come again by sync once the store recovers
-                store_errors += 1
-                log.error("store error #%d ingesting %d gossiped op(s) from %s (sync will bring them "
-                          "again): %s", store_errors, len(ops), source[-8:], _why(exc),
-                          exc_info=store_errors == 1)
-                continue
-            self.stats.ops_from_gossip += len(res.accepted)
-            if res.rejected:
-                # Honest publishers gossip only ops their own store accepted, and validity is
-                # the same everywhere: the publisher (not the forwarder) is at fault.
-                self.validator.strikes[source] += 1
-                log.info("rejected %d op(s) published by %s: %s", len(res.rejected), source[-8:],
-                         res.rejected[0].detail)
-            if res.pending and not self._gap_check_scheduled and self._nursery is not None:
-                # Usually the missing deps are other gossip still in flight: give them a moment
-                # before paying for a sync session.
-                self._gap_check_scheduled = True
-                self._nursery.start_soon(self._check_gap, source)
+            # Under load several validated messages wait here: a run of them from one publisher
+            # goes to the store in one call (one thread hop, one commit)
+            msgs = [await sub.get()]
+            while len(msgs) < GOSSIP_INGEST_MESSAGES:
+                try:
+                    msgs.append(sub.receive_channel.receive_nowait())
+                except (trio.WouldBlock, AttributeError):
+                    break
+            groups: list[tuple[str, list]] = []  # (publisher, its ops), in arrival order
+            for msg in msgs:
+                if msg.from_id == own:
+                    continue
+                self.stats.gossip_received += 1
+                try:
+                    ops = self.validator.take(msg.data)
+                except ValueError:
+                    self.stats.gossip_rejected += 1
+                    continue
+                source = _peer_str(msg.from_id)
+                if source in self.banned:
+                    continue
+                newest = max((getattr(op, "hlc", 0) for op in ops), default=0)
+                if newest:  # how late gossip is (the gap grace follows it)
+                    lag = max(0.0, time.time() - to_ms(newest) / 1000)
+                    self.stats.gossip_lag_s = round(max(lag, 0.9 * self.stats.gossip_lag_s), 3)
+                if groups and groups[-1][0] == source:
+                    groups[-1] = (source, groups[-1][1] + list(ops))
+                else:
+                    groups.append((source, list(ops)))
+            for source, ops in groups:
+                try:
+                    res = await self.astore.ingest_ops(ops, source=source)
+                except Exception as exc:  # noqa: BLE001 - one batch the store could not take
+                    # must not end the node: these ops come again by sync once the store recovers
+                    store_errors += 1
+                    log.error("store error #%d ingesting %d gossiped op(s) from %s (sync will bring them "
+                              "again): %s", store_errors, len(ops), source[-8:], _why(exc),
+                              exc_info=store_errors == 1)
+                    continue
+                self.stats.ops_from_gossip += len(res.accepted)
+                if res.rejected:
+                    # Honest publishers gossip only ops their own store accepted, and validity is
+                    # the same everywhere: the publisher (not the forwarder) is at fault.
+                    self.validator.strikes[source] += 1
+                    log.info("rejected %d op(s) published by %s: %s", len(res.rejected), source[-8:],
+                             res.rejected[0].detail)
+                if res.pending and not self._gap_check_scheduled and self._nursery is not None:
+                    # Usually the missing deps are other gossip still in flight: give them a moment
+                    # before paying for a sync session.
+                    self._gap_check_scheduled = True
+                    self._nursery.start_soon(self._check_gap, source)
 
     async def _check_gap(self, source: str) -> None:
         try:
-            await trio.sleep(self.settings.gap_grace)
+            s = self.settings
+            await trio.sleep(max(s.gap_grace, min(s.gap_grace_max, 2 * self.stats.gossip_lag_s)))
             missing = await self.astore.missing(1)
             if missing:
                 self.request_sync(source if source in self.connected() else None)
@@ -551,6 +679,8 @@ class P2PService:
                         self.pubsub.add_to_blacklist(ID.from_base58(peer))
                     await self.block(peer)
             connected = set(self.connected())
+            self._size_gossip_window(len(connected - self.blocked) + 1)
+            self._pace_gossip(now)
             for peer in connected & self.blocked:
                 await self._disconnect(peer)
             for peer in connected - seen - self.blocked:
@@ -561,6 +691,26 @@ class P2PService:
             seen = connected
             self._dial_due(now, connected)
             await trio.sleep(0.25)
+
+    def _size_gossip_window(self, fog_size: int) -> None:
+        s = self.settings
+        self.batcher.max_interval = max(self.batcher.min_interval,
+                                        min(s.gossip_max_window, s.gossip_fog_window * fog_size))
+
+    def _pace_gossip(self, now: float) -> None:
+        """Every node sees (nearly) every message: from the fog's message rate, how long a
+        node's first op waits for company (Batcher.hold), from 0 up to the window when the
+        rate reaches the budget."""
+        count = self.stats.gossip_received + self.stats.gossip_sent
+        last, at = self._fog_msgs_count
+        if now - at >= 0.5:
+            rate = (count - last) / (now - at) if at else 0.0
+            self._fog_msgs = 0.5 * self._fog_msgs + 0.5 * rate
+            self._fog_msgs_count = (count, now)
+            b = self.batcher
+            b.hold = b.max_interval * min(1.0, self._fog_msgs / self.settings.gossip_fog_msgs_per_s)
+            self.stats.fog_msgs_per_s = round(self._fog_msgs, 1)
+            self.stats.gossip_hold_ms = round(1000 * b.hold, 1)
 
     def _dial_due(self, now: float, connected: set[str]) -> None:
         """Start the dials that are due, the longest-waiting first, within the dial budget: at
