@@ -22,6 +22,7 @@ import pytest
 
 from formation.crdt.intents import version_of
 from formation.crdt.keys import parse_signature, sha256
+from formation.crdt.quotas import QUOTAS
 from formation.crdt.store import Store
 from formation.devfog import DevFog
 from tests.support import Node, User
@@ -59,7 +60,9 @@ def people(seed: int, n: int = 8) -> list[User]:
 
 def model_requests(n: int, *, users: int = 8, start: int = 0, seed: int = 0) -> list[tuple]:
     """n signed `POST /v1/models` requests (message, body, signature); request k is made by
-    people(seed, users)[k % users]."""
+    people(seed, users)[k % users], with enough users that none goes over an account's quota
+    of models (crdt/quotas.py)."""
+    users = max(users, -(-n // (QUOTAS.records["model"] - 1)))
     who = people(seed, users)
     return [who[k % users].request("POST", "/v1/models",
                                    {"name": f"model {start + k}", "tags": ["bench"]},
