@@ -93,6 +93,20 @@ class AuthorBudget:
         tokens, at = self._buckets.get(author, (self.burst, now))
         return min(self.burst, tokens + (now - at) * self.rate)
 
+    def affords(self, wires: list[bytes]) -> bool:
+        """Whether the authors the wires name (unverified: a peek, nothing is charged) have the
+        tokens: a batch past the budget is dropped before its signatures are checked. A forger
+        naming an honest author cannot spend that author's tokens: only `admit` charges, on
+        verified ops."""
+        if self.rate <= 0 or not wires:
+            return True
+        now = self.clock()
+        want = Counter(a for a in map(_claimed_author, wires) if a is not None)
+        if any(self._tokens(a, now) < n for a, n in want.items()):
+            self.throttled += len(wires)
+            return False
+        return True
+
     def admit(self, ops: list[Op]) -> bool:
         """Charge the batch's ops to their authors, all or nothing."""
         if self.rate <= 0 or not ops:
@@ -110,6 +124,17 @@ class AuthorBudget:
             while len(self._buckets) > self.max_authors:  # all busy: the oldest charged goes
                 del self._buckets[next(iter(self._buckets))]
         return True
+
+
+def _claimed_author(wire: bytes) -> bytes | None:
+    """The author an op's wire names, unverified (None when it does not parse as an op)."""
+    try:
+        outer = codec.unpack(wire, max_bytes=MAX_OP_BYTES)
+        body = codec.unpack(outer[0], max_bytes=MAX_OP_BYTES)
+        author = body[3]
+    except (codec.CodecError, TypeError, IndexError, KeyError):
+        return None
+    return author if isinstance(author, bytes) and len(author) == 20 else None
 
 
 class BatchValidator:
@@ -143,7 +168,10 @@ class BatchValidator:
         if msg.from_id == self.own:
             return True  # our own batch, made from ops our store already accepted
         try:
-            ops = self._decode(batch_wires(msg.data, self.known))
+            wires = batch_wires(msg.data, self.known)
+            if not self.authors.affords(wires):
+                return False  # its authors wrote too fast: sync brings it (AuthorBudget)
+            ops = self._decode(wires)
         except BatchError:
             return self._reject(forwarder)
         if not self.authors.admit(ops):
@@ -160,6 +188,8 @@ class BatchValidator:
                 # here (a thread hop and the GIL hand-overs it causes cost more than ~1 ms of
                 # checks), more in a worker thread so the event loop keeps serving.
                 wires = batch_wires(msg.data, self.known)
+                if not self.authors.affords(wires):
+                    return False  # its authors wrote too fast: sync brings it (AuthorBudget)
                 if len(wires) <= self.inline_ops:
                     ops = self._decode(wires)
                 else:

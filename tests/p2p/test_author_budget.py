@@ -77,3 +77,26 @@ def _derived(req) -> str:
 
 def _hlcs(evil, heads):
     return [evil.store.op_meta(h).hlc for h in heads]
+
+
+def test_a_batch_past_the_budget_is_dropped_before_its_signatures_and_a_forger_spends_nothing():
+    import msgpack
+
+    from formation.crdt.keys import PrivateKey, eip191_hash, sha256
+    from formation.crdt.op import PAYLOAD_NODE, VERSION
+    honest, forger = PrivateKey(b"\x05" * 32), PrivateKey(b"\x06" * 32)
+
+    def forge_wire(i: int) -> bytes:  # names the honest author, signed by the forger
+        body = msgpack.packb([VERSION, "node", "x", honest.address, [], [], 1 + i, [PAYLOAD_NODE, {}]],
+                             use_bin_type=True)
+        return msgpack.packb([body, forger.sign_digest(eip191_hash(sha256(body)))], use_bin_type=True)
+
+    b = AuthorBudget(rate=1, burst=5, clock=lambda: 0.0)
+    good = [make_op(honest, "node", "0x" + honest.address.hex(), deps=[], hlc=1 + i,
+                    value={"address": "0x" + honest.address.hex(), "heartbeat": i}).wire for i in range(6)]
+    # wires that name the honest author but are signed by someone else: a peek says "honest"
+    forged = [forge_wire(i) for i in range(3)]
+    assert b.affords(forged) and b.affords(good[:5])  # a peek charges nothing
+    assert not b.affords(good)  # 6 > 5: dropped unread
+    assert b.admit([Op(honest.address)] * 5) and not b.affords(good[:1])
+    assert b.affords([b"not an op"])  # names no author: the validator's checks refuse it

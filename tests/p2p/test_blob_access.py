@@ -112,6 +112,8 @@ async def test_contexts_go_to_placed_members_only(tmp_path, no_taps):
         iid = await _instance(fog[0], user, replicas=2)
         placed = await wait_for("the placement", lambda: _placed(fog[0], iid))
         assert len(placed) == 2
+        for n in fog:  # every member's view: each answers from its own
+            await wait_for(f"node {n.i}'s placement", lambda n=n: _placed(n, iid))
         inside = [n for n in fog if n.address in placed]
         outside = next(n for n in fog if n.address not in placed)
         holder = fog[0]
