@@ -57,12 +57,14 @@ class FakeVmHost:
         return pick_gpus(self.host_gpus, gpu, taken)
 
     def spec_for(self, instance_id: str, ip: str, *, vcpus: int, memory_mb: int, image: Path,
-                 hostname: str, disk_gb: int | None = None, gpus: tuple[str, ...] = ()) -> VmSpec:
+                 hostname: str, disk_gb: int | None = None, gpus: tuple[str, ...] = (),
+                 secrets: Path | None = None) -> VmSpec:
         try:
             return VmSpec(vm_id=instance_id, kernel=self.kernel, initrd=self.initrd, image=image,
                           vcpus=vcpus, memory_mb=memory_mb, tap=network.tap_name(instance_id),
                           ip_cidr=f"{ip}/{self.subnet.prefixlen}", gateway=str(next(self.subnet.hosts())),
-                          hostname=hostname, disk_gb=disk_gb, gpus=gpus, machine="q35" if gpus else "microvm")
+                          hostname=hostname, disk_gb=disk_gb, gpus=gpus, machine="q35" if gpus else "microvm",
+                          secrets=secrets)
         except ValueError as exc:  # as VmHost.spec_for says it
             raise VmUnavailable(f"cannot make a VM of this instance: {exc}") from None
 

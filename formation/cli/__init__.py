@@ -7,7 +7,8 @@
     form account create|get|update|delete         the wallet's account (account.py)
     form model|agent register|get|list|search|update|delete|authorize|transfer (catalog.py)
     form agent hire                               a request to a running agent (catalog.py)
-    form manage list|get|...|get-ip|logs|metrics  instances (instance.py)
+    form manage list|get|...|get-ip|logs|metrics|ssh  instances (instance.py, ssh.py)
+    form secrets set|list|unset                   an instance's secrets, sealed to its hosts (secrets.py)
     form dns add|update|remove|list               DNS records (dns.py)
     form pack validate|build|status|logs|ship     Formfiles, builds, deploying them (pack.py, build.py)
     form dev fog                                  a local multi-node fog (dev.py)
@@ -30,7 +31,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from formation.cli import account, catalog, dev, dns, instance, key, node, pack
+from formation.cli import account, catalog, dev, dns, instance, key, node, pack, secrets
 from formation.cli.output import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = common_options()
     for register in (node.register, key.register, pack.register, dev.register, key.register_kit,
-                     account.register, catalog.register, instance.register, dns.register):
+                     account.register, catalog.register, instance.register, secrets.register, dns.register):
         register(commands, common)
     parser.set_defaults(func=None, parser=parser)
     return parser

@@ -33,6 +33,13 @@ def cmd_account_delete(args: argparse.Namespace) -> int:
     return _write(args, "delete", None, "deleted")
 
 
+def cmd_account_usage(args: argparse.Namespace) -> int:
+    from formation.cli.usage import show_account
+
+    ctx = context(args)
+    return show_account(ctx.json, ctx.call("GET", "/v1/account/usage"))
+
+
 def register(commands, common: argparse.ArgumentParser) -> None:
     _, acc = group(commands, "account", "your account on the fog",
                    "Your account: the record keyed by the wallet's address.")
@@ -42,3 +49,5 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     p = leaf(acc, "update", "change your account's name", cmd_account_update, common)
     p.add_argument("--name", metavar="N", required=True, help="the new display name")
     leaf(acc, "delete", "delete your account", cmd_account_delete, common)
+    leaf(acc, "usage", "what your instances used: CPU, memory, disk, network, hires, tokens", cmd_account_usage,
+         common)

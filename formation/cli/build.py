@@ -4,7 +4,10 @@ stderr, a progress bar in a terminal) and, when it fails, reported with its Form
 
 A node answers builds only once its VM side is up, a moment after it starts (the guest kernel
 kit, the bridge): a build sent before is answered 503 vms_starting, and is sent again once the
-node's /health says its VMs are on (waiting at most --vm-wait seconds, with a progress line)."""
+node's /health says its VMs are on (waiting at most --vm-wait seconds, with a progress line).
+
+A USER password in clear never leaves this machine: the text sent is the Formfile with each one
+replaced by its crypt hash (formation/crypthash.py; the file on disk is not changed)."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Any
 from formation.cli import output
 from formation.cli.output import EXIT_FAILURE, EXIT_USAGE, CliError
 from formation.cli.session import Context, node_refused
+from formation.crypthash import PasswordError, hash_passwords
 from formation.pack import context as pack_context
 from formation.pack.formfile import Formfile, FormfileError
 from formation.pack.formfile import parse as parse_formfile
@@ -57,6 +61,14 @@ class Source:
             raise CliError(f"{self.path} has {n} error{'s' if n != 1 else ''} (above); nothing was sent",
                            EXIT_USAGE) from None
         self.lines = self.text.splitlines()
+        self._sent: str | None = None
+
+    def text_to_send(self, ctx: Context) -> str:
+        """The Formfile as it is sent: each USER password in clear replaced by its crypt hash
+        (salted from the wallet key: the same file sends the same text). Line numbers are kept."""
+        if self._sent is None:
+            self._sent = formfile_to_send(self.text, ctx, str(self.path))
+        return self._sent
 
     def line(self, no: int) -> str:
         return self.lines[no - 1].strip() if 0 < no <= len(self.lines) else ""
@@ -71,6 +83,16 @@ class Source:
             raise CliError(f"the build context {self.folder.resolve()} is {output.size(len(tar))} "
                            f"packed, over the limit of {output.size(CONTEXT_LIMIT)}", EXIT_USAGE)
         return base64.b64encode(tar).decode()
+
+
+def formfile_to_send(text: str, ctx: Context, source: str) -> str:
+    """A Formfile's text with its USER passwords hashed (crypthash.py); CliError, before anything
+    is sent, when one in clear would be left."""
+    try:
+        return hash_passwords(text, ctx.key().secret)
+    except PasswordError as exc:
+        raise CliError(f"{source}: {exc}; nothing was sent (a password in clear would be kept in every "
+                       "node's log)", EXIT_USAGE) from None
 
 
 def build_failure(status: dict, src: Source | None, *, tail_shown: bool = False) -> CliError:
@@ -96,7 +118,7 @@ def build_failure(status: dict, src: Source | None, *, tail_shown: bool = False)
 
 def submit_build(ctx: Context, src: Source, *, quiet: bool, vm_wait: float = VM_WAIT_SECONDS) -> dict:
     ctx.key()  # a missing wallet or password is reported before the context is packed
-    body = {"formfile": src.text, "context": src.packed_context()}
+    body = {"formfile": src.text_to_send(ctx), "context": src.packed_context()}
     if not quiet:
         output.note(f"sending {src.path} and the build context {src.folder.resolve()} "
                     f"({output.size(len(body['context']) * 3 // 4)}) to {ctx.node_url}")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from formation.cli import output
+from formation.cli.build import formfile_to_send
 from formation.cli.output import EXIT_OK, EXIT_USAGE, CliError, Column
 from formation.cli.parsing import group, leaf, paging, record_id
 from formation.cli.session import (
@@ -27,21 +28,53 @@ CATALOG = {
 }
 
 
+def model_binding(r: dict) -> str:
+    """An agent's (or instance's) Formfile MODEL: "<id> (required)", "<id> (preferred)" or "-"."""
+    if not r.get("model_id"):
+        return "-"
+    return f"{r['model_id']} ({'required' if r.get('model_required') else 'preferred'})"
+
+
 def _columns(kind: str) -> list[Column]:
     t = CATALOG[kind]["type"]
-    return [("ID", lambda r: r.get(f"{kind}_id")), ("NAME", lambda r: r.get("name")),
-            ("TYPE", lambda r: r.get(t)), ("FRAMEWORK", lambda r: r.get("framework")),
-            ("VERSION", lambda r: r.get("version") or "-"),
-            ("OWNER", lambda r: output.short(r.get("owner"))),
-            ("PRIVATE", lambda r: r.get("is_private")), ("TAGS", lambda r: r.get("tags") or "-")]
+    cols: list[Column] = [
+        ("ID", lambda r: r.get(f"{kind}_id")), ("NAME", lambda r: r.get("name")),
+        ("TYPE", lambda r: r.get(t)), ("FRAMEWORK", lambda r: r.get("framework")),
+        ("VERSION", lambda r: r.get("version") or "-"),
+        ("OWNER", lambda r: output.short(r.get("owner"))),
+        ("PRIVATE", lambda r: r.get("is_private")), ("TAGS", lambda r: r.get("tags") or "-")]
+    if kind == "agent":
+        cols.insert(3, ("MODEL", model_binding))
+    return cols
+
+
+FORMFILE_FIELDS = ("formfile", "formfile_template")
+
+
+def record_body(args: argparse.Namespace, kind: str, ctx) -> dict:
+    """The fields of FILE (and --formfile's text), with every Formfile's USER passwords in clear
+    replaced by crypt hashes before they are sent (formation/crypthash.py)."""
+    body = read_record_file(args.file, kind)
+    path = getattr(args, "formfile", None)
+    if path:
+        try:
+            body["formfile"] = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise CliError(f"cannot read {path}: {reason or exc}", EXIT_USAGE) from None
+    for name in FORMFILE_FIELDS:
+        if isinstance(body.get(name), str):
+            where = path if name == "formfile" and path else f"{args.file} ({name})"
+            body[name] = formfile_to_send(body[name], ctx, where)
+    return body
 
 
 def cmd_catalog_register(args: argparse.Namespace) -> int:
     kind = args.kind
-    body = read_record_file(args.file, kind)
+    ctx = context(args)
+    body = record_body(args, kind, ctx)
     if getattr(args, "build_id", None):
         body["build_id"] = args.build_id  # known only after `form pack build` / `ship`
-    ctx = context(args)
     res = ctx.call("POST", CATALOG[kind]["base"], body)
     return output.report_write(ctx.json, res, f"registered {kind} {res.get('id')}")
 
@@ -111,8 +144,8 @@ def cmd_catalog_search(args: argparse.Namespace) -> int:
 def cmd_catalog_update(args: argparse.Namespace) -> int:
     kind = args.kind
     rid = check_id(args.id, f"{kind} id")
-    body = read_record_file(args.file, kind)
     ctx = context(args)
+    body = record_body(args, kind, ctx)
     res = ctx.call("PUT", f"{CATALOG[kind]['base']}/{rid}", body)
     return output.report_write(ctx.json, res, f"updated {kind} {rid}")
 
@@ -138,6 +171,13 @@ def register(commands, common: argparse.ArgumentParser) -> None:
         _register_kind(commands, common, kind)
 
 
+def formfile_option(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("--formfile", metavar="PATH",
+                   help=f"a Formfile: its text becomes the {kind}'s formfile" + (
+                       " and its MODEL line the model the agent names (model_id, model_required)"
+                       if kind == "agent" else "") + "; USER passwords are hashed before it is sent")
+
+
 def _register_kind(commands, common: argparse.ArgumentParser, kind: str) -> None:
     plural = CATALOG[kind]["plural"]
     _, cat = group(commands, kind, f"publish and find {plural}",
@@ -148,6 +188,7 @@ def _register_kind(commands, common: argparse.ArgumentParser, kind: str) -> None
                          f"description, {CATALOG[kind]['type']}, framework, tags, ...), at the "
                          f"top level or under a [{kind}] table. Prints the new id.")
     p.add_argument("file", metavar="FILE", help=f"the {kind}'s fields, .toml or .json")
+    formfile_option(p, kind)
     if kind == "agent":
         p.add_argument("--build-id", metavar="ID",
                        help="the image its instances run (from `form pack ship`); /hire goes there")
@@ -177,6 +218,7 @@ def _register_kind(commands, common: argparse.ArgumentParser, kind: str) -> None
              cmd_catalog_update, common, kind=kind)
     record_id(p)
     p.add_argument("file", metavar="FILE", help="the fields to change, .toml or .json")
+    formfile_option(p, kind)
     record_id(leaf(cat, "delete", f"delete a {kind} (owner only)", cmd_catalog_delete, common,
                    kind=kind))
     record_id(leaf(cat, "authorize", f"grant or revoke a user's level on a {kind}",

@@ -136,6 +136,13 @@ def cmd_manage_metrics(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_manage_usage(args: argparse.Namespace) -> int:
+    from formation.cli.usage import show_instance
+
+    ctx, res = _read(args, "usage")
+    return show_instance(ctx.json, res)
+
+
 def register(commands, common: argparse.ArgumentParser) -> None:
     _, man = group(commands, "manage", "manage your instances",
                    "Manage instances you own or are authorized on.")
@@ -154,6 +161,8 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     p.add_argument("--build-id", metavar="BUILD_ID", help="every instance of this build instead")
     record_id(leaf(man, "metrics", "VM state, CPU time and memory of an instance's replica on the "
                    "node you ask", cmd_manage_metrics, common))
+    record_id(leaf(man, "usage", "an instance's usage as each node measured it, and the total",
+                   cmd_manage_usage, common))
     p = leaf(man, "logs", "the console of an instance's replica on the node you ask", cmd_manage_logs,
              common, description="The console output (boot, entrypoint) of the replica of an "
                                  "instance that runs on the node you ask; if it runs elsewhere, the "
@@ -188,3 +197,6 @@ def register(commands, common: argparse.ArgumentParser) -> None:
                                     "(operator or above)"),
                           ("resume", "run a paused instance's VMs on (operator or above)")):
         record_id(leaf(man, action, help_, cmd_manage_action, common, action=action))
+    from formation.cli import ssh  # here: ssh.py reads instances through this module
+
+    ssh.register(man, common)

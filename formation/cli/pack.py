@@ -4,6 +4,7 @@ a build as an instance (build.py does the building)."""
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from formation.cli.output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CliError, Co
 from formation.cli.parsing import group, leaf
 from formation.cli.session import Context, check_id, context
 from formation.crdt.keys import format_address
+from formation.crdt.kinds.user_kinds import MODEL_REF
 from formation.dns.names import instance_names
 from formation.pack.formfile import FormfileError, parse
 
@@ -149,6 +151,29 @@ def _wait_running(ctx: Context, iid: str, timeout: float, *, quiet: bool) -> tup
             time.sleep(SHIP_POLL_SECONDS)
 
 
+def _check_required_model(ctx: Context, model_id: str, src: Source) -> None:
+    """A Formfile's `MODEL required:<id>` names a model the node knows (it refuses the instance
+    otherwise: node/api/records.py); said here, before anything is built."""
+    if check_model_id(model_id):
+        try:
+            ctx.call("GET", f"/v1/models/{model_id}")
+            return
+        except CliError as exc:
+            if not re.search(r"\(HTTP 40[34] ", exc.message):
+                raise
+    raise CliError(f"{src.path}: MODEL required:{model_id} names no model the node at {ctx.node_url} "
+                   "knows; publish it first (`form model register`), or pick one from `form model list`, "
+                   f"or make it `MODEL preferred:{model_id}`; nothing was built", EXIT_USAGE)
+
+
+def check_model_id(model_id: str) -> bool:
+    try:
+        MODEL_REF(model_id)
+    except ValueError:
+        return False
+    return True
+
+
 def cmd_pack_ship(args: argparse.Namespace) -> int:
     src = Source(args)
     ff = src.formfile
@@ -157,6 +182,12 @@ def cmd_pack_ship(args: argparse.Namespace) -> int:
         raise CliError(f"{src.path} is {len(src.text)} characters; an instance keeps at most "
                        f"{FORMFILE_RECORD_LIMIT}", EXIT_USAGE)
     ctx = context(args)
+    sent = src.text_to_send(ctx)  # USER passwords hashed: the record keeps this text
+    if len(sent) > FORMFILE_RECORD_LIMIT:
+        raise CliError(f"{src.path} is {len(sent)} characters with its USER passwords hashed; an instance "
+                       f"keeps at most {FORMFILE_RECORD_LIMIT}", EXIT_USAGE)
+    if ff.model and ff.model[0] == "required":
+        _check_required_model(ctx, ff.model[1], src)  # before a build that could not be deployed
     built = None
     if args.build_id:
         bid = check_id(args.build_id, "build id")
@@ -176,7 +207,7 @@ def cmd_pack_ship(args: argparse.Namespace) -> int:
         model, count = ff.gpus[0]
         resources["gpu"] = {"count": count, "model": model}
     res = ctx.call("POST", f"{INSTANCE_BASE}/create", {
-        "name": name, "build_id": bid, "formfile": src.text, "replicas": args.replicas,
+        "name": name, "build_id": bid, "formfile": sent, "replicas": args.replicas,
         "resources": resources})
     iid = res.get("id")
     # the fog's DNS (docs/dns.md) answers these on every node once a replica runs

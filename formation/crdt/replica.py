@@ -211,6 +211,7 @@ class Replica:
         self.hlc = Hlc()
         self.pending = Pending(self.limits)
         self.rejected: OrderedDict[bytes, Rejection] = OrderedDict()
+        self.rejected_total = 0  # ops rejected since the replica was made (a rejection remembered is not counted again)
         self.quota = QuotaBook(quotas)  # which user records are over their creator's quota (a view)
         self._next_sweep_ms = 0
 
@@ -306,6 +307,7 @@ class Replica:
                 self.pending.pop(oid)
             rej = Rejection(oid, c, d)
             self.rejected[oid] = rej
+            self.rejected_total += 1
             if len(self.rejected) > self.limits.rejected_memory:
                 self.rejected.popitem(last=False)
             res.rejected.append(rej)

@@ -275,3 +275,7 @@ def is_host_name(text: str) -> bool:
 TAGS = list_of(text(32, min_len=1, pattern=r"[a-z0-9][a-z0-9._+-]*", what="a lowercase tag"), 32, unique=True)
 METADATA = map_of(text(64, min_len=1), text(1024), 64)
 TIMESTAMP = integer(0, 2**62)
+# secrets (formation/sealed.py): a name becomes an environment variable in the guest
+SECRET_NAME = text(64, min_len=1, pattern=r"[A-Za-z_][A-Za-z0-9_]*", what="a letter or '_', then letters, digits or '_'")
+SEALED_BOX = text(4096, min_len=16, pattern=r"[A-Za-z0-9+/]+={0,2}", what="a base64 sealed box")
+SHA256_HEX = text(64, min_len=64, pattern=r"[0-9a-f]{64}", what="64 lowercase hex digits")

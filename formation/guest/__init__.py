@@ -7,10 +7,16 @@ node's scheduler reads a service's lifecycle from them (`read_service`), the ima
 its steps (`read_build_line`) and writes the step script that prints them (`step_begin`,
 `step_end`). A marker that changes here must change in the scripts too (tests/unit/test_guest.py
 reads the scripts to check that they print what this module parses).
+
+It also writes the secrets disk (`secrets_tar`) that guest-init reads in run mode, and names the
+guest's files that the image builder writes (`ENTRYPOINT_USER`, `SSH_CONFIG`).
 """
 
 from __future__ import annotations
 
+import io
+import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,3 +114,57 @@ def step_end(n: int) -> str:
 def _rc(text: str) -> int:
     text = text.strip()
     return int(text) if text.isdecimal() else 1
+
+
+# ---- the image's side: files the builder writes for guest-init ----------------------------------
+
+ENTRYPOINT_USER = "/etc/formation/user"  # the Formfile's last USER: the entrypoint runs as it
+SSH_CONFIG = "/etc/formation/ssh"  # shell assignments: how guest-init runs dropbear
+
+
+# ---- the secrets disk --------------------------------------------------------------------------
+
+SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+SECRET_MAX_BYTES = 64 * 1024
+
+
+def secrets_tar(values: dict[str, bytes]) -> bytes:
+    """The secrets disk of a VM: a ustar archive that guest-init (run mode) finds on its second
+    virtio disk. `files/NAME` holds each value as given; it becomes /run/secrets/NAME, readable by
+    the entrypoint's user only. `env` holds `export NAME='value'` lines, loaded into the
+    entrypoint's environment after the image's ENV, except for values holding a NUL byte (no
+    environment variable can): those are in files/ only. Names are shell variable names (up to
+    64), values up to 64 KiB; anything else raises ValueError. Deterministic: the same values
+    make the same bytes (no times, no owners)."""
+    for name, value in values.items():
+        if not isinstance(name, str) or not SECRET_NAME.fullmatch(name):
+            raise ValueError(f"bad secret name {name!r}: a letter or '_', then letters, digits or '_' "
+                             f"(64 at most)")
+        if not isinstance(value, (bytes, bytearray)):
+            raise ValueError(f"secret {name}: the value must be bytes")
+        if len(value) > SECRET_MAX_BYTES:
+            raise ValueError(f"secret {name}: {len(value)} bytes, more than {SECRET_MAX_BYTES}")
+    env = b"".join(b"export %s=%s\n" % (name.encode(), _sh_quote(bytes(v)))
+                   for name, v in sorted(values.items()) if b"\0" not in v)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        _add(tar, "env", env)
+        _add(tar, "files", None)
+        for name, value in sorted(values.items()):
+            _add(tar, f"files/{name}", bytes(value))
+    return buf.getvalue()
+
+
+def _sh_quote(value: bytes) -> bytes:
+    return b"'" + value.replace(b"'", b"'\\''") + b"'"
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes | None) -> None:
+    info = tarfile.TarInfo(name)
+    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+    if data is None:
+        info.type, info.mode = tarfile.DIRTYPE, 0o700
+        tar.addfile(info)
+    else:
+        info.size, info.mode = len(data), 0o400
+        tar.addfile(info, io.BytesIO(data))

@@ -45,7 +45,7 @@ async def refusal(node: NodeState, asker: str | None, build_id: str, *, now_ms: 
     if not uses:
         return f"no instance uses build {build_id[:12]}"
     placements = view.placements()
-    running = {(s["instance_id"], s["node"]) for s in view.statuses}
+    running = {(s["instance_id"], s["node"]) for s in view.statuses}  # running or paused: it has the image
     if any(asker in placements.get(iid, ()) or (iid, asker) in running for iid in uses):
         return None
     return f"{asker} is not placed for an instance of build {build_id[:12]} (as this node sees the fog)"

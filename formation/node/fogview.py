@@ -15,7 +15,9 @@ ALL = 1_000_000  # the store's own bounds cap what a list returns
 class FogView:
     instances: list[dict]
     nodes: list[dict]  # the members' node records
-    statuses: list[dict]  # `running` instance_status reports (evidence against capacity claims)
+    # `running` and `paused` instance_status reports: what holds memory on a node (evidence
+    # against its capacity claims; a paused VM keeps its memory)
+    statuses: list[dict]
     now_ms: int
     stale_ms: int
 
@@ -30,5 +32,6 @@ class FogView:
 
 async def read(node: NodeState, *, now_ms: int, stale_ms: int) -> FogView:
     return FogView(instances=await node.astore.list("instance", limit=ALL), nodes=await node.fog_nodes(),
-                   statuses=await node.astore.list("instance_status", type="running", limit=ALL),
+                   statuses=[*await node.astore.list("instance_status", type="running", limit=ALL),
+                             *await node.astore.list("instance_status", type="paused", limit=ALL)],
                    now_ms=now_ms, stale_ms=stale_ms)

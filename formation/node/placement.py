@@ -77,12 +77,13 @@ def overclaims(node: dict, running_mb: Mapping[str, int]) -> bool:
 
 
 def running_memory(statuses: Iterable[dict], instances: Iterable[dict]) -> dict[str, int]:
-    """Memory each node reports running: its `running` instance_status reports, priced by the
-    instances' resources (a report of an unknown instance costs nothing)."""
+    """Memory each node reports holding: its `running` and `paused` (a paused VM keeps its
+    memory) instance_status reports, priced by the instances' resources (a report of an unknown
+    instance costs nothing)."""
     memory = {i["instance_id"]: (i.get("resources") or {}).get("memory_mb", 0) for i in instances}
     out: dict[str, int] = {}
     for s in statuses:
-        if s.get("state") == "running":
+        if s.get("state") in ("running", "paused"):
             out[s["node"]] = out.get(s["node"], 0) + memory.get(s["instance_id"], 0)
     return out
 

@@ -6,7 +6,7 @@ these, so each one's dependencies read off its signature and a test can hand it 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from formation.crdt.async_store import AsyncStore
 from formation.crdt.op import Op
@@ -17,6 +17,9 @@ from .config import Config
 from .events import Changes
 from .fog import InviteToken
 from .vmside import VmSide
+
+if TYPE_CHECKING:  # metering.py types its node by these ports
+    from .metering import HireLedger
 
 
 class Peers(Protocol):
@@ -89,6 +92,7 @@ class ApiNode(RequestsNode, Protocol):
     """What the HTTP API handlers use of the node."""
 
     vms: VmSide
+    hires: HireLedger  # the calls the hire proxy sent, for the meter (metering.py)
 
     def health_problems(self, connected: int, pending: int) -> list[str]: ...
 
@@ -113,7 +117,8 @@ class VmHostPort(Protocol):
         """How many VMs the node's subnet holds."""
 
     def spec_for(self, instance_id: str, ip: str, *, vcpus: int, memory_mb: int, image: Path,
-                 hostname: str, disk_gb: int | None = None) -> VmSpec: ...
+                 hostname: str, disk_gb: int | None = None, gpus: tuple[str, ...] = (),
+                 secrets: Path | None = None) -> VmSpec: ...
 
 
 class BuildsPort(Protocol):

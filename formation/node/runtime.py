@@ -30,6 +30,7 @@ from .config import Config
 from .events import Changes
 from .fog import InviteToken
 from .formnet import Formnet, MeshStatus, allowed_subnets, member_peers
+from .metering import HireLedger, Meter
 from .vmhost import VmHost, VmUnavailable
 from .vmside import VmSide, VmsOff, VmsOn, VmsStarting, runs_vms, vm_status
 
@@ -100,6 +101,9 @@ class NodeRuntime:
         self.mesh_reason = "formnet is not set up"
         self.fog_id: str | None = None  # the fog this node is a member of (found, made or joined in run)
         self.admitted = False  # a member now, by the fog's records (membership.py)
+        self.hires = HireLedger()  # calls the hire proxy sent, until the meter takes them
+        self.meter = Meter(self)  # usage records of what this node hosts and proxies (metering.py)
+        self.dns_view = None  # the DNS server's view, once it serves (dnsview.py; /metrics reads it)
 
     @property
     def peer_id(self) -> str:
@@ -118,12 +122,14 @@ class NodeRuntime:
                 await self.register()
                 nursery.start_soon(self._heartbeat)
                 nursery.start_soon(self._watch_membership)
+                await nursery.start(self.meter.run)
                 await nursery.start(serve_control, self, self.config.data_dir / "control.sock")
                 self.api_urls = await nursery.start(self._serve_api)
                 dns_view = None
                 if self.config.dns.enabled:  # the DNS server (docs/dns.md); a port taken is logged
                     from .dnsview import serve_dns
                     dns_view = await nursery.start(serve_dns, self)
+                    self.dns_view = dns_view
                 if self.config.proxy.enabled:  # HTTP by Host, by the DNS view's zone (docs/proxy.md)
                     from .proxy import serve_proxy
                     await nursery.start(serve_proxy, self, dns_view)
@@ -277,7 +283,7 @@ class NodeRuntime:
             await self.register()
             return
         builds = BuildService(self.config.data_dir, host.builder())
-        scheduler = Scheduler(self, host, builds)
+        scheduler = Scheduler(self, host, builds, secret_key=self.key.secret)
 
         # build contexts, to the members placed for an instance of them (node/contexts.py)
         self.p2p.blob_provider = contexts.provider(self, builds.context_path)
@@ -342,6 +348,7 @@ class NodeRuntime:
             "heartbeat": now_ms(),
             "seen": self.seen,
             "doubts": self.vms.scheduler.doubts.published() if isinstance(self.vms, VmsOn) else [],
+            "public_key": self.key.public_key.format(compressed=True).hex(),  # what secrets are sealed to
         }
 
     def public_api_url(self) -> str | None:

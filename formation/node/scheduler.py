@@ -40,6 +40,7 @@ from .fogview import FogView
 from .placement import Doubts, live_nodes, stale_after_ms, unvouched
 from .planner import Action, Desired, Images, Observed, Replica
 from .ports import BuildsPort, SchedulerNode, VmHostPort
+from .secrets import Keeper, SecretsUnavailable
 from .vmhost import VmUnavailable
 
 log = logging.getLogger("formation.scheduler")
@@ -58,8 +59,11 @@ def wall_ms() -> int:
 
 class Scheduler:
     def __init__(self, node: SchedulerNode, vms: VmHostPort, builds: BuildsPort, *,
-                 stale_ms: int | None = None, clock: Callable[[], int] = wall_ms):
+                 stale_ms: int | None = None, clock: Callable[[], int] = wall_ms,
+                 secret_key: bytes | None = None):
         self.node = node
+        # opens the instances' secrets sealed to this node (none: instances with secrets fail here)
+        self.secrets = Keeper(node, secret_key) if secret_key is not None else None
         self.stale_ms = stale_ms or stale_after_ms(node.config.node.heartbeat_seconds)
         self.vms = vms
         self.builds = builds
@@ -111,6 +115,7 @@ class Scheduler:
                 await self._step(inst)
             except Exception as exc:  # noqa: BLE001 - see above
                 await self._failed(inst, exc)
+        await self._reseal(desired, placements)
         try:
             await self._probe(desired)
         except Exception:  # noqa: BLE001 - a failed round of probes must not end the pass
@@ -131,7 +136,7 @@ class Scheduler:
     async def _failed(self, inst: dict, exc: Exception) -> None:
         """Report the instance failed, with why; logged once per reason (every pass repeats it)."""
         iid = inst["instance_id"]
-        expected = isinstance(exc, VmError | VmUnavailable | BuildRefused | OSError)
+        expected = isinstance(exc, VmError | VmUnavailable | BuildRefused | SecretsUnavailable | OSError)
         reason = _failure(exc) if expected else f"the node could not run it: {type(exc).__name__}: {exc}"[:2000]
         rep = self.replicas.get(iid)
         if rep is None:  # failed before it had a replica (an address): remembered without one
@@ -151,8 +156,8 @@ class Scheduler:
         """Note the replicas placed on other nodes that do not run there in time; the node
         record carries the doubts (placement.Doubts), published at once when they change."""
         generation = {i["instance_id"]: i.get("generation", 0) for i in view.instances}
-        running = {(s["instance_id"], s["node"]) for s in view.statuses
-                   if s.get("generation", 0) == generation.get(s["instance_id"])} - self._unverified
+        running = {(s["instance_id"], s["node"]) for s in view.statuses if s["state"] == "running"
+                   and s.get("generation", 0) == generation.get(s["instance_id"])} - self._unverified
         expected = {(i["instance_id"], n): i.get("generation", 0) for i in view.instances
                     if i.get("desired_state") == "running"  # stopped and paused ones run nowhere
                     for n in placements.get(i["instance_id"], []) if n != self.node.address}
@@ -421,16 +426,42 @@ class Scheduler:
         spec = self.vms.spec_for(iid, rep.ip, vcpus=res.get("vcpus", 1),
                                  memory_mb=res.get("memory_mb", 512), image=image,
                                  hostname=_hostname(inst.get("name") or iid), disk_gb=res.get("disk_gb", 5),
-                                 gpus=gpus)
+                                 gpus=gpus, secrets=await self._secrets_disk(inst))
         if existing is not None and existing != spec:
             await self.backend.delete(iid)  # another image or size: start from a fresh overlay
         await self.backend.create(spec)
         await self.backend.boot(iid)
         log.info("instance %s booting at %s", iid, rep.ip)
 
+    async def _secrets_disk(self, inst: dict) -> Path | None:
+        """The instance's secrets, opened and written for its VM, anew at every boot (a change of
+        secrets bumps the generation: the replica boots again and reads them)."""
+        if not inst.get("secrets"):
+            if self.secrets is not None:
+                self.secrets.forget(inst["instance_id"])
+            return None
+        if self.secrets is None:
+            raise SecretsUnavailable("the instance has secrets and this node was started without a key to open them")
+        return await self.secrets.disk_for(inst)
+
+    async def _reseal(self, desired: dict[str, dict], placements: dict[str, list[str]]) -> None:
+        """Seal the secrets of the instances this node hosts for the other nodes placed for them
+        that have no box yet (a replica that moved, a replica added)."""
+        if self.secrets is None:
+            return
+        for iid, inst in desired.items():
+            if not inst.get("secrets"):
+                continue
+            try:
+                await self.secrets.reseal(inst, placements.get(iid, []))
+            except Exception:  # noqa: BLE001 - one instance's boxes must not stop the pass
+                log.exception("instance %s: re-sealing its secrets failed (next pass tries again)", iid)
+
     async def _remove(self, iid: str) -> None:
         log.info("instance %s: removing its VM (deleted, or handed over long enough ago)", iid)
         await self.backend.delete(iid)  # the VM, its overlay and its tap
+        if self.secrets is not None:
+            self.secrets.forget(iid)
         rep = self.replicas.pop(iid, None)
         self._saved.pop(iid, None)
         (self.dir / f"{iid}.json").unlink(missing_ok=True)

@@ -110,6 +110,11 @@ SETTINGS: tuple[Setting, ...] = (
       "Two failures in a row mark it unhealthy in its signed status, one success healthy again; "
       "names, the proxy and /agents/:id/hire leave unhealthy replicas out. Keep it well under "
       "the DNS TTL (`dns.ttl`, 30 s) so a replica drops out within the TTL."),
+    S("node", "usage_interval_seconds", 60, int, c.positive,
+      "How often the node measures its replicas (CPU time, booked memory and disk over the time "
+      "their VMs are up, their taps' network bytes) and the calls it proxied to them, and "
+      "writes the totals that changed as signed `usage` records (docs/economy.md). Each write "
+      "is an op kept in every node's log: shorter means fresher figures and a faster-growing log."),
     S("node", "region", "", str, _region,
       "Where this node is (any name the fog's operators agree on, e.g. \"eu-west\"), published in "
       "its node record. Its DNS server answers with the replicas on nodes of its own region "

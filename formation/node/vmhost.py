@@ -148,8 +148,10 @@ class VmHost:
                 await self.driver.delete(vm_id)
 
     def spec_for(self, instance_id: str, ip: str, *, vcpus: int, memory_mb: int, image: Path,
-                 hostname: str, disk_gb: int | None = None, gpus: tuple[str, ...] = ()) -> VmSpec:
-        """`gpus`: PCI addresses from `pick_gpus`; a VM with GPUs is a q35 machine (PCI)."""
+                 hostname: str, disk_gb: int | None = None, gpus: tuple[str, ...] = (),
+                 secrets: Path | None = None) -> VmSpec:
+        """`gpus`: PCI addresses from `pick_gpus`; a VM with GPUs is a q35 machine (PCI).
+        `secrets`: the instance's secrets disk (node/secrets.py), None when it has none."""
         assert self.kit is not None
         try:
             return VmSpec(vm_id=instance_id, kernel=self.kit.kernel, initrd=self.kit.initrd, image=image,
@@ -157,7 +159,7 @@ class VmHost:
                           mac=network.mac_for(instance_id), ip_cidr=f"{ip}/{self.subnet.prefixlen}",
                           gateway=str(self.gateway), hostname=hostname,
                           machine="q35" if gpus else self.machine,
-                          bridge=self.bridge, disk_gb=disk_gb, gpus=gpus)
+                          bridge=self.bridge, disk_gb=disk_gb, gpus=gpus, secrets=secrets)
         except ValueError as exc:  # what the record allows and a VM cannot be (a version skew)
             raise VmUnavailable(f"cannot make a VM of this instance: {exc}") from None
 

@@ -38,7 +38,7 @@ from formation.pack import context as ctx
 from formation.pack.base import Base, BaseError, ensure_base, recipe_id
 from formation.pack.formfile import Formfile, FormfileError, Step, canonical, parse
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: the entrypoint runs as the last USER, dropbear for USER keys, sudo installed
 BUILD_DIR = ".formation-build"
 OUTPUT_TAIL_LINES = 30
 BUILD_MEMORY_MB = 1024  # apt and dpkg in 512 MB under TCG are slow to the point of timeouts
@@ -299,11 +299,24 @@ def _tree_size(root: Path) -> int:
     return sum(p.lstat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+# the SSH server an image gets when a USER has keys: dropbear (1.7 MB with its libraries, against
+# over 10 MB for OpenSSH's with its client and Kerberos); guest-init starts it (docs/formfile.md)
+SSH_SERVER = "dropbear-bin"
+
+
 def _packages(ff: Formfile) -> list[str]:
     pkgs = [p for s in ff.steps if s.kind == "INSTALL" for p in s.args]
-    if any(u.sudo for u in ff.users):
-        pkgs.append("sudo")
-    return list(dict.fromkeys(pkgs))
+    return list(dict.fromkeys(pkgs + _user_packages(ff)))
+
+
+def _user_packages(ff: Formfile) -> list[str]:
+    """What the USER lines need installed: sudo for sudo:true, the SSH server for keys."""
+    return ((["sudo"] if any(u.sudo for u in ff.users) else [])
+            + ([SSH_SERVER] if _has_ssh(ff) else []))
+
+
+def _has_ssh(ff: Formfile) -> bool:
+    return any(u.ssh_authorized_keys for u in ff.users)
 
 
 def _check_copies(ff: Formfile, context_dir: Path) -> None:
@@ -324,6 +337,10 @@ def _stage(ff: Formfile, context_dir: Path, root: Path) -> list[_Planned]:
     build.mkdir()
     planned: list[_Planned] = []
     q = shlex.quote
+    if _user_packages(ff):
+        names = " ".join(_user_packages(ff))
+        planned.append(_Planned(0, "USER", f"install {names}",
+                                f"apt-get install -y --no-download --no-install-recommends {names}"))
     for u in ff.users:
         planned.append(_Planned(0, "USER", f"user {u.username}", _user_script(u)))
     cwd, env = "/", Environments()
@@ -338,6 +355,10 @@ def _stage(ff: Formfile, context_dir: Path, root: Path) -> list[_Planned]:
     (etc / "workdir").write_text(ff.workdir + "\n")
     if ff.entrypoint:
         (etc / "entrypoint").write_text("exec " + " ".join(q(a) for a in ff.entrypoint) + "\n")
+    if ff.users:  # the entrypoint runs as the last USER (as root without one)
+        (root / guest.ENTRYPOINT_USER.lstrip("/")).write_text(ff.users[-1].username + "\n")
+    if _has_ssh(ff):
+        (root / guest.SSH_CONFIG.lstrip("/")).write_text(_ssh_config(ff))
     if any(p.instruction in ("INSTALL", "USER") for p in planned):
         planned.append(_Planned(0, "CLEAN", "clean the apt cache", "apt-get clean"))
     _write_steps(build / "steps.sh", planned)
@@ -405,7 +426,7 @@ def _step_plan(i: int, s: Step, context_dir: Path, build: Path, cwd: str = "/") 
     line = f"export {key}={q(value)}"
     script = f"mkdir -p /etc/formation && printf '%s\\n' {q(line)} >> {q(target)}"
     if scope.startswith("user:"):
-        # the entrypoint runs as root; a user's variables are for that user's login shells
+        # for that user's login shells (SSH, su -); guest-init loads the entrypoint user's own
         script += f" && printf '%s\\n' {q(USER_ENV_HOOK)} > /etc/profile.d/formation-env.sh"
     return _Planned(s.line, "ENV", f"{key} ({scope})", script)
 
@@ -427,19 +448,56 @@ def _user_script(u) -> str:
         parts.append(f"printf '%s\\n' {q(u.username + ':' + u.passwd)} | chpasswd{flag}")
     if u.lock_passwd or not u.passwd:
         parts.append(f"passwd -l {q(u.username)} >/dev/null")
+    elif u.chpasswd_expire:
+        # a usable password only: a locked one, which nobody can change, would make sudo ask for
+        # a new one forever (sudo and the SSH login of guest-init ask when it is expired)
+        parts.append(f"chage -d 0 {q(u.username)}")
     if u.sudo:
         rule = f"{u.username} ALL=(ALL) NOPASSWD:ALL"
         parts.append(f"mkdir -p /etc/sudoers.d && printf '%s\\n' {q(rule)} > /etc/sudoers.d/90-{u.username}"
                      f" && chmod 0440 /etc/sudoers.d/90-{u.username}")
     if u.ssh_authorized_keys:
-        keys = "\n".join(u.ssh_authorized_keys)
+        keys = "\n".join(_authorized_key(k) for k in u.ssh_authorized_keys)
         home = f"$(getent passwd {q(u.username)} | cut -d: -f6)"
-        parts.append(f"h={home}; mkdir -p \"$h/.ssh\" && printf '%s\\n' {q(keys)} > \"$h/.ssh/authorized_keys\""
+        parts.append(f"h={home} && mkdir -p \"$h/.ssh\" && printf '%s\\n' {q(keys)} > \"$h/.ssh/authorized_keys\""
                      f" && chmod 700 \"$h/.ssh\" && chmod 600 \"$h/.ssh/authorized_keys\""
                      f" && chown -R {q(u.username)}: \"$h/.ssh\"")
-    if u.disable_root:
-        parts.append("passwd -l root >/dev/null")
+    if u.disable_root:  # usermod, not passwd: a second USER finds root locked, which passwd calls an error
+        parts.append("usermod -L root")
     return " && ".join(parts)
+
+
+def _password_logins(u) -> bool:
+    """Whether the user may log in over SSH with a password."""
+    return bool(u.ssh_pwauth and u.passwd and not u.lock_passwd)
+
+
+def _ssh_config(ff: Formfile) -> str:
+    """guest-init's SSH settings (shell assignments it sources). Root logs in over SSH only when
+    every USER says disable_root:false; password logins are for the users that allow them, and
+    with none of them dropbear takes keys only."""
+    root = "yes" if all(not u.disable_root for u in ff.users) else "no"
+    passwords = " ".join(u.username for u in ff.users if _password_logins(u))
+    return ("# written by formation.pack.builder, read by guest-init: how it runs the SSH server\n"
+            f"root_login={root}\npassword_users={shlex.quote(passwords)}\n")
+
+
+_KEY_TYPE = re.compile(r"(ssh-|ecdsa-|sk-)\S+")
+_KEY_COMMENT = re.compile(r"[A-Za-z0-9.,_+@-]+")
+
+
+def _authorized_key(line: str) -> str:
+    """The key line with a comment dropbear passes on (as SSH_PUBKEYINFO): guest-init's login
+    script tells key logins from password logins by it. A comment whose first word dropbear would
+    drop (none, or other characters than these) gets a word in front of it."""
+    words = line.split(" ")
+    at = next((i for i, w in enumerate(words) if _KEY_TYPE.fullmatch(w)), None)
+    if at is None or at + 1 >= len(words):  # not a key line we understand: as given
+        return line
+    comment = at + 2
+    if comment < len(words) and _KEY_COMMENT.fullmatch(words[comment]):
+        return line
+    return " ".join([*words[:comment], "formation-key", *words[comment:]])
 
 
 def _write_steps(path: Path, planned: list[_Planned]) -> None:

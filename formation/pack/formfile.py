@@ -3,7 +3,9 @@
 Grammar of the original (../shared/notes/original-formation.md §4.1), with its silent cases made
 errors: unknown instructions, lowercase instructions, bad values and repeated single-use
 instructions are reported with their line number, all of them at once. A trailing backslash
-continues a line. `canonical()` renders a parsed Formfile back to text that parses to the same
+continues a line. The reading of the text (logical lines, instruction word, shell words, USER
+fields) is formation/crdt/passwords.py's, shared with the validity rule that refuses a USER
+password in clear in any op: one implementation, so the rule sees what this parser sees. `canonical()` renders a parsed Formfile back to text that parses to the same
 thing, so two spellings of one Formfile have one canonical text (and one build hash).
 """
 
@@ -17,6 +19,8 @@ import shlex
 from dataclasses import dataclass, field
 
 from formation.crdt.kinds.user_kinds import MAX_DISK_GB, MAX_VCPUS
+from formation.crdt.passwords import instruction, split_words, user_field
+from formation.crdt.passwords import logical_lines as _logical_lines
 
 GPU_MODELS = ("RTX5090", "H100", "H200", "B200")
 # VCPU and DISK within what an instance record may ask for (fog-wide bounds, user_kinds.py)
@@ -84,32 +88,12 @@ class Formfile:
         return canonical(self)
 
 
-def _logical_lines(text: str):
-    """(first line number, text) with comments and blank lines dropped, continuations joined."""
-    buf, start = [], 0
-    for no, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not buf and (not line or line.startswith("#")):
-            continue
-        if not buf:
-            start = no
-        if line.endswith("\\"):
-            buf.append(line[:-1].rstrip())
-            continue
-        buf.append(line)
-        yield start, " ".join(p for p in buf if p)
-        buf = []
-    if buf:
-        yield start, " ".join(p for p in buf if p)
-
-
 def parse(text: str, *, source: str = "Formfile") -> Formfile:
     errors: list[tuple[int, str]] = []
     seen: dict[str, int] = {}
     values: dict = {"gpus": [], "users": [], "steps": [], "expose": []}
     for no, line in _logical_lines(text):
-        word, _, arg = line.partition(" ")
-        arg = arg.strip()
+        word, arg = instruction(line)
         instr = ALIASES.get(word, word)
         if instr not in INSTRUCTIONS:
             upper = ALIASES.get(word.upper(), word.upper())
@@ -153,7 +137,7 @@ def _int_in(text: str, lo: int, hi: int, what: str) -> int:
 
 def _words(arg: str) -> list[str]:
     try:
-        return shlex.split(arg)
+        return split_words(arg)  # shlex.split's words and errors
     except ValueError as exc:
         raise ValueError(f"cannot split {arg!r}: {exc}") from None
 
@@ -248,7 +232,7 @@ def _entrypoint(arg: str) -> tuple[str, ...]:
 def _user(arg: str) -> User:
     fields: dict = {}
     for word in _words(arg):
-        key, sep, val = (word.partition(":") if ":" in word.split("=")[0] else word.partition("="))
+        key, sep, val = user_field(word)
         if not sep:
             raise ValueError(f"{word!r} is not field:value")
         if key not in USER_FIELDS:

@@ -36,7 +36,7 @@ from formation.files import read_tail, write_atomic
 from formation.vm import network
 from formation.vm.accel import choose_accel, tsc_khz
 from formation.vm.qmp import QmpClient, QmpError
-from formation.vm.spec import VmError, VmMetrics, VmSpec, VmStatus, check_vm_id
+from formation.vm.spec import PATHS, VmError, VmMetrics, VmSpec, VmStatus, check_vm_id
 
 QEMU = "qemu-system-x86_64"
 QEMU_IMG = "qemu-img"
@@ -49,6 +49,7 @@ GIB = 1024**3
 
 CONSOLE_KEEP = 256 * 1024  # bytes of console log kept across boots
 USER_NET_GUEST, USER_NET_HOST, USER_NET_DNS = "10.0.2.15/24", "10.0.2.2", "10.0.2.3"
+SECRETS_SERIAL = "fm-secrets"  # the secrets disk's virtio serial, as guest-init looks for it
 
 
 @contextlib.contextmanager
@@ -65,6 +66,13 @@ def _short_path(path: Path) -> Iterator[str]:
 def _opt(path: Path) -> str:
     """A path as a value in a QEMU option list, where a comma is written as two."""
     return str(path).replace(",", ",,")
+
+
+def _secrets_disk(path: Path, dev: str) -> list[str]:
+    """The secrets tar as a read-only disk after the root one; the guest finds it by its serial
+    (not by its name, which follows the order the kernel probes disks in)."""
+    return ["-drive", f"id=d1,if=none,file={_opt(path.resolve())},format=raw,readonly=on",
+            "-device", f"virtio-blk-{dev},drive=d1,serial={SECRETS_SERIAL}"]
 
 
 def _read_proc(pid: int, name: str) -> bytes | None:
@@ -142,7 +150,7 @@ class QemuDriver:
     async def create(self, spec: VmSpec) -> Path:
         """The VM's directory, spec.json and overlay. Idempotent; a changed spec replaces the old
         one (and the overlay, if the image changed) unless the VM is running."""
-        for name in ("kernel", "initrd", "image"):
+        for name in PATHS:
             path = getattr(spec, name)
             if path is not None and not path.is_file():
                 raise VmError(f"VM {spec.vm_id}: {name} {path} does not exist")
@@ -190,6 +198,8 @@ class QemuDriver:
                 append.append(f"fm.{key}={value}")
         if self.accel == "tcg" and microvm:
             append.append(f"tsc_early_khz={tsc_khz()}")  # else the guest may find no clocksource
+        if spec.secrets is not None:
+            append.append(f"fm.secrets={SECRETS_SERIAL}")  # the guest waits for that disk
         if spec.extra_append:
             append.append(spec.extra_append)
         cmd = [QEMU]
@@ -219,6 +229,8 @@ class QemuDriver:
             else:
                 drive = f"file={_opt(vm_dir / 'overlay.qcow2')},format=qcow2"
             cmd += ["-drive", f"id=d0,if=none,{drive}", "-device", f"virtio-blk-{dev},drive=d0"]
+        if spec.secrets is not None:
+            cmd += _secrets_disk(spec.secrets, dev)
         if spec.tap:
             mac = spec.mac or network.mac_for(spec.vm_id)
             cmd += ["-netdev", f"tap,id=n0,ifname={spec.tap},script=no,downscript=no",
@@ -268,7 +280,7 @@ class QemuDriver:
         vm_dir = self.vm_dir(vm_id)
         if self.is_alive(vm_id):
             return 0.0
-        for name in ("kernel", "initrd", "image"):
+        for name in PATHS:
             path = getattr(spec, name)
             if path is not None and not path.is_file():
                 raise VmError(f"VM {vm_id}: {name} {path} does not exist")

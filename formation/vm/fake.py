@@ -38,6 +38,7 @@ class FakeBackend:
     accel: str = "tcg"
     vms: dict[str, FakeVm] = field(default_factory=dict)
     events: list[tuple[str, str]] = field(default_factory=list)  # (what, vm_id), in order
+    metered: dict[str, VmMetrics] = field(default_factory=dict)  # what `metrics` says of a VM (a test sets it)
 
     def list(self) -> list[str]:
         return sorted(self.vms)
@@ -133,7 +134,7 @@ class FakeBackend:
     async def metrics(self, vm_id: str) -> VmMetrics:
         if not self.is_alive(vm_id):
             raise VmError(f"VM {vm_id} is not running")
-        return VmMetrics(cpu_seconds=0.0, rss_bytes=0, uptime_s=0.0)
+        return self.metered.get(vm_id) or VmMetrics(cpu_seconds=0.0, rss_bytes=0, uptime_s=0.0)
 
     async def run_to_exit(self, spec: VmSpec, timeout: float,
                           on_line: Callable[[str], Any] | None = None) -> int:

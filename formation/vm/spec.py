@@ -19,6 +19,7 @@ VM_ID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
 CMDLINE_WORD_RE = re.compile(r"[A-Za-z0-9_.:/@+-]{1,253}")
 MODES = ("run", "build", "probe")
 MACHINES = ("microvm", "q35")
+PATHS = ("kernel", "initrd", "image", "secrets")  # the spec's host files
 
 
 class VmError(Exception):
@@ -53,6 +54,9 @@ class VmSpec:
     disk_gb: int | None = None
     # PCI addresses of host GPUs given to the VM (VFIO passthrough: gpus.py); q35 machines only
     gpus: tuple[str, ...] = ()
+    # the instance's secrets (formation.guest.secrets_tar): a second, read-only disk that the
+    # guest unpacks into /run/secrets and the entrypoint's environment; None: no secrets
+    secrets: Path | None = None
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
@@ -64,7 +68,7 @@ class VmSpec:
             raise ValueError("GPUs are given to q35 machines only (microvm has no PCI bus to put them on)")
         if len(set(self.gpus)) != len(self.gpus):
             raise ValueError("a GPU is given to a VM once")
-        for name in ("kernel", "initrd", "image"):
+        for name in PATHS:
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
@@ -91,7 +95,7 @@ class VmSpec:
 
     def to_json(self) -> str:
         d = asdict(self)
-        for name in ("kernel", "initrd", "image"):
+        for name in PATHS:
             d[name] = None if d[name] is None else str(d[name])
         return json.dumps(d, indent=1, sort_keys=True)
 

@@ -16,6 +16,7 @@ import pytest
 import schemathesis
 import trio
 
+from formation import sealed
 from formation.client import ApiError, AsyncClient
 from formation.crdt.keys import PrivateKey, format_address
 from tests.api.conftest import status_of
@@ -113,6 +114,12 @@ async def test_every_answer_is_as_documented(vnode):
     await alice.post(f"/v1/instance/{here}/authorize", {"address": addr(3), "level": "operator"})
     for action in ("stop", "start", "pause", "resume", "restart"):
         await client(3).post(f"/v1/instance/{here}/{action}")
+    plain = sealed.Plain.new(b"value")  # form secrets: sealed to the node, as the CLI does
+    entry = {"commit": sealed.commitment(here, "TOKEN", plain),
+             "boxes": {vnode.address: sealed.seal(plain, vnode.key.public_key.format(compressed=True),
+                                                  instance_id=here, name="TOKEN", target=vnode.address)}}
+    await alice.post(f"/v1/instance/{here}/secrets", {"set": {"TOKEN": entry}})
+    await alice.post(f"/v1/instance/{here}/secrets", {"unset": ["TOKEN"]})
     for iid in (here, gpu):
         await alice.get(f"/v1/instance/{iid}/get")
         await alice.get(f"/v1/instance/{iid}/ips")
@@ -121,6 +128,14 @@ async def test_every_answer_is_as_documented(vnode):
     await alice.get(f"/v1/instance/{BUILD}/get_by_build_id")
     await alice.get(f"/v1/instance/{here}/logs", query={"tail": 6})
     await alice.get(f"/v1/instance/{here}/metrics")
+    # usage (docs/economy.md): the node's own record of a replica, reported per node and per account
+    await vnode.write("usage", f"{here}@{vnode.address}", {"instance_id": here, "node": vnode.address, "owner": addr(1),
+                                                           "cpu_seconds": 5, "hires": 2, "started_at": 1,
+                                                           "updated_at": 2})
+    await alice.get(f"/v1/instance/{here}/usage")
+    await alice.get("/v1/account/usage")
+    async with httpx.AsyncClient(base_url=vnode.base_url, event_hooks={"response": [conforms]}) as http:
+        await http.get("/v1/metrics")  # Prometheus text
     for what in ("logs", "metrics"):  # no replica here: 404 naming the nodes that have one
         with pytest.raises(ApiError) as e:
             await alice.get(f"/v1/instance/{gpu}/{what}")

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,12 +38,21 @@ def hello_image(tmp_path):
 
 
 def form(node, cfg: Path, *args: str, timeout: float = 600) -> dict:
-    env = {**os.environ, "FORM_CONFIG_DIR": str(cfg), "FORM_WALLET_PASSWORD": "readme"}
-    proc = subprocess.run([sys.executable, "-m", "formation.cli", *args, "--node",
-                           f"http://{node.api_ip}:3004", "--json"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = _form(node, cfg, *args, timeout=timeout)
     assert proc.returncode == 0, f"form {' '.join(args)}: {proc.stderr}\n{node.log_text()}"
     return json.loads(proc.stdout) if proc.stdout.strip() else {}
+
+
+def _form(node, cfg: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FORM_CONFIG_DIR": str(cfg), "FORM_WALLET_PASSWORD": "readme"}
+    return subprocess.run([sys.executable, "-m", "formation.cli", *args, "--node",
+                           f"http://{node.api_ip}:3004", "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def hired_greeting(node, cfg: Path, agent_id: str) -> str | None:
+    proc = _form(node, cfg, "agent", "hire", agent_id, "--data", '{"task": "say hello"}', timeout=60)
+    return json.loads(proc.stdout).get("greeting") if proc.returncode == 0 and proc.stdout.strip() else None
 
 
 def test_readme_workflow_ship_register_hire(hello_image, node, tmp_path):
@@ -59,3 +69,15 @@ def test_readme_workflow_ship_register_hire(hello_image, node, tmp_path):
     assert form(node, cfg, "manage", "metrics", shipped["instance_id"])["vm_state"] == "running"
     logs = form(node, cfg, "manage", "logs", shipped["instance_id"])
     assert "FORMATION-GUEST entrypoint-start" in logs["log"]
+
+    # a secret (docs/secrets.md): sealed by the CLI to the node, opened there, given to the VM,
+    # which restarts and has it in its entrypoint's environment (over the Formfile's ENV)
+    secret = "bonjour-from-a-sealed-secret"
+    form(node, cfg, "secrets", "set", shipped["instance_id"], f"GREETING={secret}")
+    deadline = time.monotonic() + 240
+    while hired_greeting(node, cfg, agent["id"]) != secret:
+        assert time.monotonic() < deadline, "the agent never answered with the secret\n" + node.log_text()
+        time.sleep(2)
+    assert secret not in logs["log"] + form(node, cfg, "manage", "logs", shipped["instance_id"])["log"]
+    for db in node.data.glob("state.db*"):
+        assert secret.encode() not in db.read_bytes(), f"{db.name} holds the secret in clear"

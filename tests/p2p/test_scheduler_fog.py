@@ -40,7 +40,7 @@ class FogNode:
         self.vms.add_image(BID)
         self.vms.host_gpus = gpus
         self.builds = FakeBuilds()
-        self.scheduler = Scheduler(self.runtime, self.vms, self.builds)
+        self.scheduler = Scheduler(self.runtime, self.vms, self.builds, secret_key=self.runtime.key.secret)
         self.runtime.vms = VmsOn(self.vms, self.builds, self.scheduler)  # its VMs are the fake's
         self.nursery: trio.Nursery | None = None
 

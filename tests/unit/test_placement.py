@@ -174,6 +174,9 @@ def test_a_node_reporting_more_than_it_declares_is_not_placed_on():
     # reports of something else (stopped, unknown instances) cost nothing
     noise = [{**r, "state": "stopped"} for r in reports] + [{"instance_id": "nope", "node": addr(1), "state": "running"}]
     assert len(place_all([*big, inst(1, replicas=2)], nodes, now_ms=NOW, statuses=noise)["inst-1"]) == 2
+    # a paused VM keeps its memory: paused reports count as running ones do
+    paused = [{**r, "state": "paused"} for r in reports]
+    assert place_all([*big, inst(1, replicas=2)], nodes, now_ms=NOW, statuses=paused)["inst-1"] == [addr(2)]
 
 
 def test_doubts_come_from_the_watchers_own_clock_and_lapse():

@@ -2,11 +2,12 @@
 
 from .base import Intent, Invalid, Kind, Route, get_kind, register, registry
 from .fog_kinds import AdmitKind, ExpelKind, FogKind, LeaveKind, MemberKind
-from .node_kinds import InstanceStatusKind, NodeKind, PeerKind
+from .node_kinds import InstanceStatusKind, NodeKind, PeerKind, SecretBoxKind
+from .usage_kinds import UsageKind
 from .user_kinds import AccountKind, AgentKind, DnsKind, InstanceKind, ModelKind
 
 for _k in (AccountKind, NodeKind, PeerKind, InstanceKind, InstanceStatusKind, ModelKind, AgentKind, DnsKind,
-           FogKind, MemberKind, AdmitKind, LeaveKind, ExpelKind):
+           FogKind, MemberKind, AdmitKind, LeaveKind, ExpelKind, SecretBoxKind, UsageKind):
     register(_k())
 
 __all__ = ["Intent", "Invalid", "Kind", "Route", "get_kind", "register", "registry"]

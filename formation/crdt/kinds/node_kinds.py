@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import coincurve
+
+from ..keys import address_of, format_address
 from ..op import Op
 from ..schema import (
+    SEALED_BOX,
+    SECRET_NAME,
+    SHA256_HEX,
     TAGS,
     TIMESTAMP,
     Record,
@@ -50,6 +56,7 @@ def doubt(v):
     return f"{_INSTANCE_ID(iid)}@{address(node)}"
 
 
+PUBLIC_KEY = text(66, min_len=66, pattern=r"0[23][0-9a-f]{64}", what="a compressed secp256k1 public key in hex")
 MULTIADDR = text(512, min_len=2, pattern=r"/[A-Za-z0-9/._:%-]+", what="a multiaddr like /ip4/1.2.3.4/tcp/53333")
 
 
@@ -69,6 +76,8 @@ class Node(Record):
     # replicas this node saw placed on another node and not running there in time (placement.py):
     # other members' evidence that moves a placement, never the placed node's own word
     doubts: list = field(list_of(doubt, 256, unique=True), factory=list)
+    # its secp256k1 key, compressed (the address is its hash): what users seal secrets to
+    public_key: str | None = field(optional(PUBLIC_KEY), default=None)
 
 
 class SelfRecordKind(Kind):
@@ -87,6 +96,17 @@ class SelfRecordKind(Kind):
 class NodeKind(SelfRecordKind):
     name = "node"
     record = Node
+
+    def node_write(self, op: Op) -> dict | None:
+        value = super().node_write(op)
+        if value is not None and value["public_key"] is not None:
+            try:
+                of = address_of(coincurve.PublicKey(bytes.fromhex(value["public_key"])))
+            except ValueError:
+                raise Invalid("bad_field", "node field 'public_key': not a point of the curve") from None
+            if format_address(of) != op.key:
+                raise Invalid("bad_field", "node field 'public_key': is not the key of the node's address")
+        return value
 
     def index(self, value: dict) -> dict:
         return {"owner": value["address"], "type": value["region"] or None, "text": None}
@@ -171,3 +191,39 @@ class InstanceStatusKind(Kind):
 
     def index(self, value: dict) -> dict:
         return {"owner": value["node"], "type": value["state"], "text": value["instance_id"]}
+
+
+
+@dataclass(frozen=True, slots=True)
+class SecretBox(Record):
+    instance_id: str = field(_INSTANCE_ID)
+    name: str = field(SECRET_NAME)
+    target: str = field(address)  # the node that can open it
+    commit: str = field(SHA256_HEX)
+    box: str = field(SEALED_BOX)
+
+
+class SecretBoxKind(Kind):
+    """A secret re-sealed by a node that hosts its instance, for a node placed for it since
+    (formation/sealed.py). Key: "<instance_id>:<name>:<target>@<writer>", written by the writer
+    only, so no node can overwrite another's box; the target believes a box only if its content
+    matches the owner's commitment in the instance record, so a box from a node that never held
+    the value is useless."""
+
+    name = "secret_box"
+    record = SecretBox
+
+    def node_write(self, op: Op) -> dict | None:
+        head, sep, writer = op.key.rpartition("@")
+        if not sep or writer != node_address(op):
+            raise Invalid("unauthorized", "a secret_box key is '<instance_id>:<name>:<target>@<writer>' "
+                          "and only the writer writes it")
+        if op.value is None:
+            return None
+        value = self.validate(op.value)
+        if head != f"{value['instance_id']}:{value['name']}:{value['target']}":
+            raise Invalid("bad_field", "secret_box fields 'instance_id'/'name'/'target': must match the key")
+        return value
+
+    def index(self, value: dict) -> dict:
+        return {"owner": value["target"], "type": value["name"], "text": value["instance_id"]}

@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..passwords import check_no_clear_password, instruction, logical_lines
 from ..schema import (
     DESCRIPTION,
     METADATA,
     NAME,
     OBJECT_ID,
+    SEALED_BOX,
+    SECRET_NAME,
+    SHA256_HEX,
     SLUG,
     TAGS,
     TIMESTAMP,
@@ -33,6 +37,66 @@ from .owned import GRANTABLE, PRIVILEGED, OwnedKind, _need, owned_routes
 
 AUTHORIZED = map_of(address, one_of(*GRANTABLE), 256)
 HASH_ID = text(128, min_len=1, pattern=r"[A-Za-z0-9._:-]+", what="an id of letters, digits, '.', '_', ':' or '-'")
+
+
+# ---- Formfile texts in records ---------------------------------------------------------------
+
+def formfile_text(max_len: int):
+    """A Formfile's text in a record: text, with no USER password in clear (crdt/passwords.py:
+    the record is replicated to every node and kept in every op log)."""
+    plain = text(max_len)
+
+    def check(v):
+        return check_no_clear_password(plain(v))
+
+    return check
+
+
+FORMFILE = formfile_text(32 * 1024)
+# the Formfile's MODEL line binds the record to a model: the model's id as records hold it
+MODEL_REF = text(64, min_len=1, pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+                 what="a model id: letters, digits, '.', '_' or '-'")
+
+
+def formfile_model(formfile: str | None) -> tuple[int, str, bool] | None:
+    """(line, model id, required) of the Formfile's MODEL line, read as the parser reads it (its
+    first MODEL instruction with an argument: the parser refuses a second one), or None when
+    it has none. ValueError when the line binds no model: not `required:<id>` or
+    `preferred:<id>`, or an id no model can have."""
+    if not formfile or "MODEL" not in formfile:
+        return None
+    for no, line in logical_lines(formfile):
+        word, arg = instruction(line)
+        if word != "MODEL" or not arg:
+            continue
+        how, sep, mid = arg.partition(":")
+        if not sep or how not in ("required", "preferred") or not mid or ":" in mid:
+            raise ValueError(f"line {no}: MODEL expects 'required:<model-id>' or 'preferred:<model-id>'")
+        try:
+            MODEL_REF(mid)
+        except ValueError as exc:
+            raise ValueError(f"line {no}: MODEL {how}:{mid[:64]!r}: {exc} (`form model list` shows them)") from None
+        return no, mid, how == "required"
+    return None
+
+
+class BindsModel:
+    """A kind whose record carries a Formfile: its `model_id` and `model_required` are the
+    Formfile's MODEL line (derived on every write, never set by a request), so the record says
+    which model it runs with, on every node alike. Whether a required model exists is not
+    validity (a kind reads no other record): the node a create reaches checks it
+    (node/api/records.py)."""
+
+    name: str
+
+    def validate(self, value, *, prefix=""):
+        out = super().validate(value, prefix=prefix)  # type: ignore[misc]
+        try:
+            ref = formfile_model(out.get("formfile"))
+        except ValueError as exc:
+            raise Invalid("bad_field", f"{self.name} field 'formfile': {exc}") from None
+        out["model_id"], out["model_required"] = (ref[1], ref[2]) if ref else (None, False)
+        return out
 
 
 # ---- account --------------------------------------------------------------------------------
@@ -107,6 +171,19 @@ class Resources(Record):
 
 DESIRED_STATES = ("running", "stopped", "paused")
 
+# `form secrets` (formation/sealed.py): a secret's name becomes an environment variable in the
+# guest; its value is in the record only as boxes sealed to hosting nodes, with the owner's
+# commitment that a box re-sealed by a host is checked against
+MAX_SECRETS = 32
+MAX_BOXES = 16  # hosts a secret is sealed to by its owner (others get it re-sealed by a host)
+
+
+@dataclass(frozen=True, slots=True)
+class Secret(Record):
+    commit: str = field(SHA256_HEX)
+    boxes: dict = field(map_of(address, SEALED_BOX, MAX_BOXES), factory=dict)
+    updated_at: int = field(TIMESTAMP, default=0)
+
 
 @dataclass(frozen=True, slots=True)
 class Instance(Record):
@@ -114,12 +191,16 @@ class Instance(Record):
     owner: str = field(address)
     name: str = field(SLUG)
     build_id: str | None = field(optional(HASH_ID), default=None)
-    formfile: str | None = field(optional(text(32 * 1024)), default=None)
+    formfile: str | None = field(optional(FORMFILE), default=None)
+    # the Formfile's MODEL (derived from `formfile`, see BindsModel)
+    model_id: str | None = field(optional(MODEL_REF), default=None)
+    model_required: bool = field(boolean, default=False)
     replicas: int = field(integer(1, 64), default=1)
     resources: dict = field(nested(Resources), factory=lambda: Resources().to_dict())
     # paused: the VMs keep their memory with their vCPUs stopped (resume, or start, runs them on)
     desired_state: str = field(one_of(*DESIRED_STATES), default="running")
-    generation: int = field(integer(0, 2**62), default=0)  # bumped by restart
+    generation: int = field(integer(0, 2**62), default=0)  # bumped by restart (and by a secrets change)
+    secrets: dict = field(map_of(SECRET_NAME, nested(Secret), MAX_SECRETS), factory=dict)
     tags: list = field(TAGS, factory=list)
     description: str = field(DESCRIPTION, default="")
     authorized: dict = field(AUTHORIZED, factory=dict)
@@ -127,14 +208,14 @@ class Instance(Record):
     updated_at: int = field(TIMESTAMP, default=0)
 
 
-class InstanceKind(OwnedKind):
+class InstanceKind(BindsModel, OwnedKind):
     name = "instance"
     record = Instance
     id_field = "instance_id"
     settable = frozenset({"name", "build_id", "formfile", "replicas", "resources", "tags", "description"})
     routes = owned_routes(
         "/instance", create=("POST", "/instance/create"), update=("POST", "/instance/{id}/update"),
-        delete=("POST", "/instance/{id}/delete"), extra=("start", "stop", "restart", "pause", "resume")) + (
+        delete=("POST", "/instance/{id}/delete"), extra=("start", "stop", "restart", "pause", "resume", "secrets")) + (
         Route("POST", "/instance/update", "update"),)  # the original's form: id in the body
 
     def _lifecycle(self, intent: Intent, base: dict, **change) -> dict:
@@ -158,6 +239,33 @@ class InstanceKind(OwnedKind):
     def _resume(self, intent, key, base):
         self._not_stopped(intent, key, base, "resume", "resume runs on a paused VM; start boots a stopped one")
         return self._lifecycle(intent, base, desired_state="running")
+
+    def _secrets(self, intent: Intent, key: str, base: dict) -> dict:
+        """Set and unset secrets (body {"set": {NAME: {commit, boxes}}, "unset": [NAME]}). A
+        manager's change, which restarts the replicas (the generation goes up) so that each
+        boots with the new values, as a restart does."""
+        _need(self.name, base, intent.signer, "manager", "changing the secrets of")
+        body = intent.body
+        reject_fields(self.name, body, frozenset({"set", "unset"}), frozenset())
+        given, gone = body.get("set", {}), body.get("unset", [])
+        if not isinstance(given, dict) or not isinstance(gone, list):
+            raise Invalid("bad_field", "fields 'set' (an object of NAME: {commit, boxes}) and 'unset' "
+                          "(a list of names)")
+        if not given and not gone:
+            raise Invalid("bad_request", "nothing to change: give 'set' or 'unset'")
+        if len(gone) > MAX_SECRETS or not all(isinstance(n, str) for n in gone):
+            raise Invalid("bad_field", f"field 'unset': a list of up to {MAX_SECRETS} secret names")
+        both = set(given) & set(gone)
+        if both:
+            raise Invalid("bad_field", f"secret {sorted(both)[0]!r} is both set and unset")
+        missing = sorted(set(gone) - set(base["secrets"]))
+        if missing:
+            raise Invalid("not_found", f"instance {key} has no secret {missing[0]!r}")
+        secrets = {n: v for n, v in base["secrets"].items() if n not in gone}
+        for n, v in given.items():
+            secrets[n] = {**v, "updated_at": intent.ts} if isinstance(v, dict) else v
+        return self.validate({**base, "secrets": secrets, "generation": base["generation"] + 1,
+                              "updated_at": max(intent.ts, base["updated_at"])})
 
     def _not_stopped(self, intent: Intent, key: str, base: dict, what: str, why: str) -> None:
         """Pause and resume act on VMs that exist: refused (after the level and body checks) on a
@@ -186,7 +294,7 @@ MODEL_IDS = list_of(OBJECT_ID, 32, unique=True)  # an agent's preferred_models (
 CPU_EXTENSIONS = list_of(text(32, min_len=1, pattern=r"[a-z0-9][a-z0-9._-]*",
                               what="a lowercase CPU flag like avx2"), 32, unique=True)
 TOKENS_PER_SECOND = optional(integer(0, 2**32 - 1))
-FORMFILE_TEMPLATE = text(32 * 1024)
+FORMFILE_TEMPLATE = FORMFILE  # a Formfile too: no USER password in clear
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +362,7 @@ class Model(Record):
     tags: list = field(TAGS, factory=list)
     capabilities: list = field(CAPABILITIES, factory=list)
     resource_requirements: dict | None = field(optional(requirements), default=None)
-    formfile: str | None = field(optional(text(32 * 1024)), default=None)
+    formfile: str | None = field(optional(FORMFILE), default=None)
     formfile_template: str = field(FORMFILE_TEMPLATE, default="")
     weights_url: str | None = field(optional(text(2048)), default=None)
     weights_checksum: str | None = field(optional(text(128)), default=None)
@@ -284,8 +392,12 @@ class Agent(Record):
     compatible_model_types: list = field(MODEL_TYPES, factory=list)
     preferred_models: list = field(MODEL_IDS, factory=list)
     resource_requirements: dict | None = field(optional(requirements), default=None)
-    formfile: str | None = field(optional(text(32 * 1024)), default=None)
+    formfile: str | None = field(optional(FORMFILE), default=None)
     formfile_template: str = field(FORMFILE_TEMPLATE, default="")
+    # the MODEL line of `formfile` (derived, see BindsModel; the original's Formfile model_id
+    # and model_required); the agent's own choices are preferred_models / compatible_model_types
+    model_id: str | None = field(optional(MODEL_REF), default=None)
+    model_required: bool = field(boolean, default=False)
     build_id: str | None = field(optional(HASH_ID), default=None)
     port: int = field(integer(1, 65535), default=8000)  # where /agents/:id/hire proxies to
     path: str = field(text(256, min_len=1, pattern=r"/[^\s]*", what="a path starting with '/'"), default="/")
@@ -315,11 +427,11 @@ class ModelKind(OwnedKind):
         return _catalog_index(value, "model_type")
 
 
-class AgentKind(OwnedKind):
+class AgentKind(BindsModel, OwnedKind):
     name = "agent"
     record = Agent
     id_field = "agent_id"
-    settable = frozenset(Agent.__dataclass_fields__) - PRIVILEGED - {"agent_id"}
+    settable = frozenset(Agent.__dataclass_fields__) - PRIVILEGED - {"agent_id", "model_id", "model_required"}
     routes = owned_routes("/agents", create=("POST", "/agents"), update=("PUT", "/agents/{id}"),
                           delete=("DELETE", "/agents/{id}"))
 

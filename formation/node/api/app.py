@@ -5,6 +5,7 @@
                   events, every signed write
     workloads.py  builds, and a replica's console, metrics and addresses
     hire.py       hiring an agent: its answer, proxied from a running replica
+    usage.py      usage reports (instance, account) and the node's Prometheus /metrics
     openapi.py    /openapi.json, generated from the same table (so it cannot drift)
     schemas.py    bodies and answers as JSON Schema, derived from the records' dataclasses
     views.py      who may see what, and the reads the handler modules share
@@ -14,13 +15,13 @@ from __future__ import annotations
 
 from quart_trio import QuartTrio
 
-from . import hire, records, workloads
+from . import hire, records, usage, workloads
 from .http import Endpoint, build_app
 from .openapi import document
 
 
 def endpoints() -> list[Endpoint]:
-    return records.endpoints() + workloads.endpoints() + hire.endpoints()
+    return records.endpoints() + workloads.endpoints() + hire.endpoints() + usage.endpoints()
 
 
 def create_app(runtime) -> QuartTrio:

@@ -14,6 +14,10 @@ run_task is the same call. Its id may also be, as the README says, "the buildId 
 provided during instance creation)" with no agent registered: then the call goes to the
 caller's own instances of that name or build (those they may operate, the same level), to the
 first port their Formfile EXPOSEs, at path "/" (an agent record chooses another port and path).
+
+Each call a replica answers is metered for its instance (node/metering.py, docs/economy.md): one
+hire, its duration to the answer's end, and the tokens the agent reports in its answer's
+`X-Formation-Tokens: in=<n>,out=<n>` header.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from formation.crdt.kinds.owned import LEVELS, level_of
 from formation.dns.names import counts
 from formation.pack.formfile import exposed_ports
 
+from ..metering import TOKENS_HEADER, parse_tokens
 from . import views
 from .http import ApiError, Call, Endpoint, json_body
 from .views import scheduler_of
@@ -203,12 +208,14 @@ async def _call(call: Call, callee: Callee):
         headers["X-Formation-Agent"] = callee.agent_id
     failures = []
     resp = None
-    served_by = ""
+    served_by = served = ""
+    sent_at = 0.0
     try:
         for target, ip, port in targets:
-            served_by = target["node"]
+            served_by, served = target["node"], target["instance_id"]
             url = _url(ip, port, callee.path)
             req = client.build_request("POST", url, content=call.body, headers=headers)
+            sent_at = trio.current_time()
             try:
                 with trio.fail_after(max(0.0, deadline - trio.current_time())):
                     resp = await client.send(req, stream=True)
@@ -237,6 +244,10 @@ async def _call(call: Call, callee: Callee):
         except httpx.HTTPError as exc:
             log.warning("call of %s: the answer broke off: %s", callee.label, exc)
         finally:
+            # metered (metering.py): one call of the instance that answered, its duration and the
+            # tokens the agent reported (an absent or malformed header counts none)
+            call.runtime.hires.record(served, round(1000 * (trio.current_time() - sent_at)),
+                                      parse_tokens(resp.headers.get(TOKENS_HEADER)))
             with trio.CancelScope(shield=True):
                 await resp.aclose()
                 await client.aclose()

@@ -17,7 +17,9 @@ import trio
 
 from formation.crdt.intents import MAX_BODY, write_routes
 from formation.crdt.kinds import get_kind, registry
+from formation.crdt.kinds.user_kinds import formfile_model
 from formation.crdt.op import OpError
+from formation.crdt.strict import StrictError, parse_json
 
 from .. import fogview
 from ..placement import stale_after_ms
@@ -28,6 +30,7 @@ from .schemas import (
     BOOLEAN,
     COUNT,
     SEARCH_SCHEMA,
+    SEED_INSTANCE_GET,
     STRING,
     VERSION,
     array,
@@ -82,6 +85,8 @@ def make_write(kind: str, action: str) -> Handler:
     async def handler(call: Call):
         if len(call.body) > MAX_BODY:
             raise ApiError(413, "too_large", f"body is {len(call.body)} bytes, the limit is {MAX_BODY}")
+        if kind in MODEL_BOUND and action in ("create", "update"):
+            await _refuse_missing_model(call, kind)
         try:
             op = await call.runtime.submit_request(call.signed.message, call.body, call.signed.signature)
         except OpError as exc:
@@ -102,13 +107,85 @@ SEED_VERBS = {"create": "creation", "update": "update", "delete": "deletion", "a
               "transfer": "transfer"}
 
 
+def seed_ids(iid: str, value: dict | None) -> dict:
+    """The README's names of an instance: `instanceId`, and `buildId` (its build_id, or its name
+    when it names no build; null once deleted). One mapping, for the writes' answers and GET."""
+    return {"instanceId": iid, "buildId": (value.get("build_id") or value.get("name")) if value else None}
+
+
 async def _seed_answer(call: Call, iid: str, action: str) -> dict:
     value = await call.runtime.astore.get("instance", iid)
-    build = (value.get("build_id") or value.get("name")) if value else None
     verb = SEED_VERBS.get(action, action)
     later = " and is being processed" if ("instance", action) in ASYNC_ACTIONS else ""
-    return {"instanceId": iid, "buildId": build, "status": "REQUEST_RECEIVED",
+    return {**seed_ids(iid, value), "status": "REQUEST_RECEIVED",
             "message": f"Instance {verb} request received{later}."}
+
+
+def seed_status(inst: dict, statuses: list[dict]) -> str:
+    """The README's `status` of an instance (RUNNING, PENDING_BUILD, BUILDING, STARTING, ...),
+    from what the live nodes report of its replicas (a dead node's last word is left out) and
+    what its owner asked for. Decision: PENDING_BUILD while no replica reports and the instance
+    names no build (its nodes build its Formfile), PENDING when it names one."""
+    states = {s["state"] for s in statuses if s.get("node_alive")}
+    desired = inst.get("desired_state")
+    if "running" in states:
+        return "RUNNING"
+    if desired == "stopped":
+        return "STOPPED"
+    for state, shown in (("paused", "PAUSED"), ("booting", "STARTING"), ("building", "BUILDING"),
+                         ("failed", "FAILED"), ("stopped", "STOPPED")):
+        if state in states:
+            return shown
+    return "PENDING" if inst.get("build_id") else "PENDING_BUILD"
+
+
+def _iso(seconds) -> str | None:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds)) if isinstance(seconds, int) else None
+
+
+def seed_view(inst: dict, statuses: list[dict]) -> dict:
+    """What the README's GET /instance/:instance_id/get answers (camelCase), from our record."""
+    ips = [s["ip"] for s in statuses if s.get("node_alive") and s.get("state") == "running" and s.get("ip")]
+    return {**seed_ids(inst["instance_id"], inst), "ownerAddress": inst["owner"],
+            "status": seed_status(inst, statuses), "formnetIp": ips[0] if ips else None,
+            "createdAt": _iso(inst.get("created_at")), "updatedAt": _iso(inst.get("updated_at"))}
+
+
+# ---- a Formfile's required model ----------------------------------------------------------------
+
+MODEL_BOUND = frozenset({"instance", "agent"})  # kinds whose record binds its Formfile's MODEL
+
+
+async def _refuse_missing_model(call: Call, kind: str) -> None:
+    """A create (or an update that changes it) whose Formfile says `MODEL required:<id>` naming
+    no model this node knows, visible to the signer, is refused here (422 unknown_model). Not
+    validity: a kind reads only the op and its own record, never another record, so the same
+    write from a peer is accepted; this only keeps honest clients from binding what is not
+    there at the time, on the node their request reaches."""
+    try:
+        body = parse_json(call.body) if call.body else {}
+    except StrictError:
+        return  # the kind refuses it, saying why
+    formfile = body.get("formfile") if isinstance(body, dict) else None
+    if not isinstance(formfile, str):
+        return
+    try:
+        ref = formfile_model(formfile)
+    except ValueError:
+        return  # the kind refuses it, saying why
+    if ref is None or not ref[2]:
+        return
+    line, model_id, _ = ref
+    key = call.params.get("id") or body.get(f"{kind}_id")
+    if isinstance(key, str) and key:
+        current = await call.runtime.astore.get(kind, key)
+        if current and current.get("model_id") == model_id and current.get("model_required"):
+            return  # already bound to it: not a new binding
+    model = await views.with_version(call, "model", model_id)
+    if not views.visible("model", model, call.who):
+        raise ApiError(422, "unknown_model", f"field 'formfile': line {line}: MODEL required:{model_id} names "
+                       "no model on this node; publish it first (`form model register`, POST /models), pick "
+                       f"one from `form model list` (GET /models), or make it `MODEL preferred:{model_id}`")
 
 
 # ---- accounts and instances -------------------------------------------------------------------
@@ -130,13 +207,15 @@ PLACEMENT = obj({"nodes": array(ADDRESS), "problem": nullable(STRING)})
 
 def instance_detail_schema() -> dict:
     return shown_schema("instance", replicas_status=array(shown_schema("instance_status", node_alive=BOOLEAN)),
-                        placement=PLACEMENT)
+                        placement=PLACEMENT, **SEED_INSTANCE_GET)
 
 
 async def instance_get(call: Call):
+    """The instance, its replicas and placement; beside them the README's camelCase fields."""
     inst = await views.visible_or_404(call, "instance", call.params["id"])
-    return {**inst, "replicas_status": await views.replica_statuses(call, inst["instance_id"]),
-            "placement": await _placement(call, inst)}, 200
+    statuses = await views.replica_statuses(call, inst["instance_id"])
+    return {**inst, "replicas_status": statuses, "placement": await _placement(call, inst),
+            **seed_view(inst, statuses)}, 200
 
 
 async def _placement(call: Call, inst: dict) -> dict:

@@ -20,7 +20,13 @@ from formation.crdt.kinds import get_kind, registry
 from formation.crdt.kinds.fog_kinds import Fog, Invite, Policy
 from formation.crdt.kinds.node_kinds import STATES, Capacity
 from formation.crdt.kinds.owned import GRANTABLE, OwnedKind
-from formation.crdt.kinds.user_kinds import DESIRED_STATES, Gpu, ResourceRequirements, Resources
+from formation.crdt.kinds.user_kinds import (
+    DESIRED_STATES,
+    Gpu,
+    ResourceRequirements,
+    Resources,
+    Secret,
+)
 from formation.crdt.schema import address
 
 STRING = {"type": "string"}
@@ -90,7 +96,8 @@ NESTED = {"capacity": Capacity, "resources": Resources, "gpu": Gpu, "policy": Po
 ITEMS = {name: STRING for name in ("tags", "multiaddrs", "capabilities", "targets", "endpoints", "seen", "doubts",
                                    "reaches", "tools", "compatible_model_types", "preferred_models",
                                    "required_cpu_extensions", "gpu_models")}
-VALUES = {"metadata": STRING, "authorized": {"type": "string", "enum": list(GRANTABLE)}}
+# an instance's `secrets` are NAME -> Secret (added below, once records can be described)
+VALUES = {"metadata": STRING, "authorized": {"type": "string", "enum": list(GRANTABLE)}, "boxes": STRING}
 ENUMS = {"state": REPLICA_STATE, "desired_state": {"type": "string", "enum": list(DESIRED_STATES)}}
 
 
@@ -123,6 +130,11 @@ def write_body_schema(kind, action: str) -> dict:
         return {"type": "object", "required": ["address"], "additionalProperties": False, "properties": {
             "address": {"type": "string"}, "level": {"type": "string", "nullable": True,
                                                     "enum": ["manager", "operator", "read_only", None]}}}
+    if action == "secrets":  # form secrets (formation/sealed.py): boxes sealed on the client
+        entry = {"type": "object", "required": ["commit", "boxes"], "additionalProperties": False, "properties": {
+            "commit": STRING, "boxes": {"type": "object", "additionalProperties": STRING}}}
+        return {"type": "object", "additionalProperties": False, "properties": {
+            "set": {"type": "object", "additionalProperties": entry}, "unset": {"type": "array", "items": STRING}}}
     if action == "transfer":
         return {"type": "object", "required": ["to"], "additionalProperties": False,
                 "properties": {"to": {"type": "string"}}}
@@ -160,6 +172,9 @@ def record_fields_schema(record_cls, **extra: dict) -> dict:
     return obj({**record_fields(record_cls), **extra})
 
 
+VALUES["secrets"] = record_fields_schema(Secret)
+
+
 def shown_schema(kind_name: str, **extra: dict) -> dict:
     """A record of a kind as the API shows it: its fields, its `record_version` and `extra`."""
     return record_fields_schema(get_kind(kind_name).record, record_version=VERSION, **extra)
@@ -185,6 +200,12 @@ def page_schema(name: str, item: dict, **extra: dict) -> dict:
 # Agent Instance"), beside our own keys: an instance write answers both (records.py).
 SEED_INSTANCE_ANSWER = {"instanceId": STRING, "buildId": nullable(STRING),
                         "status": {"type": "string", "enum": ["REQUEST_RECEIVED"]}, "message": STRING}
+# ... and GET /instance/:instance_id/get ("Checking Agent Status and Boot Completion"): the same
+# instanceId and buildId, with the README's status names and ISO 8601 times (records.seed_view)
+SEED_STATUSES = ["PENDING", "PENDING_BUILD", "BUILDING", "STARTING", "RUNNING", "PAUSED", "STOPPED", "FAILED"]
+SEED_INSTANCE_GET = {"instanceId": STRING, "buildId": nullable(STRING), "ownerAddress": ADDRESS,
+                     "status": {"type": "string", "enum": SEED_STATUSES}, "formnetIp": nullable(STRING),
+                     "createdAt": nullable(STRING), "updatedAt": nullable(STRING)}
 
 
 def write_result_schema(kind_name: str) -> dict:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 PRIVATE_ALWAYS = frozenset({"instance"})
 PUBLIC = frozenset({"node", "peer", "dns"})
-NEVER_SHOWN = frozenset({"instance_status"})  # shown inside its instance, to whoever may see the instance
+NEVER_SHOWN = frozenset({"instance_status", "secret_box", "usage"})  # statuses, usage: shown for their instance
 
 
 def visible(kind: str, value: dict | None, who: str | None) -> bool:
