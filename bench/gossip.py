@@ -419,7 +419,7 @@ class BenchFog(DevFog):
 
     INVITES_EACH = 16
 
-    def _invite(self, inviter: int = 0) -> str:
+    def _inviter(self) -> int:
         self._invites = getattr(self, "_invites", 0) + 1
         inviter = (self._invites - 1) // self.INVITES_EACH
         deadline = time.monotonic() + 180
@@ -432,7 +432,7 @@ class BenchFog(DevFog):
             if time.monotonic() > deadline:
                 raise DevFogError(f"node {inviter} was not admitted within 180 s: it cannot invite")
             time.sleep(0.5)
-        return super()._invite(inviter)
+        return inviter
 
 
 # ---- main ---------------------------------------------------------------------------------------

@@ -143,8 +143,13 @@ class DevFog:
         self._launch(node.index, [self._node0_addr()], self._invite())
         return node.index
 
-    def _invite(self, inviter: int = 0) -> str:
-        """An invite of node `inviter`'s (by default node 0, the fog's genesis) for one more node."""
+    def _inviter(self) -> int:
+        """Which member invites the next node: node 0, the fog's genesis."""
+        return 0
+
+    def _invite(self) -> str:
+        """An invite of a member's (`_inviter`) for one more node."""
+        inviter = self._inviter()
         c = self.client(inviter)
         try:
             answer = c.call(cmd="invite", expires=3600)

@@ -152,6 +152,12 @@ class Store:
     def has(self, op_id: bytes) -> bool:
         return op_id in self.replica.ops
 
+    def holds(self, op_id: bytes) -> bool:
+        """Applied, or verified and waiting in the pending buffer (for its deps or its time):
+        a copy of it is the same bytes (the id hashes them), so it needs no checking again."""
+        r = self.replica
+        return op_id in r.ops or op_id in r.pending
+
     def op_meta(self, op_id: bytes) -> OpMeta | None:
         return self.replica.ops.get(op_id)
 

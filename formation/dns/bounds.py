@@ -8,6 +8,8 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
+from formation.buckets import TokenBuckets
+
 V = TypeVar("V")
 
 
@@ -62,26 +64,18 @@ class RateLimiter:
         self.rate = float(rate)
         self.burst = float(burst if burst is not None else max(1.0, 2 * rate))
         self.max_sources = max_sources
-        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        self._buckets = TokenBuckets(self.rate, self.burst, max_keys=max_sources)
         self.refused = 0
 
     def allow(self, source: str, now: float) -> bool:
-        if self.rate <= 0:
-            return True
-        b = self._buckets.get(source)
-        if b is None:
-            if len(self._buckets) >= self.max_sources:
-                self._buckets.popitem(last=False)
-            b = self._buckets[source] = [self.burst, now]
-        else:
-            self._buckets.move_to_end(source)
-            b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
-            b[1] = now
-        if b[0] >= 1.0:
-            b[0] -= 1.0
+        if self.rate <= 0 or self._buckets.take(source, 1.0, now):
             return True
         self.refused += 1
         return False
+
+    def clear(self) -> None:
+        """Every source's bucket full again (as after a quiet while)."""
+        self._buckets = TokenBuckets(self.rate, self.burst, max_keys=self.max_sources)
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -113,9 +113,11 @@ class WireGuardGo(WireGuardInterface):
                                                 stderr=subprocess.PIPE)
         try:
             with trio.move_on_after(START_TIMEOUT):
-                while proc.poll() is None and not self.socket.exists():
+                # the socket's file appears when wireguard-go binds it, a moment before it listens:
+                # a request in between was refused (seen under load), so wait for a connection
+                while proc.poll() is None and not await self._listening():
                     await trio.sleep(0.01)
-            if proc.poll() is not None or not self.socket.exists():
+            if proc.poll() is not None or not await self._listening():
                 err = (await proc.stderr.receive_some(4096)).decode(errors="replace").strip() if proc.stderr else ""
                 raise MeshError(f"wireguard-go did not start {self.name}: {err or 'no socket'}")
             task_status.started()
@@ -130,6 +132,15 @@ class WireGuardGo(WireGuardInterface):
                     proc.kill()
                     with trio.CancelScope(shield=True):
                         await proc.wait()
+
+    async def _listening(self) -> bool:
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        with sock:
+            try:
+                await sock.connect(str(self.socket))
+            except OSError:  # not there yet, or not listening yet
+                return False
+        return True
 
     async def request(self, data: bytes) -> Device:
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)

@@ -19,6 +19,7 @@ from collections import Counter, OrderedDict, deque
 
 import trio
 
+from formation.buckets import TokenBuckets
 from formation.crdt import codec
 from formation.crdt.keys import sha256
 from formation.crdt.op import MAX_OP_BYTES, Op, OpError, decode_op
@@ -85,13 +86,12 @@ class AuthorBudget:
 
     def __init__(self, rate: float = 100.0, burst: float = 1000.0, max_authors: int = 4096,
                  clock=time.monotonic):
-        self.rate, self.burst, self.max_authors, self.clock = rate, burst, max_authors, clock
-        self._buckets: dict[bytes, tuple[float, float]] = {}
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._buckets = TokenBuckets(rate, burst, max_keys=max_authors, clock=clock)
         self.throttled = 0  # ops held back, in all
 
-    def _tokens(self, author: bytes, now: float) -> float:
-        tokens, at = self._buckets.get(author, (self.burst, now))
-        return min(self.burst, tokens + (now - at) * self.rate)
+    def _affords(self, want: Counter, now: float) -> bool:
+        return all(self._buckets.tokens(a, now) >= n for a, n in want.items())
 
     def affords(self, wires: list[bytes]) -> bool:
         """Whether the authors the wires name (unverified: a peek, nothing is charged) have the
@@ -100,9 +100,7 @@ class AuthorBudget:
         verified ops."""
         if self.rate <= 0 or not wires:
             return True
-        now = self.clock()
-        want = Counter(a for a in map(_claimed_author, wires) if a is not None)
-        if any(self._tokens(a, now) < n for a, n in want.items()):
+        if not self._affords(Counter(a for a in map(_claimed_author, wires) if a is not None), self.clock()):
             self.throttled += len(wires)
             return False
         return True
@@ -111,18 +109,12 @@ class AuthorBudget:
         """Charge the batch's ops to their authors, all or nothing."""
         if self.rate <= 0 or not ops:
             return True
-        now = self.clock()
-        want = Counter(op.author for op in ops)
-        if any(self._tokens(a, now) < n for a, n in want.items()):
+        now, want = self.clock(), Counter(op.author for op in ops)
+        if not self._affords(want, now):
             self.throttled += len(ops)
             return False
         for a, n in want.items():
-            self._buckets[a] = (self._tokens(a, now) - n, now)
-        if len(self._buckets) > self.max_authors:
-            for a in [a for a in self._buckets if self._tokens(a, now) >= self.burst]:
-                del self._buckets[a]
-            while len(self._buckets) > self.max_authors:  # all busy: the oldest charged goes
-                del self._buckets[next(iter(self._buckets))]
+            self._buckets.charge(a, n, now)
         return True
 
 

@@ -280,9 +280,10 @@ class P2PService:
         # A.3 #5: seqno seeded in whole seconds silences a restarted publisher; use nanoseconds.
         self.pubsub.counter = time.time_ns()
         self.peer_id = self.host.get_id().to_string()
-        # Membership tests on the store's dict from the event loop are safe under the GIL, and
-        # let the validator skip verifying ops we already hold.
-        self.validator = BatchValidator(self.host.get_id().to_bytes(), known=astore.store.has,
+        # Membership tests on the store's dicts from the event loop are safe under the GIL, and
+        # let the validator skip verifying ops we already hold, applied or pending (copies of a
+        # pending op come with every forwarder while it waits for its deps).
+        self.validator = BatchValidator(self.host.get_id().to_bytes(), known=astore.store.holds,
                                         authors=AuthorBudget(self.settings.author_ops_per_s,
                                                              self.settings.author_burst))
         self.validator.proof_strikes = BAN_STRIKES

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import trio
 
+from formation.buckets import TokenBuckets
 from formation.crdt.async_store import AsyncStore
 from formation.crdt.reconcile import (
     MAX_MESSAGE_BYTES,
@@ -88,38 +89,32 @@ class ServeBudget:
     completes), and the peer then waits until the debt is refilled at capacity/window per second.
     """
 
-    MAX_PEERS = 4096  # buckets kept before full (untouched) ones are forgotten
+    MAX_PEERS = 4096  # buckets kept (buckets.TokenBuckets: the least recently charged go first)
 
     def __init__(self, capacity: int, window: float, clock=trio.current_time):
         self.capacity = capacity
         self.window = window
-        self.rate = capacity / window
         self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # peer -> (tokens, at time)
+        self._buckets = TokenBuckets(capacity / window, capacity, max_keys=self.MAX_PEERS, clock=clock)
         self._logged: dict[str, float] = {}  # peer -> when its refusal was last logged
 
     def tokens(self, peer: str) -> float:
-        now = self.clock()
-        tokens, at = self._buckets.get(peer, (self.capacity, now))
-        return min(self.capacity, tokens + (now - at) * self.rate)
+        return self._buckets.tokens(peer)
 
     def allows(self, peer: str) -> bool:
         if self.tokens(peer) > 0:
             return True
         now = self.clock()
         if now - self._logged.get(peer, -self.window) >= self.window:
+            if len(self._logged) >= self.MAX_PEERS:
+                self._logged.clear()  # only what is logged when: forgetting it logs once more
             self._logged[peer] = now  # a refused peer retries often: say it once per window
             log.warning("sync budget of %s spent (%d bytes per %.0f s); refusing its sessions",
                         peer[-8:], self.capacity, self.window)
         return False
 
     def charge(self, peer: str, nbytes: int) -> None:
-        self._buckets[peer] = (self.tokens(peer) - nbytes, self.clock())
-        if len(self._buckets) > self.MAX_PEERS:
-            # peer ids are free to make: forget the buckets that have refilled (same as unknown)
-            for p in [p for p in self._buckets if self.tokens(p) >= self.capacity]:
-                del self._buckets[p]
-                self._logged.pop(p, None)
+        self._buckets.charge(peer, nbytes)
 
 
 async def run_session(stream, astore: AsyncStore, peer: str, budget: ServeBudget | None = None) -> SyncResult:
