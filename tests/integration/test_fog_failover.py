@@ -113,6 +113,14 @@ class VmWatch:
 
 
 @pytest.mark.parametrize("long_cut", [False, True], ids=["cut", "cut-past-tcp-timeout"])
+def _placed_on(client, iid: str, node: str) -> bool:
+    """Whether the node behind `client` knows the instance and places it on `node`."""
+    try:
+        return client.ok("GET", f"/v1/instance/{iid}/get")["placement"]["nodes"] == [node]
+    except AssertionError:  # not there yet (404)
+        return False
+
+
 def test_a_cut_host_s_replica_moves_on_evidence_and_comes_back_without_a_manual_step(images, tmp_path, long_cut):
     """`long_cut`: the libp2p connections across the cut are lost meanwhile (lose_connections),
     so each node's `seen` drops the other side and the nodes redial after the heal."""
@@ -230,8 +238,10 @@ def test_a_cut_host_s_replica_moves_on_evidence_and_comes_back_without_a_manual_
             assert ipaddress.ip_address(x_ip) in ipaddress.ip_network(subnets[xi]), (x_ip, subnets)
             page = f"fog-agent {token}\n"
 
-            # (1) X runs it, Y has none; every node places it on X
+            # (1) X runs it, Y has none; every node places it on X (host 3 may hear of the
+            # instance a moment after X runs it: a gossip message lost is brought by sync)
             for i in range(3):
+                wait(f"host {i + 1} to place it on X", lambda i=i: _placed_on(clients[i], iid, address[xi]), 30)
                 assert get(i)["placement"]["nodes"] == [address[xi]], looks
             assert wait("X's replica over formnet from host 3",
                         lambda: Z.http_get(f"http://{x_ip}:{AGENT_PORT}/", 5.0), 120) == page
