@@ -112,7 +112,6 @@ class VmWatch:
             f"({t:.1f}, {i + 1}, {a})" for t, i, a in self.changes)
 
 
-@pytest.mark.parametrize("long_cut", [False, True], ids=["cut", "cut-past-tcp-timeout"])
 def _placed_on(client, iid: str, node: str) -> bool:
     """Whether the node behind `client` knows the instance and places it on `node`."""
     try:
@@ -121,6 +120,7 @@ def _placed_on(client, iid: str, node: str) -> bool:
         return False
 
 
+@pytest.mark.parametrize("long_cut", [False, True], ids=["cut", "cut-past-tcp-timeout"])
 def test_a_cut_host_s_replica_moves_on_evidence_and_comes_back_without_a_manual_step(images, tmp_path, long_cut):
     """`long_cut`: the libp2p connections across the cut are lost meanwhile (lose_connections),
     so each node's `seen` drops the other side and the nodes redial after the heal."""
