@@ -166,6 +166,19 @@ def cmd_catalog_transfer(args: argparse.Namespace) -> int:
     return transfer(args, CATALOG[args.kind]["base"], args.kind)
 
 
+def cmd_agent_price(args: argparse.Namespace) -> int:
+    rid = check_id(args.id, "agent id")
+    try:
+        price = int(args.credits)
+    except ValueError:
+        price = -1
+    if not 0 <= price <= 10**12:
+        raise SystemExit(f"form: CREDITS must be a whole number from 0 (free) to 10^12, not {args.credits!r}")
+    ctx = context(args)
+    res = ctx.call("PUT", f"{CATALOG['agent']['base']}/{rid}", {"price_credits_per_call": price})
+    return output.report_write(ctx.json, res, f"agent {rid} costs {price} credits a call")
+
+
 def register(commands, common: argparse.ArgumentParser) -> None:
     for kind in ("model", "agent"):
         _register_kind(commands, common, kind)
@@ -200,6 +213,12 @@ def _register_kind(commands, common: argparse.ArgumentParser, kind: str) -> None
         p.add_argument("--data", metavar="JSON", default="{}", help="the request: JSON, or @FILE")
         p.add_argument("--timeout", metavar="S", type=float, default=300.0,
                        help="seconds to wait for the answer (default 300)")
+        p = leaf(cat, "price", "set what a call of the agent costs its callers, in credits", cmd_agent_price,
+                 common, description="The agent's price_credits_per_call: each call through the hire proxy "
+                                     "moves it from the caller to you, less the hosting operator's share "
+                                     "(docs/economy.md); 0 makes it free.")
+        record_id(p)
+        p.add_argument("credits", metavar="CREDITS", help="whole credits per call (0: free)")
     record_id(leaf(cat, "get", f"show one {kind}", cmd_catalog_get, common, kind=kind))
     for name, fn, help_ in (("list", cmd_catalog_list, f"list {plural}, with filters"),
                             ("search", cmd_catalog_search, f"search {plural} by words and filters")):

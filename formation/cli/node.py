@@ -25,6 +25,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         ("--vms", "vm.enabled", args.vms),
         ("--mesh", "mesh.enabled", args.mesh),
         ("--invite", "fog.invite", getattr(args, "invite", None)),
+        ("--treasury", "fog.treasury", getattr(args, "treasury", None)),
     ):
         if value is not None:
             overrides[dotted] = value
@@ -222,6 +223,9 @@ def _node_flags(node: argparse.ArgumentParser) -> None:
                            "repeatable; replaces [p2p] bootstrap")
     node.add_argument("--invite", metavar="TOKEN",
                       help="an invite to claim at the first start (overrides [fog] invite)")
+    node.add_argument("--treasury", metavar="ADDRESS",
+                      help="the treasury a new fog names at its genesis: the only key whose grants "
+                           "add credits (overrides [fog] treasury; used at genesis only)")
     node.add_argument("--json", action="store_true",
                       help="print the identity as one JSON object instead of a table")
     node.add_argument("--once", action="store_true",

@@ -81,14 +81,23 @@ class InviteToken:
         return cls(invite, doc["secret"], bootstrap)
 
 
-def genesis(key: PrivateKey, *, name: str, now_ms: int, policy: dict | None = None) -> tuple[dict, dict]:
-    """A new fog's genesis record and the genesis node's own member record."""
+def genesis(key: PrivateKey, *, name: str, now_ms: int, policy: dict | None = None,
+            treasury: str | None = None, operator_share_percent: int | None = None) -> tuple[dict, dict]:
+    """A new fog's genesis record and the genesis node's own member record; `treasury` and
+    `operator_share_percent` are its economy (docs/economy.md), left out when None."""
     me = format_address(key.address)
     fog = Fog.normalize({"fog_id": "0" * 32, "genesis": me, "name": name, "created_at": now_ms,
-                         "policy": Policy.normalize(policy or {})})
+                         "policy": Policy.normalize(policy or {}), "treasury": treasury or None,
+                         "operator_share_percent": operator_share_percent})
     fog["fog_id"] = fog_id_of(fog)
     member = Member.normalize({"address": me, "fog_id": fog["fog_id"], "joined_at": now_ms})
     return fog, member
+
+
+def economy_of(config) -> dict:
+    """The economy a genesis made with this node's settings names ([fog] treasury, split)."""
+    return {"treasury": config.fog.treasury or None,
+            "operator_share_percent": config.fog.operator_share_percent}
 
 
 def make_invite(key: PrivateKey, fog_id: str, *, serial: int, expires_ms: int,

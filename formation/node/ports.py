@@ -19,6 +19,7 @@ from .fog import InviteToken
 from .vmside import VmSide
 
 if TYPE_CHECKING:  # metering.py types its node by these ports
+    from .charging import Charger
     from .metering import HireLedger
 
 
@@ -93,6 +94,7 @@ class ApiNode(RequestsNode, Protocol):
 
     vms: VmSide
     hires: HireLedger  # the calls the hire proxy sent, for the meter (metering.py)
+    charger: Charger  # priced calls: admission against credits, charge records (charging.py)
 
     def health_problems(self, connected: int, pending: int) -> list[str]: ...
 

@@ -26,6 +26,7 @@ from formation.mesh.uapi import UapiError
 from formation.p2p.service import P2PService, P2PSettings
 
 from . import capacity, contexts, fog
+from .charging import Charger
 from .config import Config
 from .events import Changes
 from .fog import InviteToken
@@ -102,6 +103,7 @@ class NodeRuntime:
         self.fog_id: str | None = None  # the fog this node is a member of (found, made or joined in run)
         self.admitted = False  # a member now, by the fog's records (membership.py)
         self.hires = HireLedger()  # calls the hire proxy sent, until the meter takes them
+        self.charger = Charger(self)  # priced calls: admission and charge records (charging.py)
         self.meter = Meter(self)  # usage records of what this node hosts and proxies (metering.py)
         self.dns_view = None  # the DNS server's view, once it serves (dnsview.py; /metrics reads it)
 
@@ -165,7 +167,7 @@ class NodeRuntime:
             self.fog_id = record["fog_id"]
             log.info("claimed an invite of %s into fog %s", self.invite.invite["inviter"], self.fog_id)
         elif not self.config.p2p.bootstrap:
-            genesis, member = fog.genesis(self.key, name=self.config.fog.name, now_ms=now_ms())
+            genesis, member = fog.genesis(self.key, name=self.config.fog.name, now_ms=now_ms(), **fog.economy_of(self.config))
             await self.write("fog", genesis["fog_id"], genesis)
             await self.write("member", self.address, member)
             self.fog_id = genesis["fog_id"]

@@ -65,6 +65,18 @@ def _region(value: Any, _origin: c.Origin) -> str:
     return value
 
 
+def _treasury(value: Any, _origin: c.Origin) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"(0x[0-9a-fA-F]{40})?", value):
+        raise c.Bad(f"expected an address (0x and 40 hex digits) or empty, got {c.show(value)}")
+    return value.lower()
+
+
+def _percent(value: Any, _origin: c.Origin) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+        raise c.Bad(f"expected an integer from 0 to 100, got {c.show(value)}")
+    return value
+
+
 def _upstreams(value: Any, _origin: c.Origin) -> tuple[str, ...]:
     """IP addresses with optional ports: "192.0.2.53", "192.0.2.53:5353", "[2001:db8::53]:53"."""
     if not isinstance(value, list):
@@ -154,6 +166,14 @@ SETTINGS: tuple[Setting, ...] = (
       "(its genesis). A node with bootstrap peers but no invite syncs the state and runs no "
       "workloads until it is admitted."),
     S("fog", "name", "", str, c.string, "The name a new fog is given at its genesis (shown, not used)."),
+    S("fog", "treasury", "", str, _treasury,
+      "The treasury a new fog names at its genesis: the address (a user key, `form kit init`) whose "
+      "signed grants are the only way credits enter the fog (`form account grant`). Empty: the "
+      "fog has no treasury, grants are refused and each account keeps the 100 credits it starts "
+      "with; with a treasury accounts start with 0 (docs/economy.md). Used at genesis only."),
+    S("fog", "operator_share_percent", 20, int, _percent,
+      "The split a new fog names at its genesis: the percentage of a priced call that goes to the "
+      "operator of the node that admitted it, the rest to the agent's creator. Used at genesis only."),
     S("mesh", "enabled", "auto", str, c.choice("auto", "true", "false", bools=True),
       'formnet: a WireGuard interface whose peers are the fog\'s members (their `peer` records), '
       'so that nodes and VMs reach each other by overlay address. "auto": on when the node runs '

@@ -37,7 +37,7 @@ def _address_in_use(exc: BaseException) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def running_node(tmp_path, *, secret: bytes = b"\x0a" * 32, bootstrap=()):
+async def running_node(tmp_path, *, secret: bytes = b"\x0a" * 32, bootstrap=(), settings: dict | None = None):
     tmp_path.mkdir(parents=True, exist_ok=True)
     # A port found free can be taken before the node binds it (another process's ephemeral
     # port): try again with new ports rather than fail the test on a race with the machine.
@@ -45,7 +45,7 @@ async def running_node(tmp_path, *, secret: bytes = b"\x0a" * 32, bootstrap=()):
         port = free_port()
         cfg = load_config(None, {"node.data_dir": str(tmp_path), "vm.enabled": "false", "mesh.enabled": "false", "dns.enabled": False, "proxy.enabled": False, "api.port": port,
                                  "p2p.listen": f"/ip4/127.0.0.1/tcp/{free_port()}",
-                                 "p2p.bootstrap": list(bootstrap)})
+                                 "p2p.bootstrap": list(bootstrap), **(settings or {})})
         rt = open_node(cfg, PrivateKey(secret), Store(str(tmp_path / "state.db")))
         try:
             async with trio.open_nursery() as nursery:
@@ -134,9 +134,9 @@ class FakeScheduler:
 
 
 @contextlib.asynccontextmanager
-async def vm_node(tmp_path: Path, **builder_kw):
+async def vm_node(tmp_path: Path, *, settings: dict | None = None, **builder_kw):
     """A running node whose runtime has a BuildService (on FakeBuilder) and a FakeScheduler."""
-    async with running_node(tmp_path / "node") as rt, trio.open_nursery() as nursery:
+    async with running_node(tmp_path / "node", settings=settings) as rt, trio.open_nursery() as nursery:
         builder = FakeBuilder(tmp_path / "vm", **builder_kw)
         service = BuildService(tmp_path / "vm", builder)
         await nursery.start(service.run)

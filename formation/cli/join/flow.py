@@ -248,7 +248,7 @@ def _membership_step(plan: Plan, mode: Mode, op: Operator | None, rollback: Roll
         rollback.made_state(config.state_path)
     try:
         if mode.kind == "genesis":
-            genesis, member = fog.genesis(op.key, name=config.fog.name, now_ms=now)
+            genesis, member = fog.genesis(op.key, name=config.fog.name, now_ms=now, **fog.economy_of(config))
             store.write(op.key, "fog", genesis["fog_id"], genesis, now_ms=now)
             store.write(op.key, "member", op.address, member, now_ms=now)
             plan.standing = fog.standing(store, op.address)

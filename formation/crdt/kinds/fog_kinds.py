@@ -58,11 +58,25 @@ class Fog(Record):
     name: str = field(text(64), default="")
     created_at: int = field(TIMESTAMP, default=0)
     policy: dict = field(nested(Policy), factory=lambda: Policy().to_dict())
+    # the economy (docs/economy.md), added after the first fogs were made: left out of the hash
+    # when None (LATER_FIELDS), so an older genesis keeps its id
+    treasury: str | None = field(optional(address), default=None)  # the only key whose grants count
+    operator_share_percent: int | None = field(optional(integer(0, 100)), default=None)  # None: 20
+
+
+LATER_FIELDS = ("treasury", "operator_share_percent")  # hashed only when set
+DEFAULT_OPERATOR_SHARE_PERCENT = 20
+
+
+def operator_share_percent(fog: dict | None) -> int:
+    v = fog.get("operator_share_percent") if fog else None
+    return DEFAULT_OPERATOR_SHARE_PERCENT if v is None else v
 
 
 def fog_id_of(fog: dict) -> str:
-    """The id a genesis record names itself by: a hash of everything else in it."""
-    body = {k: v for k, v in fog.items() if k != "fog_id"}
+    """The id a genesis record names itself by: a hash of everything else in it (the fields of
+    LATER_FIELDS only when set, so that a genesis made before they existed keeps its id)."""
+    body = {k: v for k, v in fog.items() if k != "fog_id" and not (k in LATER_FIELDS and v is None)}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
 
 

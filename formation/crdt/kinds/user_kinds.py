@@ -402,7 +402,9 @@ class Agent(Record):
     port: int = field(integer(1, 65535), default=8000)  # where /agents/:id/hire proxies to
     path: str = field(text(256, min_len=1, pattern=r"/[^\s]*", what="a path starting with '/'"), default="/")
     repository_url: str | None = field(optional(text(2048)), default=None)
-    price_per_request: float | None = field(optional(number(0, 1e9)), default=None)
+    price_per_request: float | None = field(optional(number(0, 1e9)), default=None)  # shown, not charged
+    # what the hire proxy charges a call, in credits (docs/economy.md); None or 0: free
+    price_credits_per_call: int | None = field(optional(integer(0, 10**12)), default=None)
     is_private: bool = field(boolean, default=False)
     metadata: dict = field(METADATA, factory=dict)
     authorized: dict = field(AUTHORIZED, factory=dict)

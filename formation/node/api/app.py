@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from quart_trio import QuartTrio
 
-from . import hire, records, usage, workloads
+from . import credits, hire, records, usage, workloads
 from .http import Endpoint, build_app
 from .openapi import document
 
 
 def endpoints() -> list[Endpoint]:
-    return records.endpoints() + workloads.endpoints() + hire.endpoints() + usage.endpoints()
+    return records.endpoints() + workloads.endpoints() + hire.endpoints() + usage.endpoints() + credits.endpoints()
 
 
 def create_app(runtime) -> QuartTrio:

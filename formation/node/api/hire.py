@@ -34,6 +34,7 @@ from formation.crdt.kinds.owned import LEVELS, level_of
 from formation.dns.names import counts
 from formation.pack.formfile import exposed_ports
 
+from ..charging import InsufficientCredits
 from ..metering import TOKENS_HEADER, parse_tokens
 from . import views
 from .http import ApiError, Call, Endpoint, json_body
@@ -57,6 +58,7 @@ HIRE_RESPONSES = {
     **{code: {"description": f"{why} ({{error, detail}}), or the agent's own answer with this status",
               **AGENT_ANSWER}
        for code, why in ((400, "the node refused the body"), (401, "a signature check failed"),
+                         (402, "the caller's credits do not cover the agent's price (insufficient_credits)"),
                          (403, "not allowed"), (404, "no such agent"), (409, "the agent has no build_id"),
                          (413, "the body is too large"), (422, "not applicable"),
                          (502, "the agent did not answer (agent_unreachable)"),
@@ -74,6 +76,8 @@ class Callee:
     port: int | None
     path: str
     agent_id: str  # the X-Formation-Agent header ("" when no agent record is called)
+    price: int = 0  # credits a call costs the caller (the agent's price_credits_per_call)
+    creator: str = ""  # who is paid for it: the agent's owner
 
 
 async def _agent_callee(call: Call, agent: dict) -> Callee:
@@ -93,7 +97,10 @@ async def _agent_callee(call: Call, agent: dict) -> Callee:
         raise ApiError(503, "no_replica", f"no instance runs build {build} of agent {aid} "
                                           f"that the agent's owner may operate (level {HIRE_LEVEL} or more); "
                                           "its owner deploys one with `form pack ship`")
-    return Callee(f"agent {aid} (build {build})", instances, agent["port"], agent["path"], aid)
+    # the agent's owner calls its own agent for free; anyone else pays its price (docs/economy.md)
+    price = 0 if call.who == agent["owner"] else (agent.get("price_credits_per_call") or 0)
+    return Callee(f"agent {aid} (build {build})", instances, agent["port"], agent["path"], aid,
+                  price, agent["owner"])
 
 
 async def _visible_agent(call: Call, aid: str) -> dict | None:
@@ -200,6 +207,30 @@ async def _call(call: Call, callee: Callee):
     # any JSON the agent takes (not a record: no text policy), but parsed safely
     json_body(call.body, object_only=False, max_depth=HIRE_MAX_DEPTH, plain_text=False)
     targets = await _targets(call, callee)
+    admission = None
+    if callee.price > 0:
+        admission = await _admit(call, callee)
+    try:
+        return await _send(call, callee, targets, admission)
+    finally:
+        if admission is not None:
+            await call.runtime.charger.release(admission)  # no-op once settled
+
+
+async def _admit(call: Call, callee: Callee):
+    try:
+        return await call.runtime.charger.admit(call.who, callee.agent_id, callee.creator, callee.price)
+    except InsufficientCredits as exc:
+        raise ApiError(402, "insufficient_credits",
+                       f"a call of {callee.label} costs {exc.price} credits and {call.who} has {exc.available} "
+                       f"available (balance {exc.balance}" + (f", {exc.balance - exc.available} held by calls in "
+                                                              "flight" if exc.balance != exc.available else "")
+                       + "): see `form account credits` (GET /account/credits); credits come from a grant "
+                       "by the fog's treasury (`form account grant` with its key)",
+                       extra={"balance": exc.balance, "available": exc.available, "price": exc.price}) from None
+
+
+async def _send(call: Call, callee: Callee, targets, admission):
     deadline = trio.current_time() + HIRE_TIMEOUT
     client = httpx.AsyncClient(timeout=httpx.Timeout(HIRE_TIMEOUT, connect=HIRE_CONNECT_TIMEOUT))
     headers = {"Content-Type": call.headers.get("Content-Type") or "application/json",
@@ -233,6 +264,17 @@ async def _call(call: Call, callee: Callee):
             await client.aclose()
     if resp is None:
         raise ApiError(502, "agent_unreachable", f"{callee.label} did not answer: " + "; ".join(failures))
+    if admission is not None:
+        if resp.status_code < 500:  # answered: charged (an agent's own failure is not)
+            try:
+                await call.runtime.charger.settle(admission)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await resp.aclose()
+                    await client.aclose()
+                raise
+        else:
+            await call.runtime.charger.release(admission)
 
     async def relay():
         try:

@@ -49,11 +49,12 @@ PAGING = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, error: str, detail: str):
+    def __init__(self, status: int, error: str, detail: str, extra: dict | None = None):
         super().__init__(detail)
         self.status = status
         self.error = error
         self.detail = detail
+        self.extra = extra or {}  # more fields of the answer beside {error, detail}
 
 
 @dataclass
@@ -310,8 +311,9 @@ async def _answer(send, exc: ApiError) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def error_response(status: int, error: str, detail: str) -> Response:
-    return Response(json.dumps({"error": error, "detail": detail}), status=status, mimetype="application/json")
+def error_response(status: int, error: str, detail: str, extra: dict | None = None) -> Response:
+    return Response(json.dumps({"error": error, "detail": detail, **(extra or {})}), status=status,
+                    mimetype="application/json")
 
 
 def build_app(runtime: ApiNode, table: list[Endpoint], *, document: dict) -> QuartTrio:
@@ -342,7 +344,7 @@ def build_app(runtime: ApiNode, table: list[Endpoint], *, document: dict) -> Qua
                 check_encoding(body)
                 result, status = await ep.handler(Call(runtime, signed, params, body, request.args, request.headers))
             except ApiError as exc:
-                return error_response(exc.status, exc.error, exc.detail)
+                return error_response(exc.status, exc.error, exc.detail, exc.extra)
             if isinstance(result, Response):  # the handler made its own answer (a proxy)
                 return result
             if ep.stream:

@@ -24,6 +24,7 @@ from formation.crdt.strict import StrictError, parse_json
 from .. import fogview
 from ..placement import stale_after_ms
 from . import views
+from .credits import shown_balance
 from .http import PAGING, STATUS_OF_CODE, ApiError, Call, Endpoint, Handler, paged
 from .schemas import (
     ADDRESS,
@@ -194,11 +195,13 @@ async def account_get(call: Call):
     addr = call.params["address"].lower()
     if addr != call.who:
         raise ApiError(403, "forbidden", "an account is readable only by its own address")
-    return await views.visible_or_404(call, "account", addr), 200
+    return await shown_balance(call, await views.visible_or_404(call, "account", addr)), 200
 
 
 async def account_list(call: Call):
     value = await views.with_version(call, "account", call.who)
+    if value:
+        value = await shown_balance(call, value)
     return {"accounts": [value] if value else [], "count": 1 if value else 0}, 200
 
 

@@ -1,0 +1,103 @@
+"""Forged credits over real in-process libp2p (tests/p2p/attacker.py): an attacker member pushes,
+by gossip and by sync, grant ops carrying users' signed requests that no treasury signed (a
+self-grant, a grant by another key, a genesis altered to name the attacker treasury) and charge
+ops it has no right to (another node's charge record, a user's key as a node, a key naming no
+node, fields that contradict the key, counters out of bounds, a deletion). Every honest node
+refuses each with the same code and its state is what it was; the treasury's own grant, relayed
+by an honest node, is accepted everywhere."""
+
+from __future__ import annotations
+
+
+from formation.crdt.keys import PrivateKey, parse_signature, sha256
+from formation.crdt.kinds.credit_kinds import charge_key
+from formation.crdt.kinds.fog_kinds import fog_id_of
+from formation.node import fog as fogmod
+from tests.p2p.attacker import forge_wire, open_attacker
+from tests.p2p.conftest import converged, open_fog
+from tests.p2p.test_attacks import caught_up, keep_working, read, rejection_codes, top_hlc
+from tests.support import TS, User
+
+AID = "a1" * 16
+
+
+def grant_key(request) -> str:
+    return sha256(parse_signature(request[2])).hex()[:32]
+
+
+def charge(consumer: str, node: str, creator: str, **more) -> dict:
+    value = {"consumer": consumer, "agent_id": AID, "node": node, "creator": creator, "calls": 3, "credits": 15,
+             "tokens_in": 0, "tokens_out": 0, "updated_at": 1_700_000_060_000, **more}
+    return dict(sorted(value.items()))
+
+
+async def test_forged_grants_and_charges_are_refused_everywhere():
+    treasury, user, creator = User(b"\x81" * 32), User(b"\x82" * 32), User(b"\x83" * 32)
+    genesis, _ = fogmod.genesis(PrivateKey(b"\x84" * 32), name="f", now_ms=1_700_000_000_000,
+                                treasury=treasury.address, operator_share_percent=20)
+    async with open_fog(2) as fog, open_attacker(fog) as evil:
+        host = fog[0]
+        ckey = charge_key(user.address, AID, host.node.address)
+        honest = await host.svc.astore.run(host.node.put, "charge", ckey,
+                                           charge(user.address, host.node.address, creator.address))
+        host.svc.publish(honest.wire)
+        await converged(fog)
+        heads = await caught_up(evil, host)
+        before = [await m.svc.astore.state_hash() for m in fog]
+        hlc = await top_hlc(evil) + 1
+        mine = charge_key(user.address, AID, evil.address)
+
+        def grant(signer: User, body: dict, **kw):
+            req = signer.request("POST", "/v1/credits/grant", body)
+            return forge_wire(evil.key, "grant", kw.get("key", grant_key(req)), deps=heads, hlc=hlc, request=req)
+
+        def forge(signer, k, value=None):
+            return forge_wire(signer, "charge", k, deps=heads, hlc=hlc, value=value)
+
+        forged = {
+            # a self-grant, a grant by another key, a genesis altered to name the attacker's user treasury
+            grant(user, {"to": user.address, "amount": 10**6, "fog": genesis}): "unauthorized",
+            grant(creator, {"to": user.address, "amount": 10**6, "fog": genesis}): "unauthorized",
+            grant(user, {"to": user.address, "amount": 10**6, "fog": {**genesis, "treasury": user.address}}):
+                "bad_field",
+            # the treasury's own request with an amount out of bounds, or under a key it does not derive
+            grant(treasury, {"to": user.address, "amount": 10**12 + 1, "fog": genesis}): "bad_field",
+            grant(treasury, {"to": user.address, "amount": 5, "fog": genesis}, key="0" * 32): "bad_key",
+            # another node's charge record; a user's key as a node; keys naming another node or none
+            forge(evil.key, ckey, charge(user.address, host.node.address, evil.address, credits=0)): "unauthorized",
+            forge(user.key, ckey, charge(user.address, host.node.address, creator.address)): "unauthorized",
+            forge(evil.key, charge_key(user.address, AID, "0x" + "11" * 20),
+                  charge(user.address, "0x" + "11" * 20, evil.address)): "unauthorized",
+            forge(evil.key, f"{user.address}@{evil.address}", charge(user.address, evil.address, evil.address)):
+                "unauthorized",
+            # its own key: fields that contradict the key, counters out of bounds, a deletion
+            forge(evil.key, mine, charge(creator.address, evil.address, evil.address)): "bad_field",
+            forge(evil.key, mine, charge(user.address, evil.address, evil.address, credits=-5)): "bad_field",
+            forge(evil.key, mine, charge(user.address, evil.address, evil.address, credits=2**62 + 1)): "bad_field",
+            forge(evil.key, mine, charge(user.address, evil.address, evil.address, calls=1.5)): "bad_field",
+            forge(evil.key, mine, None): "bad_field",
+        }
+        wires = list(forged)
+        await evil.gossip(wires[:5])
+        for m in fog:
+            await evil.push_sync(m.svc.peer_id, wires[5:])
+        ids = [sha256(w) for w in wires]
+        codes = await rejection_codes(fog, ids)
+        expected = {sha256(w): code for w, code in forged.items()}
+        assert codes == [expected] * len(fog)
+        for m, state_hash in zip(fog, before, strict=True):
+            assert await m.svc.astore.state_hash() == state_hash
+            assert await read(m, lambda s: s.list("grant", limit=10)) == []
+            assert (await m.svc.astore.get("charge", ckey))["credits"] == 15
+            assert await m.svc.astore.get("charge", mine) is None
+        await keep_working(fog, user, "forged credits")
+
+        # the treasury's grant, relayed by an honest node, is taken everywhere
+        body = {"to": user.address, "amount": 7, "memo": "ok", "fog": genesis}
+        op = await fog[1].relay(treasury, "POST", "/v1/credits/grant", body, ts=TS + 91)
+        await converged(fog)
+        for m in fog:
+            [g] = await read(m, lambda s: s.list("grant", limit=10))
+            assert (g["grant_id"], g["to"], g["amount"], g["treasury"], g["fog_id"]) == (
+                op.key, user.address, 7, treasury.address, genesis["fog_id"])
+        assert fog_id_of(genesis) == genesis["fog_id"]

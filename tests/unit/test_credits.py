@@ -1,0 +1,85 @@
+"""Credits as a view (crdt/credits.py) and the genesis fields they read (kinds/fog_kinds.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from formation.crdt.credits import balance_of, split, start_credits
+from formation.crdt.keys import PrivateKey, format_address
+from formation.crdt.kinds.fog_kinds import Fog, FogKind, fog_id_of
+from formation.crdt.store import Store
+from formation.node import fog as fogmod
+
+A, B, C, N, T = ("0x" + c * 40 for c in "abcde")
+
+
+def old_fog_id(fog: dict) -> str:
+    """fog_id_of as it was before the economy's fields existed."""
+    body = {k: v for k, v in fog.items() if k != "fog_id"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+def test_an_old_genesis_keeps_its_id_and_is_still_valid():
+    key = PrivateKey(b"\x05" * 32)
+    old = {"fog_id": "0" * 32, "genesis": format_address(key.address), "name": "old", "created_at": 1_700_000_000_000,
+           "policy": {"inviters": "members", "max_admits": 16}}
+    old["fog_id"] = old_fog_id(old)
+    normalized = Fog.normalize(old)  # as a node reads it now: the new fields are None
+    assert normalized["treasury"] is None and normalized["operator_share_percent"] is None
+    assert fog_id_of(normalized) == fog_id_of(old) == old["fog_id"]
+    store = Store()
+    store.write(key, "fog", old["fog_id"], old, now_ms=1_700_000_000_001)  # validity takes it
+    assert store.get("fog", old["fog_id"])["fog_id"] == old["fog_id"]
+    # a genesis made with no economy hashes as before too
+    made, _ = fogmod.genesis(key, name="x", now_ms=1_700_000_000_000)
+    assert made["fog_id"] == old_fog_id({k: v for k, v in made.items() if v is not None})
+
+
+def test_the_treasury_and_split_are_in_the_hash_when_set():
+    key = PrivateKey(b"\x06" * 32)
+    plain, _ = fogmod.genesis(key, name="x", now_ms=1)
+    rich, _ = fogmod.genesis(key, name="x", now_ms=1, treasury=T, operator_share_percent=20)
+    assert rich["treasury"] == T and rich["fog_id"] != plain["fog_id"] == fog_id_of(plain)
+    assert fog_id_of({**rich, "treasury": A}) != rich["fog_id"]
+    assert fog_id_of({**rich, "operator_share_percent": 0}) != rich["fog_id"]
+    FogKind().validate(rich)
+
+
+def charge(consumer, creator, node, credits, calls=1, agent="x"):
+    return {"consumer": consumer, "agent_id": agent, "node": node, "creator": creator, "calls": calls,
+            "credits": credits}
+
+
+FOG = {"fog_id": "f" * 32, "treasury": T, "operator_share_percent": 25}
+
+
+def test_balances_count_own_fog_grants_and_members_charges_only():
+    grants = [{"to": A, "amount": 50, "fog_id": FOG["fog_id"], "treasury": T},
+              {"to": A, "amount": 10**6, "fog_id": "e" * 32, "treasury": A},  # another fog's
+              {"to": B, "amount": 5, "fog_id": FOG["fog_id"], "treasury": T}]
+    charges = [charge(A, B, N, 10, calls=2), charge(A, B, C, 999)]  # C is no member: counts for no one
+    members = {N}
+    figures = {w: balance_of(w, account={"credits": 100}, grants=grants, charges=charges, members=members, fog=FOG)
+               for w in (A, B, N, C)}
+    assert figures[A]["start"] == 0  # a fog with a treasury: no free credits
+    assert (figures[A]["granted"], figures[A]["spent"], figures[A]["calls"], figures[A]["balance"]) == (50, 10, 2, 40)
+    assert (figures[B]["earned"], figures[B]["balance"]) == (8, 13)  # 10 - 25 % (2, floored) + a grant of 5
+    assert (figures[N]["earned"], figures[N]["balance"]) == (2, 2)
+    assert figures[C]["balance"] == 0
+    # nothing is made or lost: what A spent is what B and N earned
+    assert figures[A]["spent"] == figures[B]["earned"] + figures[N]["earned"]
+
+
+def test_start_credits_and_split():
+    assert start_credits({"credits": 100}, None) == 100
+    assert start_credits({"credits": 100}, {"fog_id": "f" * 32, "treasury": None}) == 100
+    assert start_credits({"credits": 100}, FOG) == 0
+    assert start_credits(None, None) == 0
+    assert split(10, None) == (8, 2)  # the default split: 20 %
+    assert split(7, {"operator_share_percent": 0}) == (7, 0)
+    assert split(7, {"operator_share_percent": 100}) == (0, 7)
+    assert split(3, {"operator_share_percent": 50}) == (2, 1)
+    # no grant counts in a fog without a treasury, whatever it says
+    assert balance_of(A, account=None, grants=[{"to": A, "amount": 5, "fog_id": "f" * 32, "treasury": None}],
+                      charges=[], members=set(), fog={"fog_id": "f" * 32, "treasury": None})["balance"] == 0
