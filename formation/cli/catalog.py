@@ -166,17 +166,39 @@ def cmd_catalog_transfer(args: argparse.Namespace) -> int:
     return transfer(args, CATALOG[args.kind]["base"], args.kind)
 
 
+def _credits_arg(value: str | None, what: str, low: int = 0) -> int | None:
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if not low <= n <= 10**12:
+        raise SystemExit(f"form: {what} must be a whole number from {low} to 10^12, not {value!r}")
+    return n
+
+
+def cmd_agent_usage(args: argparse.Namespace) -> int:
+    from formation.cli.usage import show_agent
+
+    rid = check_id(args.id, "agent id")
+    ctx = context(args)
+    return show_agent(ctx.json, ctx.call("GET", f"{CATALOG['agent']['base']}/{rid}/usage"))
+
+
 def cmd_agent_price(args: argparse.Namespace) -> int:
     rid = check_id(args.id, "agent id")
-    try:
-        price = int(args.credits)
-    except ValueError:
-        price = -1
-    if not 0 <= price <= 10**12:
-        raise SystemExit(f"form: CREDITS must be a whole number from 0 (free) to 10^12, not {args.credits!r}")
+    body = {"price_credits_per_call": _credits_arg(args.credits, "CREDITS")}
+    if args.per_1k_tokens is not None:
+        body["price_credits_per_1k_tokens"] = _credits_arg(args.per_1k_tokens, "--per-1k-tokens")
+    if args.max_tokens is not None:
+        body["max_billed_tokens"] = _credits_arg(args.max_tokens, "--max-tokens", low=1)
     ctx = context(args)
-    res = ctx.call("PUT", f"{CATALOG['agent']['base']}/{rid}", {"price_credits_per_call": price})
-    return output.report_write(ctx.json, res, f"agent {rid} costs {price} credits a call")
+    res = ctx.call("PUT", f"{CATALOG['agent']['base']}/{rid}", body)
+    tokens = (f" + {body['price_credits_per_1k_tokens']} per 1,000 tokens"
+              if body.get("price_credits_per_1k_tokens") else "")
+    return output.report_write(ctx.json, res, f"agent {rid} costs {body['price_credits_per_call']} credits a call"
+                               + tokens)
 
 
 def register(commands, common: argparse.ArgumentParser) -> None:
@@ -214,11 +236,17 @@ def _register_kind(commands, common: argparse.ArgumentParser, kind: str) -> None
         p.add_argument("--timeout", metavar="S", type=float, default=300.0,
                        help="seconds to wait for the answer (default 300)")
         p = leaf(cat, "price", "set what a call of the agent costs its callers, in credits", cmd_agent_price,
-                 common, description="The agent's price_credits_per_call: each call through the hire proxy "
-                                     "moves it from the caller to you, less the hosting operator's share "
-                                     "(docs/economy.md); 0 makes it free.")
+                 common, description="The agent's prices: each call through the hire proxy moves them from "
+                                     "the caller to you, less the hosting operator's share (docs/economy.md); "
+                                     "0 makes it free. Tokens are what the agent reports in its answer's "
+                                     "X-Formation-Tokens header, billed up to --max-tokens a call (a call holds "
+                                     "its highest price when it is admitted).")
         record_id(p)
         p.add_argument("credits", metavar="CREDITS", help="whole credits per call (0: free)")
+        p.add_argument("--per-1k-tokens", metavar="CREDITS", help="credits per 1,000 tokens in and out")
+        p.add_argument("--max-tokens", metavar="N", help="tokens billed at most per call (default 4096)")
+        record_id(leaf(cat, "usage", "your agent's usage: its instances' counters and its calls as charged",
+                       cmd_agent_usage, common))
     record_id(leaf(cat, "get", f"show one {kind}", cmd_catalog_get, common, kind=kind))
     for name, fn, help_ in (("list", cmd_catalog_list, f"list {plural}, with filters"),
                             ("search", cmd_catalog_search, f"search {plural} by words and filters")):

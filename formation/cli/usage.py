@@ -1,5 +1,5 @@
-"""How `form account usage` and `form manage usage ID` show usage (GET /account/usage, GET
-/instance/ID/usage; docs/economy.md): one row per instance or per measuring node, then the total,
+"""How `form account usage`, `form manage usage ID` and `form agent usage ID` show usage (GET
+/account/usage, GET /instance/ID/usage, GET /agents/ID/usage; docs/economy.md): one row per instance or per measuring node, then the total,
 in units people read (CPU time, GB-hours, bytes, calls); --json prints the node's answer."""
 
 from __future__ import annotations
@@ -64,4 +64,27 @@ def show_account(json_mode: bool, res: dict) -> int:
     output.table(rows, [("INSTANCE", lambda r: r["instance_id"]), ("NAME", lambda r: r.get("name") or ""),
                         ("NODES", lambda r: r["nodes"]), *USAGE_COLUMNS],
                  f"account {res.get('address')} owns no instances")
+    return EXIT_OK
+
+
+def show_agent(json_mode: bool, res: dict) -> int:
+    if json_mode:
+        output.print_json(res)
+        return EXIT_OK
+    instances = res.get("instances") or []
+    rows = [*instances, {"instance_id": "total", "name": "", "nodes": "", **res["total"]}] if instances else []
+    output.table(rows, [("INSTANCE", lambda r: r["instance_id"]), ("NAME", lambda r: r.get("name") or ""),
+                        ("NODES", lambda r: r["nodes"]), *USAGE_COLUMNS],
+                 f"no instance of agent {res.get('agent_id')}'s build ({res.get('build_id') or 'none set'}) is yours")
+    charged = res["charged"]
+    output.blank()
+    nodes = charged.get("nodes") or []
+    rows = [*nodes, {"node": "total", "host": "", **charged}] if nodes else []
+    output.table(rows, [("CHARGED BY", lambda r: r["node"]), ("HOST", lambda r: r["host"]),
+                        ("CALLS", lambda r: r["calls"]), ("CREDITS", lambda r: r["credits"]),
+                        ("TOKENS-IN/OUT", lambda r: f"{r['tokens_in']}/{r['tokens_out']}")],
+                 "no priced call of it charged yet")
+    if nodes:
+        output.note(f"{charged['consumers']} consumer(s); you get the credits less the hosts' operator share "
+                    "(`form account credits`)")
     return EXIT_OK

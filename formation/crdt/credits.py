@@ -1,17 +1,24 @@
 """Balances: a view of the records, computed the same on every node (docs/economy.md).
 
-    balance(account) = start + granted + earned - spent
+Credits are held in purses: an account's credits AT a node. Only that node takes credits out of
+a purse (it writes the charges and the moves that spend them), so it alone decides whether a
+call is covered, from what it holds itself; what others add (grants, moves in) only ever raises
+its view. Two nodes cut off from each other therefore never spend the same credits, and no purse
+goes below zero (the node admits a call only when its purse covers it).
 
-- start: what an account is given when it is created: its record's `credits` (100, as the
-  original) in a fog with no treasury; 0 in a fog with a treasury, where credits enter only
-  through the treasury's grants (else every new key would be a faucet of 100);
-- granted: the `grant` records of this node's own fog (fog id and treasury of its genesis)
-  naming the account (validity already refused every grant not signed by its fog's treasury);
-- spent: the `credits` of every `charge` record naming the account as consumer, written by a
-  member of the fog (a stranger's or a user's key counts for no one);
-- earned: of each such charge, its creator gets credits - share and the node that wrote it (the
-  hosting operator: a node's address is its operator's account) gets share =
-  floor(credits x operator_share_percent / 100), the split the genesis names (default 20).
+    held(account, node) = granted + moved_in + earned - spent - moved_out
+
+- granted: the `grant` records of this node's own fog (its genesis's id and treasury: validity
+  refused every grant not signed by its fog's treasury) to the account, held at the node;
+- moved_in / moved_out: `credit_moved` records of the account written by a member (the node the
+  credits left), into / out of the node's purse;
+- spent: the `credits` of each `charge` written by the node (a member) naming the account as consumer;
+- earned: of each such charge, its creator gets credits - share and the host's operator (a
+  node's address is its operator's account) gets share = floor(credits x operator_share_percent
+  / 100), the split the genesis names (default 20), both at the charging node.
+
+A fog without a treasury has no economy: nothing is charged, and an account's figures are the
+100 credits its record started with (the original's promise), held nowhere in particular.
 
 Pure: records in, figures out; no clock, no store.
 """
@@ -22,9 +29,15 @@ from collections.abc import Collection, Iterable, Mapping
 
 from .kinds.fog_kinds import operator_share_percent
 
+FIGURES = ("granted", "moved_in", "earned", "spent", "moved_out")
+
+
+def has_economy(fog: Mapping | None) -> bool:
+    return bool(fog and fog.get("treasury"))
+
 
 def start_credits(account: Mapping | None, fog: Mapping | None) -> int:
-    if account is None or (fog is not None and fog.get("treasury")):
+    if account is None or has_economy(fog):
         return 0
     v = account.get("credits", 0)
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
@@ -32,13 +45,9 @@ def start_credits(account: Mapping | None, fog: Mapping | None) -> int:
 
 def grants_counted(grants: Iterable[Mapping], fog: Mapping | None) -> list[Mapping]:
     """The grants of `fog` (its id, by its treasury); none without a fog or a treasury."""
-    if fog is None or not fog.get("treasury"):
+    if not has_economy(fog):
         return []
     return [g for g in grants if g.get("fog_id") == fog["fog_id"] and g.get("treasury") == fog["treasury"]]
-
-
-def charges_counted(charges: Iterable[Mapping], members: Collection[str]) -> list[Mapping]:
-    return [c for c in charges if c.get("node") in members]
 
 
 def split(credits: int, fog: Mapping | None) -> tuple[int, int]:
@@ -47,21 +56,79 @@ def split(credits: int, fog: Mapping | None) -> tuple[int, int]:
     return credits - share, share
 
 
+def purses_of(who: str, *, grants: Iterable[Mapping], charges: Iterable[Mapping], moves: Iterable[Mapping],
+              members: Collection[str], fog: Mapping | None) -> dict[str, dict]:
+    """node -> {granted, moved_in, earned, spent, moved_out, held, calls} of `who`'s purse there.
+    The record lists may hold others' records too; only what counts is counted."""
+    purses: dict[str, dict] = {}
+
+    def at(node: str) -> dict:
+        return purses.setdefault(node, dict.fromkeys((*FIGURES, "calls"), 0))
+
+    for g in grants_counted(grants, fog):
+        if g.get("to") == who:
+            at(g["at"])["granted"] += g["amount"]
+    if has_economy(fog):
+        for c in charges:
+            if c.get("node") not in members:
+                continue
+            creator_part, share = split(c["credits"], fog)
+            if c["consumer"] == who:
+                at(c["node"])["spent"] += c["credits"]
+                at(c["node"])["calls"] += c["calls"]
+            if c["creator"] == who:
+                at(c["node"])["earned"] += creator_part
+            if c["host"] == who:
+                at(c["node"])["earned"] += share
+        for m in moves:
+            if m.get("account") != who or m.get("from_node") not in members:
+                continue
+            at(m["from_node"])["moved_out"] += m["amount"]
+            at(m["to_node"])["moved_in"] += m["amount"]
+    for p in purses.values():
+        p["held"] = p["granted"] + p["moved_in"] + p["earned"] - p["spent"] - p["moved_out"]
+    return purses
+
+
 def balance_of(who: str, *, account: Mapping | None, grants: Iterable[Mapping], charges: Iterable[Mapping],
-               members: Collection[str], fog: Mapping | None) -> dict:
-    """The figures of one account. `grants` and `charges` may hold others' records too."""
-    start = start_credits(account, fog)
-    granted = sum(g["amount"] for g in grants_counted(grants, fog) if g.get("to") == who)
-    spent = earned = 0
-    calls = 0
-    for c in charges_counted(charges, members):
-        creator_part, share = split(c["credits"], fog)
-        if c["consumer"] == who:
-            spent += c["credits"]
-            calls += c["calls"]
-        if c["creator"] == who:
-            earned += creator_part
-        if c["node"] == who:
-            earned += share
-    return {"address": who, "start": start, "granted": granted, "earned": earned, "spent": spent,
-            "calls": calls, "balance": start + granted + earned - spent}
+               moves: Iterable[Mapping] = (), members: Collection[str], fog: Mapping | None) -> dict:
+    """The figures of one account: its purses and their sums."""
+    purses = purses_of(who, grants=grants, charges=charges, moves=moves, members=members, fog=fog)
+    out = {"address": who, "start": start_credits(account, fog),
+           **{f: sum(p[f] for p in purses.values()) for f in (*FIGURES, "calls")}}
+    out["balance"] = out["start"] + sum(p["held"] for p in purses.values())
+    out["purses"] = [{"node": node, **p} for node, p in sorted(purses.items())]
+    return out
+
+
+# ---- prices ---------------------------------------------------------------------------------------
+
+DEFAULT_MAX_BILLED_TOKENS = 4096
+
+
+def _count(v) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+class Price:
+    """An agent's price (its record's price_credits_per_call, price_credits_per_1k_tokens and
+    max_billed_tokens): what a call holds of the caller's credits when it is admitted, and what
+    it costs once answered. Tokens are what the agent reported (X-Formation-Tokens), billed up to
+    max_billed_tokens a call: a call never costs more than it held, so no purse goes negative."""
+
+    def __init__(self, agent: Mapping):
+        self.per_call = _count(agent.get("price_credits_per_call"))
+        self.per_1k_tokens = _count(agent.get("price_credits_per_1k_tokens"))
+        self.max_tokens = _count(agent.get("max_billed_tokens")) or DEFAULT_MAX_BILLED_TOKENS
+
+    def __bool__(self) -> bool:
+        return bool(self.per_call or self.per_1k_tokens)
+
+    def _tokens(self, n: int) -> int:
+        return -(-min(n, self.max_tokens) * self.per_1k_tokens // 1000)  # rounded up
+
+    def hold(self) -> int:
+        return self.per_call + self._tokens(self.max_tokens)
+
+    def cost(self, tokens_in: int, tokens_out: int) -> int:
+        return self.per_call + self._tokens(tokens_in + tokens_out)

@@ -1,65 +1,75 @@
 """Charging calls in credits (docs/economy.md): balances read from the state, the admission of a
-priced call, and this node's `charge` records.
+priced call against the caller's purse at this node, this node's `charge` records, and the
+moves of credits out of its purses that their accounts asked for.
 
-The balance is the view of crdt/credits.py over the records this node holds. A priced call is
-admitted when the caller's balance, less what this node has already admitted and not yet written
-(calls in flight), covers the price; once the agent answered (a status under 500), the node
-rewrites its cumulative `charge` record for (caller, agent, itself). Admission and the write are
-serialized per node (one lock), so concurrent calls through ONE node never spend more than the
-balance. Calls through two nodes at once are not bounded yet: each sees only the charges it has
-synced (docs/economy.md, "Not built yet": per-node allowances).
+A priced call is admitted when the caller's purse here (crdt/credits.py), less what this node
+has admitted and not yet charged (calls in flight), covers the call's hold. Only this node takes
+credits out of its purses, and it does so under one lock: its own view of a purse is never above
+the truth (others only add to it), so no purse goes negative, partition or not. Once the agent
+answered (a status under 500) the node rewrites its cumulative `charge` record for (caller,
+agent, host, itself) with what the call cost (its hold at most).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 import trio
 
-from formation.crdt.credits import balance_of
+from formation.crdt.credits import Price, balance_of, has_economy
 from formation.crdt.kinds.credit_kinds import charge_key
 from formation.crdt.kinds.fog_kinds import operator_share_percent
+from formation.crdt.op import OpError
+
+log = logging.getLogger("formation.charging")
 
 MAX_GRANTS = 10_000  # grants to one account a balance reads
-MAX_CHARGES = 100_000  # charge records naming one account (as consumer, creator or node)
+MAX_CHARGES = 100_000  # charge records naming one account (as consumer, creator or host)
+MAX_MOVES = 10_000  # moves of one account a balance reads
+MAX_MOVE_REQUESTS = 1_000  # requests to move credits out of this node read per page
+MAX_MOVE_SCAN = 100_000  # requests read per pass
+SHORT_RETRY_S = 30.0  # a request the purse could not cover is tried again after this
 
 
 def _charges_of(store, who: str) -> list[dict]:
-    """The charge records naming `who` as consumer, creator or charging node."""
-    found: dict[tuple[str, str, str], dict] = {}
+    """The charge records naming `who` as consumer, creator or host."""
+    found: dict[tuple, dict] = {}
     for rows in (store.list("charge", owner=who, limit=MAX_CHARGES),
                  store.list("charge", type=who, limit=MAX_CHARGES),
                  store.list("charge", text=who, limit=MAX_CHARGES)):
         for c in rows:
-            if who in (c["consumer"], c["creator"], c["node"]):
-                found[(c["consumer"], c["agent_id"], c["node"])] = c
+            if who in (c["consumer"], c["creator"], c["host"]):
+                found[(c["consumer"], c["agent_id"], c["host"], c["node"])] = c
     return list(found.values())
 
 
 def ledger(store, fog_id: str | None, who: str) -> dict:
-    """`who`'s credits in this node's view: balance_of's figures, the grants that count, and
-    the fog's treasury and split."""
+    """`who`'s credits in this node's view: balance_of's figures (with its purses), the grants
+    that count, and the fog's treasury and split."""
     fog = store.get("fog", fog_id) if fog_id else None
     members = store.fog_members(fog_id) if fog_id else frozenset()
-    grants = store.list("grant", owner=who, type=fog_id, limit=MAX_GRANTS) if fog_id else []
-    if fog is not None:
-        grants = [g for g in grants if g["treasury"] == fog.get("treasury")]
-    else:
-        grants = []
+    grants = store.list("grant", owner=who, type=fog_id, limit=MAX_GRANTS) if has_economy(fog) else []
+    grants = [g for g in grants if g["treasury"] == fog["treasury"]]
+    moves = store.list("credit_moved", owner=who, limit=MAX_MOVES) if has_economy(fog) else []
     out = balance_of(who, account=store.get("account", who), grants=grants, charges=_charges_of(store, who),
-                     members=members, fog=fog)
+                     moves=moves, members=members, fog=fog)
     out.update(fog_id=fog_id, treasury=fog.get("treasury") if fog else None,
                operator_share_percent=operator_share_percent(fog),
-               grants=[{k: g[k] for k in ("grant_id", "amount", "memo", "created_at")}
+               grants=[{k: g[k] for k in ("grant_id", "amount", "at", "memo", "created_at")}
                        for g in sorted(grants, key=lambda g: (g["created_at"], g["grant_id"]))])
     return out
 
 
+def held_at(figures: dict, node: str) -> int:
+    return next((p["held"] for p in figures["purses"] if p["node"] == node), 0)
+
+
 class InsufficientCredits(Exception):
-    def __init__(self, balance: int, available: int, price: int):
+    def __init__(self, balance: int, available: int, price: int, elsewhere: dict[str, int]):
         super().__init__(f"balance {balance}, available {available}, price {price}")
-        self.balance, self.available, self.price = balance, available, price
+        self.balance, self.available, self.price, self.elsewhere = balance, available, price, elsewhere
 
 
 @dataclass
@@ -67,38 +77,51 @@ class Admission:
     consumer: str
     agent_id: str
     creator: str
-    price: int
+    price: Price
+    held: int  # credits held for the call until it is charged or released
     settled: bool = False
 
 
 class Charger:
-    """This node's admissions of priced calls and its charge records."""
+    """This node's admissions of priced calls, its charge records and the moves it carries out."""
 
     def __init__(self, node) -> None:
         self.node = node
         self.lock = trio.Lock()
-        self.inflight: dict[str, int] = {}  # credits admitted per consumer, not yet written
+        self.inflight: dict[str, int] = {}  # credits held per consumer by calls in flight
         self.charged = 0  # credits this node charged since it started (for /metrics)
         self.refused = 0  # calls refused for want of credits
+        self._moved: set[str] = set()  # move requests carried out (ids)
+        self._short: dict[str, float] = {}  # move requests the purse could not cover: next try
 
     async def balance(self, who: str) -> dict:
         node = self.node
         return await node.astore.run(ledger, node.astore.store, node.fog_id, who)
 
-    async def admit(self, consumer: str, agent_id: str, creator: str, price: int) -> Admission:
-        """Raises InsufficientCredits unless the consumer's balance, less the calls in flight
-        through this node, covers `price`."""
+    async def economy(self) -> bool:
+        node = self.node
+        return bool(node.fog_id) and has_economy(await node.astore.get("fog", node.fog_id))
+
+    async def admit(self, consumer: str, agent_id: str, creator: str, price: Price) -> Admission | None:
+        """None when the fog has no economy (nothing is charged); InsufficientCredits unless the
+        consumer's purse here, less the calls in flight through this node, covers the hold."""
+        if not price or consumer == creator or not await self.economy():
+            return None
+        hold = price.hold()
         async with self.lock:
             figures = await self.balance(consumer)
-            available = figures["balance"] - self.inflight.get(consumer, 0)
-            if available < price:
+            here = held_at(figures, self.node.address)
+            available = here - self.inflight.get(consumer, 0)
+            if available < hold:
                 self.refused += 1
-                raise InsufficientCredits(figures["balance"], available, price)
-            self.inflight[consumer] = self.inflight.get(consumer, 0) + price
-        return Admission(consumer, agent_id, creator, price)
+                elsewhere = {p["node"]: p["held"] for p in figures["purses"]
+                             if p["node"] != self.node.address and p["held"] > 0}
+                raise InsufficientCredits(figures["balance"], available, hold, elsewhere)
+            self.inflight[consumer] = self.inflight.get(consumer, 0) + hold
+        return Admission(consumer, agent_id, creator, price, hold)
 
     def _release(self, a: Admission) -> None:
-        left = self.inflight.get(a.consumer, 0) - a.price
+        left = self.inflight.get(a.consumer, 0) - a.held
         if left > 0:
             self.inflight[a.consumer] = left
         else:
@@ -111,23 +134,84 @@ class Charger:
             async with self.lock:
                 self._release(a)
 
-    async def settle(self, a: Admission) -> None:
-        """The call was answered: this node's cumulative charge record grows by it."""
+    async def settle(self, a: Admission, host: str, tokens: tuple[int, int] | None) -> None:
+        """The call was answered by a replica on `host`: this node's cumulative charge record
+        grows by what it cost (at most its hold)."""
         if a.settled:
             return
         a.settled = True
         node = self.node
-        key = charge_key(a.consumer, a.agent_id, node.address)
+        tin, tout = tokens or (0, 0)
+        cost = min(a.held, a.price.cost(tin, tout))
+        key = charge_key(a.consumer, a.agent_id, host, node.address)
         async with self.lock:
             try:
                 old = await node.astore.get("charge", key) or {}
-                value = {"consumer": a.consumer, "agent_id": a.agent_id, "node": node.address,
+                value = {"consumer": a.consumer, "agent_id": a.agent_id, "host": host, "node": node.address,
                          "creator": a.creator, "calls": old.get("calls", 0) + 1,
-                         "credits": old.get("credits", 0) + a.price,
-                         "tokens_in": old.get("tokens_in", 0), "tokens_out": old.get("tokens_out", 0),
+                         "credits": old.get("credits", 0) + cost,
+                         "tokens_in": old.get("tokens_in", 0) + tin, "tokens_out": old.get("tokens_out", 0) + tout,
                          "updated_at": time.time_ns() // 1_000_000}
                 with trio.CancelScope(shield=True):
                     await node.write("charge", key, value)
-                self.charged += a.price
+                self.charged += cost
             finally:
                 self._release(a)
+
+    # ---- moves out of this node's purses ------------------------------------------------------
+
+    async def carry_out_moves(self) -> int:
+        """Carry out the accounts' requests to move credits out of their purses here (in the
+        order they were signed): each once, in full when the purse (less calls in flight) covers
+        it, else as much as it holds (a move never makes a purse negative). Returns how many."""
+        node = self.node
+        if not await self.economy():
+            return 0
+        asked: list[dict] = []
+        while len(asked) < MAX_MOVE_SCAN:  # every request ever addressed here: few, and cheap to skip
+            page = await node.astore.list("credit_move", type=node.address, limit=MAX_MOVE_REQUESTS,
+                                          offset=len(asked))
+            asked += page
+            if len(page) < MAX_MOVE_REQUESTS:
+                break
+        now = time.monotonic()
+        done = 0
+        for req in sorted(asked, key=lambda r: (r["created_at"], r["move_id"])):
+            key = f"{req['move_id']}@{node.address}"
+            if req["move_id"] in self._moved or self._short.get(req["move_id"], 0) > now:
+                continue
+            if await node.astore.get("credit_moved", key) is not None:
+                self._moved.add(req["move_id"])
+                continue
+            async with self.lock:
+                figures = await self.balance(req["account"])
+                free = held_at(figures, node.address) - self.inflight.get(req["account"], 0)
+                amount = min(req["amount"], free)
+                if amount <= 0:  # nothing to move now: tried again a while later
+                    self._short[req["move_id"]] = now + SHORT_RETRY_S
+                    continue
+                value = {"move_id": req["move_id"], "account": req["account"], "from_node": node.address,
+                         "to_node": req["to_node"], "amount": amount, "moved_at": time.time_ns() // 1_000_000}
+                try:
+                    with trio.CancelScope(shield=True):
+                        await node.write("credit_moved", key, value)
+                except OpError as exc:  # a bug or a full disk: the next pass tries again
+                    log.warning("could not carry out credit move %s: %s", req["move_id"], exc)
+                    continue
+            self._moved.add(req["move_id"])
+            self._short.pop(req["move_id"], None)
+            done += 1
+        return done
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Carry out move requests as the state changes (and every few seconds: a purse may
+        have been short when a request came)."""
+        task_status.started()
+        seen = 0
+        while True:
+            try:
+                await self.carry_out_moves()
+            except Exception:  # noqa: BLE001 - one pass failing must not end the node
+                log.exception("credit moves: pass failed")
+            with trio.move_on_after(5):
+                seen = await self.node.changes.wait_past(seen)

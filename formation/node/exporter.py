@@ -69,6 +69,7 @@ async def snapshot(node: MetricsNode) -> dict:
         "builds": dict(builds), "fog_admitted": bool(st["fog"]["admitted"]),
         "hires": {"calls": hires.hires, "ms": hires.hire_ms, "in": hires.tokens_in, "out": hires.tokens_out},
         "usage": {"written": node.meter.writes, "failures": node.meter.failures},
+        "credits": {"charged": node.charger.charged, "refused": node.charger.refused},
         "dns": dns,
     }
 
@@ -145,6 +146,10 @@ def families(s: dict) -> Iterator[Metric]:
     yield tokens
     yield _counter("formation_usage_records_written", "Usage records this node wrote", s["usage"]["written"])
     yield _counter("formation_usage_failures", "Metering looks or usage writes that failed", s["usage"]["failures"])
+    yield _counter("formation_credits_charged", "Credits this node charged for calls it admitted",
+                   s["credits"]["charged"])
+    yield _counter("formation_calls_refused_for_credits", "Priced calls refused with 402 (insufficient credits)",
+                   s["credits"]["refused"])
     # DNS (dns/server.py Stats)
     d = s["dns"]
     yield _gauge("formation_dns_enabled", "1 when this node's DNS server is serving", int(d is not None))

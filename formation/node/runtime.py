@@ -125,6 +125,7 @@ class NodeRuntime:
                 nursery.start_soon(self._heartbeat)
                 nursery.start_soon(self._watch_membership)
                 await nursery.start(self.meter.run)
+                await nursery.start(self.charger.run)
                 await nursery.start(serve_control, self, self.config.data_dir / "control.sock")
                 self.api_urls = await nursery.start(self._serve_api)
                 dns_view = None

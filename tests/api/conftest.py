@@ -134,9 +134,11 @@ class FakeScheduler:
 
 
 @contextlib.asynccontextmanager
-async def vm_node(tmp_path: Path, *, settings: dict | None = None, **builder_kw):
+async def vm_node(tmp_path: Path, *, settings: dict | None = None, secret: bytes = b"\x0a" * 32, bootstrap=(),
+                  **builder_kw):
     """A running node whose runtime has a BuildService (on FakeBuilder) and a FakeScheduler."""
-    async with running_node(tmp_path / "node", settings=settings) as rt, trio.open_nursery() as nursery:
+    async with running_node(tmp_path / "node", settings=settings, secret=secret, bootstrap=bootstrap) as rt, \
+            trio.open_nursery() as nursery:
         builder = FakeBuilder(tmp_path / "vm", **builder_kw)
         service = BuildService(tmp_path / "vm", builder)
         await nursery.start(service.run)

@@ -19,11 +19,14 @@ import trio
 from formation import sealed
 from formation.client import ApiError, AsyncClient
 from formation.crdt.keys import PrivateKey, format_address
-from tests.api.conftest import status_of
+from tests.api.conftest import status_of, vm_node
 
 BUILD = "c" * 64
 # answered by the agent, whatever it says (the schema is {}): its refusals are checked below
-NOT_2XX = {"GET /v1/events", "POST /v1/agents/{id}/hire", "POST /v1/agents/{id}/run_task"}
+NOT_2XX = {"GET /v1/events", "POST /v1/agents/{id}/hire", "POST /v1/agents/{id}/run_task",
+           # a move names two member nodes: its 2xx is in test_credits.py (two nodes); here its refusal
+           "POST /v1/credits/move"}
+TREASURY = PrivateKey(b"\x7e" * 32)
 
 
 def key(n: int) -> PrivateKey:
@@ -34,7 +37,15 @@ def addr(n: int) -> str:
     return format_address(key(n).address)
 
 
-async def test_every_answer_is_as_documented(vnode):
+@pytest.fixture
+async def tvnode(tmp_path):
+    """conftest's `vnode` in a fog with a treasury (so that grants and credits answer)."""
+    async with vm_node(tmp_path, settings={"fog.treasury": format_address(TREASURY.address)}) as rt:
+        yield rt
+
+
+async def test_every_answer_is_as_documented(tvnode):
+    vnode = tvnode
     async with httpx.AsyncClient(base_url=vnode.base_url) as http:
         schema = schemathesis.openapi.from_dict((await http.get("/openapi.json")).json())
     answered: set[str] = set()  # operations seen answering 2xx
@@ -149,6 +160,10 @@ async def test_every_answer_is_as_documented(vnode):
     with pytest.raises(ApiError) as e:
         await alice.post("/v1/agents/nobody/run_task", {"task": "x"})
     assert e.value.status == 404
+    await bob.get(f"/v1/agents/{agent_id}/usage")  # bob owns it now (transferred)
+    with pytest.raises(ApiError) as e:
+        await alice.get(f"/v1/agents/{agent_id}/usage")
+    assert e.value.status == 403
     await bob.delete(f"/v1/agents/{agent_id}")
     await alice.post(f"/v1/instance/{gpu}/transfer", {"to": addr(2)})
     await bob.post(f"/v1/instance/{gpu}/delete")
@@ -165,6 +180,14 @@ async def test_every_answer_is_as_documented(vnode):
     with pytest.raises(ApiError) as e:
         await alice.post("/v1/pack/build", {"formfile": "NAME x\nVCPU 0\nRUN echo\n"})
     assert e.value.status == 400 and e.value.error == "build_refused"
+
+    treasury = client(0x7e)
+    fog = await treasury.get("/v1/fog")
+    await treasury.post("/v1/credits/grant", {"to": addr(1), "amount": 5, "at": vnode.address, "fog": fog})
+    await alice.get("/v1/account/credits")
+    with pytest.raises(ApiError) as e:
+        await alice.post("/v1/credits/move", {"from_node": vnode.address, "to_node": addr(3), "amount": 1})
+    assert e.value.status == 422 and e.value.error == "not_a_member"
 
     await alice.post("/v1/account/delete")
     documented = {r.ok().label for r in schema.get_all_operations()}

@@ -9,7 +9,12 @@ host pings every other host's overlay address. Host 1 runs VMs, hosts 2 and 3 ru
 - the VM answers HTTP on its address (in host 1's VM subnet) from hosts 2 and 3;
 - the VM reaches a server outside its host (the internet stand-in, which has no route back to
   the VM subnet) with host 1's underlay address (NAT), and a server on host 2's overlay address
-  with its own (no NAT over formnet).
+  with its own (no NAT over formnet);
+- the economy (docs/economy.md): the fog's genesis names a treasury, which grants a consumer 50
+  credits held at host 2; the creator prices the agent at 10 a call; the consumer's calls through
+  host 2 are answered five times (the answer streams back from the VM on host 1) and then refused
+  with 402; every node's state shows the same figures: the consumer spent 50, the creator earned
+  40, host 1's operator (its replica answered) 10, and host 2's usage record of the calls.
 
 One VM for the whole test (TCG: a boot takes minutes on a busy machine). Its image is the Debian
 base plus a Formfile with no build step (so no build VM); the base is made beforehand outside the
@@ -33,6 +38,8 @@ from pathlib import Path
 
 import pytest
 
+from formation.crdt.keys import PrivateKey, format_address
+from formation.keystore import load_keystore
 from formation.node.control import ControlClient
 from tests.integration.test_formnet import status, wait
 from tests.multihost import Host, hosts
@@ -111,6 +118,10 @@ class NsClient:
     def hire(self, agent_id: str, body) -> dict:
         """{"status", "text", "replica", "seconds"} of POST /v1/agents/ID/hire."""
         return self._ask({"op": "hire", "path": f"/v1/agents/{agent_id}/hire", "body": body})
+
+
+def address_of(secret: bytes) -> str:
+    return format_address(PrivateKey(secret).address)
 
 
 def start(host: Host, data: Path, *args: str) -> subprocess.Popen:
@@ -233,14 +244,19 @@ def test_three_hosts_mesh_hire_an_agent_and_reach_its_vm(images, tmp_path):
         mesh_server = None
         try:
             # -- the fog: host 1 (VMs) is the genesis, hosts 2 and 3 (no VMs) join by invite
+            treasury, consumer = os.urandom(32), os.urandom(32)
             cfg = tmp_path / "host1.toml"
-            cfg.write_text(f'[vm]\ncache_dir = "{CACHE}"\nbuild_timeout_seconds = 900\n')
+            cfg.write_text(f'[vm]\ncache_dir = "{CACHE}"\nbuild_timeout_seconds = 900\n'
+                           f'[fog]\ntreasury = "{address_of(treasury)}"\n')
+            other_cfg = tmp_path / "hosts23.toml"
+            other_cfg.write_text("[node]\nusage_interval_seconds = 2\n")
             t0 = time.monotonic()
             procs = [start(hs[0], data[0], "join", "--genesis", "--vms", "true", "--config", str(cfg))]
             wait("the genesis node",
                  lambda: (running_status(procs, data)[0] or {}).get("fog", {}).get("admitted"), 120)
             for i in (1, 2):
-                procs.append(start(hs[i], data[i], "join", invite(data[0]), "--vms", "false"))
+                procs.append(start(hs[i], data[i], "join", invite(data[0]), "--vms", "false",
+                                   "--config", str(other_cfg)))
 
             def meshed():
                 sts = running_status(procs, data)
@@ -366,6 +382,52 @@ def test_three_hosts_mesh_hire_an_agent_and_reach_its_vm(images, tmp_path):
                  lambda: any(p == "/from-vm" for _, p in mesh_server.requests() or []), 60)
             sources = {a for a, p in mesh_server.requests() if p == "/from-vm"}
             assert sources == {vm_ip}, sources
+            # -- the economy: a treasury's grant held at host 2, a price, calls until 402
+            t0 = time.monotonic()
+            fog = c1.ok("GET", "/v1/fog")
+            assert fog["treasury"] == address_of(treasury), fog
+            NsClient(hs[0], treasury.hex()).ok("POST", "/v1/credits/grant", {
+                "to": address_of(consumer), "amount": 50, "at": address[1], "memo": "e2e", "fog": fog})
+            c1.ok("PUT", f"/v1/agents/{aid}", {"price_credits_per_call": 10})
+            k2 = NsClient(hs[1], consumer.hex())
+
+            def priced_and_granted():
+                agent = k2.ok("GET", f"/v1/agents/{aid}")
+                return agent.get("price_credits_per_call") == 10 and k2.ok("GET", "/v1/account/credits")["balance"]
+
+            assert wait("host 2 to know the price and the grant", priced_and_granted, 60) == 50
+            paid = [k2.hire(aid, {"paid": n}) for n in range(6)]
+            assert [r["status"] for r in paid] == [200] * 5 + [402], paid
+            assert json.loads(paid[0]["text"]) == {"agent": token, "remote": overlay[1], "got": {"paid": 0}}
+            refusal = json.loads(paid[5]["text"])
+            assert refusal["error"] == "insufficient_credits" and refusal["price"] == 10, refusal
+            consumer_clients = [NsClient(h, consumer.hex()) for h in hs]
+            creator_clients = (c1, c2, c3)
+
+            def agreed():
+                got = [(k.ok("GET", "/v1/account/credits"), c.ok("GET", "/v1/account/credits"))
+                       for k, c in zip(consumer_clients, creator_clients, strict=True)]
+                figures = [((k["granted"], k["spent"], k["calls"], k["balance"]), (c["earned"], c["balance"]))
+                           for k, c in got]
+                return figures if all(f == ((50, 50, 5, 0), (40, 40)) for f in figures) else None
+
+            wait("every node to show the credits moved as priced", agreed, 60)
+            # host 1's operator (its node key: a node's address is its operator's account) got the
+            # 20 % share of the calls its replica answered, held at host 2, the node that charged
+            operator = load_keystore(data[0] / "operator.key", "test").secret.hex()
+            for h in hs:
+                mine = NsClient(h, operator).ok("GET", "/v1/account/credits")
+                assert (mine["earned"], mine["balance"]) == (10, 10), mine
+                assert [(p["node"].lower(), p["held"]) for p in mine["purses"]] == [(address[1].lower(), 10)], mine
+
+            def usage_everywhere():
+                rows = [c.ok("GET", f"/v1/instance/{iid}/usage") for c in creator_clients]
+                hires = [{n["node"].lower(): n["hires"] for n in r["nodes"]}.get(address[1].lower(), 0) for r in rows]
+                return hires if all(h >= 5 for h in hires) else None
+
+            wait("every node to hold host 2's usage record of the calls", usage_everywhere, 60)
+            timings["economy: grant, price, 6 calls, every node agrees"] = time.monotonic() - t0
+
             for i, d in enumerate(data):  # how the state travelled: gossip, sync (and failures)
                 notes.append(f"node {i + 1} p2p: {(status(d) or {}).get('p2p')}")
         except AssertionError as exc:

@@ -8,7 +8,6 @@ by an honest node, is accepted everywhere."""
 
 from __future__ import annotations
 
-
 from formation.crdt.keys import PrivateKey, parse_signature, sha256
 from formation.crdt.kinds.credit_kinds import charge_key
 from formation.crdt.kinds.fog_kinds import fog_id_of
@@ -19,6 +18,13 @@ from tests.p2p.test_attacks import caught_up, keep_working, read, rejection_code
 from tests.support import TS, User
 
 AID = "a1" * 16
+M1, M2, M3, M4 = (str(i) * 32 for i in range(1, 5))
+MOVED = "credit_moved"
+
+
+def moved(move_id: str, account: str, from_node: str, to_node: str, amount: int = 50) -> dict:
+    return dict(sorted({"move_id": move_id, "account": account, "from_node": from_node, "to_node": to_node,
+                        "amount": amount, "moved_at": 1_700_000_060_000}.items()))
 
 
 def grant_key(request) -> str:
@@ -26,7 +32,8 @@ def grant_key(request) -> str:
 
 
 def charge(consumer: str, node: str, creator: str, **more) -> dict:
-    value = {"consumer": consumer, "agent_id": AID, "node": node, "creator": creator, "calls": 3, "credits": 15,
+    value = {"consumer": consumer, "agent_id": AID, "host": node, "node": node, "creator": creator, "calls": 3,
+             "credits": 15,
              "tokens_in": 0, "tokens_out": 0, "updated_at": 1_700_000_060_000, **more}
     return dict(sorted(value.items()))
 
@@ -37,7 +44,7 @@ async def test_forged_grants_and_charges_are_refused_everywhere():
                                 treasury=treasury.address, operator_share_percent=20)
     async with open_fog(2) as fog, open_attacker(fog) as evil:
         host = fog[0]
-        ckey = charge_key(user.address, AID, host.node.address)
+        ckey = charge_key(user.address, AID, host.node.address, host.node.address)
         honest = await host.svc.astore.run(host.node.put, "charge", ckey,
                                            charge(user.address, host.node.address, creator.address))
         host.svc.publish(honest.wire)
@@ -45,31 +52,41 @@ async def test_forged_grants_and_charges_are_refused_everywhere():
         heads = await caught_up(evil, host)
         before = [await m.svc.astore.state_hash() for m in fog]
         hlc = await top_hlc(evil) + 1
-        mine = charge_key(user.address, AID, evil.address)
+        mine = charge_key(user.address, AID, evil.address, evil.address)
 
         def grant(signer: User, body: dict, **kw):
             req = signer.request("POST", "/v1/credits/grant", body)
             return forge_wire(evil.key, "grant", kw.get("key", grant_key(req)), deps=heads, hlc=hlc, request=req)
 
-        def forge(signer, k, value=None):
-            return forge_wire(signer, "charge", k, deps=heads, hlc=hlc, value=value)
+        def forge(signer, k, value=None, kind="charge"):
+            return forge_wire(signer, kind, k, deps=heads, hlc=hlc, value=value)
 
         forged = {
             # a self-grant, a grant by another key, a genesis altered to name the attacker's user treasury
-            grant(user, {"to": user.address, "amount": 10**6, "fog": genesis}): "unauthorized",
-            grant(creator, {"to": user.address, "amount": 10**6, "fog": genesis}): "unauthorized",
-            grant(user, {"to": user.address, "amount": 10**6, "fog": {**genesis, "treasury": user.address}}):
+            grant(user, {"to": user.address, "amount": 10**6, "at": host.node.address, "fog": genesis}): "unauthorized",
+            grant(creator, {"to": user.address, "amount": 10**6, "at": host.node.address, "fog": genesis}): "unauthorized",
+            grant(user, {"to": user.address, "amount": 10**6, "at": host.node.address, "fog": {**genesis, "treasury": user.address}}):
                 "bad_field",
             # the treasury's own request with an amount out of bounds, or under a key it does not derive
-            grant(treasury, {"to": user.address, "amount": 10**12 + 1, "fog": genesis}): "bad_field",
-            grant(treasury, {"to": user.address, "amount": 5, "fog": genesis}, key="0" * 32): "bad_key",
+            grant(treasury, {"to": user.address, "amount": 10**12 + 1, "at": host.node.address, "fog": genesis}): "bad_field",
+            grant(treasury, {"to": user.address, "amount": 5, "at": host.node.address, "fog": genesis}, key="0" * 32): "bad_key",
             # another node's charge record; a user's key as a node; keys naming another node or none
             forge(evil.key, ckey, charge(user.address, host.node.address, evil.address, credits=0)): "unauthorized",
             forge(user.key, ckey, charge(user.address, host.node.address, creator.address)): "unauthorized",
-            forge(evil.key, charge_key(user.address, AID, "0x" + "11" * 20),
+            forge(evil.key, charge_key(user.address, AID, evil.address, "0x" + "11" * 20),
                   charge(user.address, "0x" + "11" * 20, evil.address)): "unauthorized",
-            forge(evil.key, f"{user.address}@{evil.address}", charge(user.address, evil.address, evil.address)):
-                "unauthorized",
+            forge(evil.key, f"{user.address}:{AID}@{evil.address}", charge(user.address, evil.address,
+                                                                          evil.address)): "unauthorized",
+            # another node's move out of its purses; a move "carried out" by the node it goes to
+            forge(evil.key, f"{M1}@{host.node.address}", moved(M1, user.address, host.node.address,
+                                                            evil.address), MOVED): "unauthorized",
+            forge(evil.key, f"{M2}@{evil.address}", moved(M2, user.address, evil.address, evil.address), MOVED):
+                "bad_field",
+            forge(evil.key, f"{M3}@{evil.address}", moved(M3, user.address, host.node.address, evil.address), MOVED):
+                "bad_field",
+            forge(evil.key, f"{M4}@{evil.address}", None, MOVED): "bad_field",
+            # a creator that charges for calling its own agent
+            forge(evil.key, mine, charge(user.address, evil.address, user.address)): "bad_field",
             # its own key: fields that contradict the key, counters out of bounds, a deletion
             forge(evil.key, mine, charge(creator.address, evil.address, evil.address)): "bad_field",
             forge(evil.key, mine, charge(user.address, evil.address, evil.address, credits=-5)): "bad_field",
@@ -84,7 +101,7 @@ async def test_forged_grants_and_charges_are_refused_everywhere():
         ids = [sha256(w) for w in wires]
         codes = await rejection_codes(fog, ids)
         expected = {sha256(w): code for w, code in forged.items()}
-        assert codes == [expected] * len(fog)
+        assert codes == [expected] * len(fog), [(wires.index(w), c, codes[0].get(sha256(w))) for w, c in forged.items() if codes[0].get(sha256(w)) != c]
         for m, state_hash in zip(fog, before, strict=True):
             assert await m.svc.astore.state_hash() == state_hash
             assert await read(m, lambda s: s.list("grant", limit=10)) == []
@@ -93,7 +110,7 @@ async def test_forged_grants_and_charges_are_refused_everywhere():
         await keep_working(fog, user, "forged credits")
 
         # the treasury's grant, relayed by an honest node, is taken everywhere
-        body = {"to": user.address, "amount": 7, "memo": "ok", "fog": genesis}
+        body = {"to": user.address, "amount": 7, "memo": "ok", "at": fog[0].node.address, "fog": genesis}
         op = await fog[1].relay(treasury, "POST", "/v1/credits/grant", body, ts=TS + 91)
         await converged(fog)
         for m in fog:

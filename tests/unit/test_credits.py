@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 
-from formation.crdt.credits import balance_of, split, start_credits
+from formation.crdt.credits import Price, balance_of, split, start_credits
 from formation.crdt.keys import PrivateKey, format_address
 from formation.crdt.kinds.fog_kinds import Fog, FogKind, fog_id_of
 from formation.crdt.store import Store
 from formation.node import fog as fogmod
 
-A, B, C, N, T = ("0x" + c * 40 for c in "abcde")
+A, B, C, N, T, D = ("0x" + c * 40 for c in "abcde1")
 
 
 def old_fog_id(fog: dict) -> str:
@@ -46,18 +46,21 @@ def test_the_treasury_and_split_are_in_the_hash_when_set():
     FogKind().validate(rich)
 
 
-def charge(consumer, creator, node, credits, calls=1, agent="x"):
-    return {"consumer": consumer, "agent_id": agent, "node": node, "creator": creator, "calls": calls,
-            "credits": credits}
+def charge(consumer, creator, node, credits, calls=1, agent="x", host=None):
+    return {"consumer": consumer, "agent_id": agent, "host": host or node, "node": node, "creator": creator,
+            "calls": calls, "credits": credits}
 
 
 FOG = {"fog_id": "f" * 32, "treasury": T, "operator_share_percent": 25}
 
 
+def grant(to, amount, at, fog_id=FOG["fog_id"], treasury=T):
+    return {"to": to, "amount": amount, "at": at, "fog_id": fog_id, "treasury": treasury}
+
+
 def test_balances_count_own_fog_grants_and_members_charges_only():
-    grants = [{"to": A, "amount": 50, "fog_id": FOG["fog_id"], "treasury": T},
-              {"to": A, "amount": 10**6, "fog_id": "e" * 32, "treasury": A},  # another fog's
-              {"to": B, "amount": 5, "fog_id": FOG["fog_id"], "treasury": T}]
+    grants = [grant(A, 50, N), grant(A, 10**6, N, fog_id="e" * 32, treasury=A),  # another fog's
+              grant(B, 5, N)]
     charges = [charge(A, B, N, 10, calls=2), charge(A, B, C, 999)]  # C is no member: counts for no one
     members = {N}
     figures = {w: balance_of(w, account={"credits": 100}, grants=grants, charges=charges, members=members, fog=FOG)
@@ -69,6 +72,39 @@ def test_balances_count_own_fog_grants_and_members_charges_only():
     assert figures[C]["balance"] == 0
     # nothing is made or lost: what A spent is what B and N earned
     assert figures[A]["spent"] == figures[B]["earned"] + figures[N]["earned"]
+    # every figure is held at the node that charged
+    assert [(p["node"], p["held"]) for p in figures[A]["purses"]] == [(N, 40)]
+
+
+def test_purses_grants_moves_and_the_hosts_share():
+    """Credits are held where granted, leave a purse only by its node's charges and moves, and
+    the operator's share goes to the host whose replica answered, held at the charging node."""
+    members = {N, C}
+    grants = [grant(A, 30, N), grant(A, 20, C)]
+    moves = [{"account": A, "from_node": N, "to_node": C, "amount": 10},
+             {"account": A, "from_node": D, "to_node": N, "amount": 99}]  # D is no member: not counted
+    charges = [charge(A, B, C, 8, host=N)]  # C admitted the call, a replica on N answered it
+    fig = balance_of(A, account=None, grants=grants, charges=charges, moves=moves, members=members, fog=FOG)
+    purses = {p["node"]: p for p in fig["purses"]}
+    assert (purses[N]["held"], purses[C]["held"]) == (20, 22)  # 30 - 10 out; 20 + 10 in - 8
+    assert (fig["moved_in"], fig["moved_out"], fig["balance"]) == (10, 10, 42)
+    host = balance_of(N, account=None, grants=[], charges=charges, members=members, fog=FOG)
+    assert [(p["node"], p["held"]) for p in host["purses"]] == [(C, 2)]  # 25 % of 8, held at C
+    creator = balance_of(B, account=None, grants=[], charges=charges, members=members, fog=FOG)
+    assert creator["balance"] == 6
+
+
+def test_a_price_holds_its_most_and_costs_at_most_that():
+    flat = Price({"price_credits_per_call": 5})
+    assert (bool(flat), flat.hold(), flat.cost(10**6, 10**6)) == (True, 5, 5)
+    assert not Price({}) and not Price({"price_credits_per_call": 0, "price_credits_per_1k_tokens": None})
+    tok = Price({"price_credits_per_call": 1, "price_credits_per_1k_tokens": 3, "max_billed_tokens": 2000})
+    assert tok.hold() == 1 + 6
+    assert tok.cost(0, 0) == 1 and tok.cost(1, 0) == 2  # a started thousand is rounded up
+    assert tok.cost(500, 500) == 4 and tok.cost(10**9, 10**9) == tok.hold()
+    assert Price({"price_credits_per_1k_tokens": 1}).hold() == 5  # 4096 tokens by default, rounded up
+    # hostile record values (validity bounds them; the view must not trust that)
+    assert not Price({"price_credits_per_call": -5, "price_credits_per_1k_tokens": True})
 
 
 def test_start_credits_and_split():
@@ -81,5 +117,6 @@ def test_start_credits_and_split():
     assert split(7, {"operator_share_percent": 100}) == (0, 7)
     assert split(3, {"operator_share_percent": 50}) == (2, 1)
     # no grant counts in a fog without a treasury, whatever it says
-    assert balance_of(A, account=None, grants=[{"to": A, "amount": 5, "fog_id": "f" * 32, "treasury": None}],
-                      charges=[], members=set(), fog={"fog_id": "f" * 32, "treasury": None})["balance"] == 0
+    nofog = {"fog_id": "f" * 32, "treasury": None}
+    assert balance_of(A, account=None, grants=[grant(A, 5, N, treasury=None)], charges=[], members=set(),
+                      fog=nofog)["balance"] == 0

@@ -1,16 +1,25 @@
-"""Kinds of the economy's credits (docs/economy.md): grants from the treasury, charges of calls.
+"""Kinds of the economy's credits (docs/economy.md). Every credit is held by an account AT a node
+(a purse: account x node), and only that node ever takes credits out of it; that is what keeps
+two nodes from spending the same credits during a partition.
 
 - `grant` (a user record, key: derived from the grant request's signature): the fog's treasury
-  gives `amount` credits to `to`. The request carries the fog's whole genesis record, so its
-  validity reads only the op, as `expel` does: the record hashes to its fog id, names a
-  treasury, and the treasury is the request's signer. A self-grant of anyone but the treasury,
-  or a grant signed by any other key, is refused by every node. A grant is never changed or
-  withdrawn. Which grants count (those of this node's own fog) is a view (crdt/credits.py).
-- `charge` (a node record, key: "<consumer>:<agent_id>@<node>", written by that node alone):
-  the calls of `consumer` to agent `agent_id` that the node admitted and proxied, and the
-  credits they cost, cumulative (one bounded record per consumer, agent and node; the node
-  rewrites it and never deletes it). `creator` is who the credits go to (the agent's owner
-  when the node charged the call), less the hosting operator's share (the genesis's split).
+  gives `amount` credits to `to`, held at node `at`. The request carries the fog's whole genesis
+  record, so its validity reads only the op, as `expel` does: the record hashes to its fog id,
+  names a treasury, and the treasury is the request's signer. A self-grant of anyone but the
+  treasury, or a grant signed by any other key, is refused by every node. A grant is never
+  changed or withdrawn. Which grants count (those of this node's own fog) is a view
+  (crdt/credits.py).
+- `charge` (a node record, key: "<consumer>:<agent_id>:<host>@<node>", written by that node
+  alone): the calls of `consumer` to agent `agent_id` that `node` admitted and proxied to a
+  replica on `host`, and the credits they cost, cumulative (one bounded record per consumer,
+  agent, host and node; rewritten, never deleted). The credits leave the consumer's purse at
+  `node`; `creator` (the agent's owner) gets them less the operator's share, which goes to
+  `host`'s operator (a node's address is its operator's account), both in purses at `node`.
+- `credit_move` (a user record, key: derived from the request's signature): the account that
+  signed it asks node `from_node` to move `amount` of its credits held there to `to_node`.
+- `credit_moved` (a node record, key: "<request id>@<node>", written by that node alone): the node
+  took `amount` of `account`'s credits out of its purse there and put them in the purse at
+  `to_node`, once per request (the key is the request's).
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..op import Op
-from ..schema import TIMESTAMP, Record, address, field, integer, nested, text
+from ..schema import TIMESTAMP, Record, address, field, integer, text
 from .base import Intent, Invalid, Kind, Route, node_address, reject_fields
 from .fog_kinds import FOG_ID, Fog, fog_id_of
 
@@ -33,6 +42,7 @@ class Grant(Record):
     grant_id: str = field(text(64, min_len=1))
     to: str = field(address)
     amount: int = field(integer(1, MAX_GRANT))
+    at: str = field(address)  # the node that holds the credits (the only one that spends them)
     fog_id: str = field(FOG_ID)
     treasury: str = field(address)  # the signer: the fog's treasury
     memo: str = field(text(256), default="")
@@ -56,7 +66,7 @@ class GrantKind(Kind):
         if base is not None:
             raise Invalid("conflict", f"grant {key} already exists; a grant is never changed or withdrawn")
         body = intent.body
-        reject_fields("grant", body, frozenset({"to", "amount", "memo", "fog"}),
+        reject_fields("grant", body, frozenset({"to", "amount", "at", "memo", "fog"}),
                       frozenset({"grant_id", "treasury", "fog_id", "created_at"}))
         if not isinstance(body.get("fog"), dict):
             raise Invalid("bad_field", "grant field 'fog': the fog's genesis record (GET /fog) is required")
@@ -72,17 +82,18 @@ class GrantKind(Kind):
             raise Invalid("unauthorized", f"credits are granted only by the fog's treasury {fog['treasury']}; "
                           f"{intent.signer} is not it")
         return self.validate({"grant_id": key, "to": body.get("to"), "amount": body.get("amount"),
-                              "memo": body.get("memo", ""), "fog_id": fog["fog_id"],
+                              "at": body.get("at"), "memo": body.get("memo", ""), "fog_id": fog["fog_id"],
                               "treasury": intent.signer, "created_at": intent.ts})
 
     def index(self, value: dict) -> dict:
-        return {"owner": value["to"], "type": value["fog_id"], "text": value["treasury"]}
+        return {"owner": value["to"], "type": value["fog_id"], "text": value["at"]}
 
 
 @dataclass(frozen=True, slots=True)
 class Charge(Record):
     consumer: str = field(address)
     agent_id: str = field(AGENT_ID)
+    host: str = field(address)  # the node whose replica answered: its operator gets the share
     node: str = field(address)  # the node that admitted and proxied the calls (and wrote this)
     creator: str = field(address)  # who is paid (less the operator's share): the agent's owner
     calls: int = field(CREDITS, default=0)
@@ -92,27 +103,104 @@ class Charge(Record):
     updated_at: int = field(TIMESTAMP, default=0)
 
 
-def charge_key(consumer: str, agent_id: str, node: str) -> str:
-    return f"{consumer}:{agent_id}@{node}"
+def charge_key(consumer: str, agent_id: str, host: str, node: str) -> str:
+    return f"{consumer}:{agent_id}:{host}@{node}"
 
 
 class ChargeKind(Kind):
-    """Calls a node charged. Key: "<consumer>:<agent_id>@<node>", written by that node only."""
+    """Calls a node charged. Key: "<consumer>:<agent_id>:<host>@<node>", written by that node only."""
 
     name = "charge"
     record = Charge
 
     def node_write(self, op: Op) -> dict | None:
         head, sep, node = op.key.rpartition("@")
-        consumer, sep2, agent_id = head.partition(":")
-        if not sep or not sep2 or node != node_address(op):
-            raise Invalid("unauthorized", "a charge key is '<consumer>:<agent_id>@<node>' and only that node writes it")
+        parts = head.split(":")
+        if not sep or len(parts) != 3 or node != node_address(op):
+            raise Invalid("unauthorized", "a charge key is '<consumer>:<agent_id>:<host>@<node>' and only that "
+                                          "node writes it")
         if op.value is None:
             raise Invalid("bad_field", "charges are cumulative: they are rewritten, never deleted")
         value = self.validate(op.value)
-        if (value["consumer"], value["agent_id"], value["node"]) != (consumer, agent_id, node):
-            raise Invalid("bad_field", "charge fields 'consumer'/'agent_id'/'node': must match the key")
+        if (value["consumer"], value["agent_id"], value["host"], value["node"]) != (*parts, node):
+            raise Invalid("bad_field", "charge fields 'consumer'/'agent_id'/'host'/'node': must match the key")
+        if value["consumer"] == value["creator"]:
+            raise Invalid("bad_field", "a creator's calls of its own agent are free: no charge names it both "
+                                       "consumer and creator")
         return value
 
     def index(self, value: dict) -> dict:
-        return {"owner": value["consumer"], "type": value["creator"], "text": value["node"]}
+        return {"owner": value["consumer"], "type": value["creator"], "text": value["host"]}
+
+
+@dataclass(frozen=True, slots=True)
+class CreditMove(Record):
+    move_id: str = field(text(64, min_len=1))
+    account: str = field(address)  # the signer: whose credits move
+    from_node: str = field(address)
+    to_node: str = field(address)
+    amount: int = field(integer(1, MAX_GRANT))
+    created_at: int = field(TIMESTAMP, default=0)
+
+
+class CreditMoveKind(Kind):
+    """An account's signed request: POST /credits/move {from_node, to_node, amount}."""
+
+    name = "credit_move"
+    record = CreditMove
+    user_records = True
+    routes = (Route("POST", "/credits/move", "create"),)
+
+    def key_of(self, intent: Intent) -> str:
+        if intent.base:
+            raise Invalid("bad_request", "a credit move names no base version: it is never changed")
+        return intent.derived_id()
+
+    def user_write(self, intent: Intent, key: str, base: dict | None) -> dict | None:
+        if base is not None:
+            raise Invalid("conflict", f"credit move {key} already exists; a move is never changed")
+        body = intent.body
+        reject_fields("credit_move", body, frozenset({"from_node", "to_node", "amount"}),
+                      frozenset({"move_id", "account", "created_at"}))
+        value = self.validate({"move_id": key, "account": intent.signer, "from_node": body.get("from_node"),
+                               "to_node": body.get("to_node"), "amount": body.get("amount"),
+                               "created_at": intent.ts})
+        if value["from_node"] == value["to_node"]:
+            raise Invalid("bad_field", "credit move: 'from_node' and 'to_node' are the same node")
+        return value
+
+    def index(self, value: dict) -> dict:
+        return {"owner": value["account"], "type": value["from_node"], "text": value["to_node"]}
+
+
+@dataclass(frozen=True, slots=True)
+class CreditMoved(Record):
+    move_id: str = field(text(64, min_len=1))
+    account: str = field(address)
+    from_node: str = field(address)  # the writer: the node the credits left
+    to_node: str = field(address)
+    amount: int = field(integer(1, MAX_GRANT))
+    moved_at: int = field(TIMESTAMP, default=0)
+
+
+class CreditMovedKind(Kind):
+    """A move a node carried out. Key: "<move_id>@<node>", written by that node (its from_node) only."""
+
+    name = "credit_moved"
+    record = CreditMoved
+
+    def node_write(self, op: Op) -> dict | None:
+        move_id, sep, node = op.key.rpartition("@")
+        if not sep or not move_id or node != node_address(op):
+            raise Invalid("unauthorized", "a credit_moved key is '<move_id>@<node>' and only that node writes it")
+        if op.value is None:
+            raise Invalid("bad_field", "a carried-out move is never deleted")
+        value = self.validate(op.value)
+        if (value["move_id"], value["from_node"]) != (move_id, node):
+            raise Invalid("bad_field", "credit_moved fields 'move_id'/'from_node': must match the key")
+        if value["to_node"] == node:
+            raise Invalid("bad_field", "credit_moved: 'to_node' is the writer itself")
+        return value
+
+    def index(self, value: dict) -> dict:
+        return {"owner": value["account"], "type": value["to_node"], "text": value["from_node"]}

@@ -403,8 +403,10 @@ class Agent(Record):
     path: str = field(text(256, min_len=1, pattern=r"/[^\s]*", what="a path starting with '/'"), default="/")
     repository_url: str | None = field(optional(text(2048)), default=None)
     price_per_request: float | None = field(optional(number(0, 1e9)), default=None)  # shown, not charged
-    # what the hire proxy charges a call, in credits (docs/economy.md); None or 0: free
+    # what the hire proxy charges a call, in credits (docs/economy.md, crdt/credits.Price); None or 0: free
     price_credits_per_call: int | None = field(optional(integer(0, 10**12)), default=None)
+    price_credits_per_1k_tokens: int | None = field(optional(integer(0, 10**12)), default=None)
+    max_billed_tokens: int | None = field(optional(integer(1, 10**9)), default=None)  # a call's; None: 4096
     is_private: bool = field(boolean, default=False)
     metadata: dict = field(METADATA, factory=dict)
     authorized: dict = field(AUTHORIZED, factory=dict)

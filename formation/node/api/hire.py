@@ -30,6 +30,7 @@ import httpx
 import trio
 from quart import Response
 
+from formation.crdt.credits import Price
 from formation.crdt.kinds.owned import LEVELS, level_of
 from formation.dns.names import counts
 from formation.pack.formfile import exposed_ports
@@ -76,7 +77,7 @@ class Callee:
     port: int | None
     path: str
     agent_id: str  # the X-Formation-Agent header ("" when no agent record is called)
-    price: int = 0  # credits a call costs the caller (the agent's price_credits_per_call)
+    price: Price | None = None  # what a call costs the caller (the agent's prices); None: free
     creator: str = ""  # who is paid for it: the agent's owner
 
 
@@ -97,10 +98,8 @@ async def _agent_callee(call: Call, agent: dict) -> Callee:
         raise ApiError(503, "no_replica", f"no instance runs build {build} of agent {aid} "
                                           f"that the agent's owner may operate (level {HIRE_LEVEL} or more); "
                                           "its owner deploys one with `form pack ship`")
-    # the agent's owner calls its own agent for free; anyone else pays its price (docs/economy.md)
-    price = 0 if call.who == agent["owner"] else (agent.get("price_credits_per_call") or 0)
     return Callee(f"agent {aid} (build {build})", instances, agent["port"], agent["path"], aid,
-                  price, agent["owner"])
+                  Price(agent), agent["owner"])
 
 
 async def _visible_agent(call: Call, aid: str) -> dict | None:
@@ -207,9 +206,7 @@ async def _call(call: Call, callee: Callee):
     # any JSON the agent takes (not a record: no text policy), but parsed safely
     json_body(call.body, object_only=False, max_depth=HIRE_MAX_DEPTH, plain_text=False)
     targets = await _targets(call, callee)
-    admission = None
-    if callee.price > 0:
-        admission = await _admit(call, callee)
+    admission = await _admit(call, callee) if callee.price else None
     try:
         return await _send(call, callee, targets, admission)
     finally:
@@ -221,13 +218,17 @@ async def _admit(call: Call, callee: Callee):
     try:
         return await call.runtime.charger.admit(call.who, callee.agent_id, callee.creator, callee.price)
     except InsufficientCredits as exc:
+        where = (f"; {sum(exc.elsewhere.values())} more are held at other nodes ("
+                 + ", ".join(f"{n}: {c}" for n, c in sorted(exc.elsewhere.items()))
+                 + "): a node spends only what it holds; move them here with `form account move "
+                 "AMOUNT --from NODE` (POST /credits/move) or call through that node") if exc.elsewhere else ""
         raise ApiError(402, "insufficient_credits",
-                       f"a call of {callee.label} costs {exc.price} credits and {call.who} has {exc.available} "
-                       f"available (balance {exc.balance}" + (f", {exc.balance - exc.available} held by calls in "
-                                                              "flight" if exc.balance != exc.available else "")
-                       + "): see `form account credits` (GET /account/credits); credits come from a grant "
-                       "by the fog's treasury (`form account grant` with its key)",
-                       extra={"balance": exc.balance, "available": exc.available, "price": exc.price}) from None
+                       f"a call of {callee.label} holds {exc.price} credits and {call.who} has {exc.available} "
+                       f"available at this node ({call.runtime.address}){where}; see `form account credits` "
+                       "(GET /account/credits); credits come from a grant by the fog's treasury "
+                       "(`form account grant` with its key)",
+                       extra={"balance": exc.balance, "available": exc.available, "price": exc.price,
+                              "elsewhere": exc.elsewhere}) from None
 
 
 async def _send(call: Call, callee: Callee, targets, admission):
@@ -267,7 +268,8 @@ async def _send(call: Call, callee: Callee, targets, admission):
     if admission is not None:
         if resp.status_code < 500:  # answered: charged (an agent's own failure is not)
             try:
-                await call.runtime.charger.settle(admission)
+                await call.runtime.charger.settle(admission, served_by,
+                                                  parse_tokens(resp.headers.get(TOKENS_HEADER)))
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await resp.aclose()

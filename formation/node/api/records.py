@@ -24,7 +24,7 @@ from formation.crdt.strict import StrictError, parse_json
 from .. import fogview
 from ..placement import stale_after_ms
 from . import views
-from .credits import shown_balance
+from .credits import NODE_FIELDS, refuse_nonmember_nodes, shown_balance
 from .http import PAGING, STATUS_OF_CODE, ApiError, Call, Endpoint, Handler, paged
 from .schemas import (
     ADDRESS,
@@ -88,6 +88,8 @@ def make_write(kind: str, action: str) -> Handler:
             raise ApiError(413, "too_large", f"body is {len(call.body)} bytes, the limit is {MAX_BODY}")
         if kind in MODEL_BOUND and action in ("create", "update"):
             await _refuse_missing_model(call, kind)
+        if kind in NODE_FIELDS:
+            await refuse_nonmember_nodes(call, kind)
         try:
             op = await call.runtime.submit_request(call.signed.message, call.body, call.signed.signature)
         except OpError as exc:

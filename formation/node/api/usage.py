@@ -3,6 +3,8 @@
     GET /instance/{id}/usage   signed: an instance's usage, per measuring node and in total,
                                for whoever may see the instance
     GET /account/usage         signed: the usage of each instance the signer owns, and the sum
+    GET /agents/{id}/usage     signed, the agent's owner: the usage of the instances of its build
+                               that serve its calls, and its calls as charged, per node
     GET /metrics               unsigned: this node's own figures, Prometheus text format
 
 Reports are sums over the `usage` records in the state (crdt/kinds/usage_kinds.py), the same on
@@ -84,6 +86,58 @@ async def account_usage(call: Call):
     return {"address": call.who, "instances": out, "count": len(out), "total": total(rows)}, 200
 
 
+MAX_AGENT_CHARGES = 100_000  # charge records of one creator an agent report reads
+CHARGE_COUNTERS = ("calls", "credits", "tokens_in", "tokens_out")
+AGENT_USAGE = obj({
+    "agent_id": STRING, "owner": ADDRESS, "build_id": nullable(STRING),
+    "instances": array(obj({"instance_id": STRING, "name": nullable(STRING), "nodes": COUNT,
+                            **{c: COUNT for c in COUNTERS}})),
+    "total": COUNTERS_SCHEMA,
+    "charged": obj({**{c: COUNT for c in CHARGE_COUNTERS}, "consumers": COUNT,
+                    "nodes": array(obj({"node": ADDRESS, "host": ADDRESS, **{c: COUNT for c in CHARGE_COUNTERS}}))})})
+
+
+def _agent_rows(store, agent: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """The instances that serve `agent` (its build, its owner's), their usage rows, and the
+    charges of its calls, in one visit of the store."""
+    build = agent.get("build_id")
+    instances = [i for i in store.list("instance", type=build, limit=MAX_ACCOUNT_INSTANCES)
+                 if i["owner"] == agent["owner"]] if build else []
+    rows = [r for i in instances
+            for r in store.list("usage", type=i["instance_id"], limit=MAX_ROWS_PER_INSTANCE)
+            if r["instance_id"] == i["instance_id"]]
+    charges = [c for c in store.list("charge", type=agent["owner"], limit=MAX_AGENT_CHARGES)
+               if c["agent_id"] == agent["agent_id"] and c["creator"] == agent["owner"]]
+    return instances, rows, charges
+
+
+async def agent_usage(call: Call):
+    agent = await views.visible_or_404(call, "agent", call.params["id"])
+    if agent["owner"] != call.who:
+        raise ApiError(403, "forbidden", f"an agent's usage is shown to its owner ({agent['owner']}) only: "
+                                         "it tells who calls it and how often")
+    instances, rows, charges = await call.runtime.astore.run(_agent_rows, call.runtime.astore.store, agent)
+    members = await _members(call)
+    rows = counted(rows, members)
+    charges = [c for c in charges if c["node"] in members]
+    sums = by_instance(rows)
+    out = [{"instance_id": i["instance_id"], "name": i.get("name"),
+            "nodes": sum(1 for r in rows if r["instance_id"] == i["instance_id"]),
+            **sums.get(i["instance_id"], dict.fromkeys(COUNTERS, 0))}
+           for i in sorted(instances, key=lambda i: i["instance_id"])]
+    by_node: dict[tuple[str, str], dict] = {}
+    for c in charges:
+        row = by_node.setdefault((c["node"], c["host"]), {"node": c["node"], "host": c["host"],
+                                                          **dict.fromkeys(CHARGE_COUNTERS, 0)})
+        for k in CHARGE_COUNTERS:
+            row[k] += c[k]
+    charged = {k: sum(c[k] for c in charges) for k in CHARGE_COUNTERS}
+    return {"agent_id": agent["agent_id"], "owner": agent["owner"], "build_id": agent.get("build_id"),
+            "instances": out, "total": total(rows),
+            "charged": {**charged, "consumers": len({c["consumer"] for c in charges}),
+                        "nodes": [by_node[k] for k in sorted(by_node)]}}, 200
+
+
 async def metrics(call: Call):
     return Response(await exporter.scrape(call.runtime), status=200, content_type=exporter.CONTENT_TYPE), 200
 
@@ -94,6 +148,9 @@ def endpoints() -> list[Endpoint]:
                  "counters and their total", "required", instance_usage, tags=["usage"], answer=INSTANCE_USAGE),
         Endpoint("GET", "/account/usage", "The usage of each instance you own, and their total", "required",
                  account_usage, tags=["usage"], query={"address": {"type": "string"}}, answer=ACCOUNT_USAGE),
+        Endpoint("GET", "/agents/{id}/usage", "An agent's usage (its owner only): the usage of the instances "
+                 "of its build, and its calls as charged, per charging node and host", "required", agent_usage,
+                 tags=["usage"], answer=AGENT_USAGE),
         Endpoint("GET", "/metrics", "This node's figures for Prometheus (text format): ops, peers, gossip "
                  "and sync, VMs, builds, hires, usage records, DNS queries", "none", metrics, tags=["node"],
                  answer={"type": "string"}, responses=METRICS_ANSWER),
