@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import json
+import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -39,8 +41,24 @@ def sign_headers(key: PrivateKey, method: str, path_query: str, body: bytes, ts:
     return {"X-Message": message, "X-Signature": "0x" + sig.hex(), "X-Address": "0x" + key.address.hex()}
 
 
+# Calls a node takes once per signature (a replayed one would spend the caller's credits again):
+# two identical ones signed in the same second would have the same signature, so each carries a
+# random `nonce` the node ignores (it is only signed).
+_ONE_USE_CALL = re.compile(r"(/v1)?/agents/[^/?]+/(hire|run_task|subscribe)")
+
+
+def with_nonce(method: str, path: str) -> str:
+    """`path` with a random nonce when it is a one-use call without one."""
+    bare, _, qs = path.partition("?")
+    if method.upper() != "POST" or not _ONE_USE_CALL.fullmatch(bare) or "nonce=" in qs:
+        return path
+    return f"{path}{'&' if qs else '?'}nonce={secrets.token_hex(8)}"
+
+
 def _prepare(key, method: str, path: str, body: Any, query: dict | None, sign: bool):
     query = {k: v for k, v in (query or {}).items() if v is not None}
+    if method.upper() == "POST" and _ONE_USE_CALL.fullmatch(path) and "nonce" not in query:
+        query["nonce"] = secrets.token_hex(8)
     if query:  # httpx sends no '?' for an empty query, so none may be signed either
         path = path + "?" + urlencode(query)
     raw = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()

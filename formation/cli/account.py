@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from formation.cli import output
+from formation.cli.output import EXIT_USAGE, CliError
 from formation.cli.parsing import group, leaf
 from formation.cli.session import context
 from formation.crdt.keys import to_checksum
@@ -73,7 +74,7 @@ def _amount(value: str) -> int:
     except ValueError:
         amount = -1
     if not 1 <= amount <= 10**12:
-        raise SystemExit(f"form: AMOUNT must be a whole number of credits from 1 to 10^12, not {value!r}")
+        raise CliError(f"AMOUNT must be a whole number of credits from 1 to 10^12, not {value!r}", EXIT_USAGE)
     return amount
 
 
@@ -81,7 +82,7 @@ def _node_address(ctx, given: str | None) -> str:
     """The node named, or the one this command talks to."""
     if given:
         return given.lower()
-    return ctx.call("GET", "/v1/health", sign=False)["address"]
+    return ctx.call("GET", "/v1/health", sign=False)["address"].lower()
 
 
 def cmd_account_move(args: argparse.Namespace) -> int:
@@ -99,9 +100,9 @@ def cmd_account_grant(args: argparse.Namespace) -> int:
     amount = _amount(args.amount)
     fog = ctx.call("GET", "/v1/fog", sign=False)
     if not fog.get("treasury"):
-        raise SystemExit(f"form: fog {fog.get('fog_id')} has no treasury: no one grants credits in it")
+        raise CliError(f"fog {fog.get('fog_id')} has no treasury: no one grants credits in it")
     if fog["treasury"] != ctx.address:
-        raise SystemExit(f"form: grants are signed by the fog's treasury {fog['treasury']}; this wallet is "
+        raise CliError(f"grants are signed by the fog's treasury {fog['treasury']}; this wallet is "
                          f"{ctx.address} (use the treasury's wallet: --wallet or FORM_WALLET)")
     at = _node_address(ctx, args.at)
     body = {"to": args.address.lower(), "amount": amount, "at": at, "memo": args.memo or "", "fog": fog}

@@ -174,7 +174,7 @@ def _credits_arg(value: str | None, what: str, low: int = 0) -> int | None:
     except ValueError:
         n = -1
     if not low <= n <= 10**12:
-        raise SystemExit(f"form: {what} must be a whole number from {low} to 10^12, not {value!r}")
+        raise CliError(f"{what} must be a whole number from {low} to 10^12, not {value!r}", EXIT_USAGE)
     return n
 
 
@@ -184,6 +184,40 @@ def cmd_agent_usage(args: argparse.Namespace) -> int:
     rid = check_id(args.id, "agent id")
     ctx = context(args)
     return show_agent(ctx.json, ctx.call("GET", f"{CATALOG['agent']['base']}/{rid}/usage"))
+
+
+def cmd_agent_plan(args: argparse.Namespace) -> int:
+    rid = check_id(args.id, "agent id")
+    ctx = context(args)
+    plans = dict(ctx.call("GET", f"{CATALOG['agent']['base']}/{rid}").get("plans") or {})
+    if args.remove:
+        if args.name not in plans:
+            raise CliError(f"agent {rid} has no plan {args.name!r} (its plans: {', '.join(plans) or 'none'})")
+        del plans[args.name]
+        done = f"agent {rid} no longer sells plan {args.name} (calls already bought stay usable)"
+    else:
+        if args.price is None or args.calls is None or args.days is None:
+            raise CliError("a plan needs --price CREDITS, --calls N and --days D (or --remove)", EXIT_USAGE)
+        plans[args.name] = {"price_credits": _credits_arg(args.price, "--price"),
+                            "calls": _credits_arg(args.calls, "--calls", low=1),
+                            "days": _credits_arg(args.days, "--days", low=1)}
+        done = (f"agent {rid} sells plan {args.name}: {plans[args.name]['calls']} calls in "
+                f"{plans[args.name]['days']} days for {plans[args.name]['price_credits']} credits")
+    res = ctx.call("PUT", f"{CATALOG['agent']['base']}/{rid}", {"plans": plans})
+    return output.report_write(ctx.json, res, done)
+
+
+def cmd_agent_subscribe(args: argparse.Namespace) -> int:
+    rid = check_id(args.id, "agent id")
+    ctx = context(args)
+    res = ctx.call("POST", f"{CATALOG['agent']['base']}/{rid}/subscribe", {"plan": args.plan})
+    if ctx.json:
+        output.print_json(res)
+        return 0
+    output.fields([("agent", res["agent_id"]), ("plan", res["plan"]), ("through node", res["node"]),
+                   ("calls left", res["calls_left"]), ("until", output.when(res["expires_at"])),
+                   ("paid in all", f"{res['credits']} credits ({res['purchases']} purchase(s))")])
+    return 0
 
 
 def cmd_agent_price(args: argparse.Namespace) -> int:
@@ -247,6 +281,23 @@ def _register_kind(commands, common: argparse.ArgumentParser, kind: str) -> None
         p.add_argument("--max-tokens", metavar="N", help="tokens billed at most per call (default 4096)")
         record_id(leaf(cat, "usage", "your agent's usage: its instances' counters and its calls as charged",
                        cmd_agent_usage, common))
+        p = leaf(cat, "plan", "add, change or remove a plan of your agent (a number of calls for a price)",
+                 cmd_agent_plan, common,
+                 description="A plan sells CALLS calls of the agent, usable for DAYS days, for PRICE credits; "
+                             "a consumer buys it through a node (`form agent subscribe`) and calls through that "
+                             "node without paying per call. Up to 8 plans; an agent with plans and no per-call "
+                             "price is sold by plan only (docs/economy.md).")
+        record_id(p)
+        p.add_argument("name", metavar="NAME", help="the plan's name (a-z, 0-9, '-')")
+        p.add_argument("--price", metavar="CREDITS", help="what it costs (0: a free tier)")
+        p.add_argument("--calls", metavar="N", help="calls it includes")
+        p.add_argument("--days", metavar="D", help="days they are usable for, from the purchase")
+        p.add_argument("--remove", action="store_true", help="stop selling it")
+        p = leaf(cat, "subscribe", "buy a plan of an agent through the node you talk to", cmd_agent_subscribe,
+                 common, description="Pays the plan's price from your credits held at this node; its calls are "
+                                     "then admitted through this node until they run out or the plan ends.")
+        record_id(p)
+        p.add_argument("plan", metavar="PLAN", help="the plan's name (`form agent get ID` lists them)")
     record_id(leaf(cat, "get", f"show one {kind}", cmd_catalog_get, common, kind=kind))
     for name, fn, help_ in (("list", cmd_catalog_list, f"list {plural}, with filters"),
                             ("search", cmd_catalog_search, f"search {plural} by words and filters")):

@@ -26,7 +26,7 @@ import httpx
 
 from formation.cli.keyfile import WALLET_PASSWORD_ENV, KeyFile, read_key, read_key_if_unlockable
 from formation.cli.output import EXIT_FAILURE, EXIT_UNREACHABLE, EXIT_USAGE, CliError, report_write
-from formation.client import ApiError, Client, sign_headers
+from formation.client import ApiError, Client, sign_headers, with_nonce
 from formation.crdt.intents import MAX_BODY
 from formation.crdt.keys import PrivateKey, format_address, parse_address
 from formation.files import write_atomic
@@ -151,6 +151,7 @@ class Context:
     def post_doc(self, path: str, body: dict, *, timeout: float) -> tuple[int, dict]:
         """A signed POST whose answer is wanted whole, error or not: (HTTP status, JSON object)."""
         raw = json.dumps(body, separators=(",", ":")).encode()
+        path = with_nonce("POST", path)
         headers = {"Content-Type": "application/json", **sign_headers(self.key(), "POST", path, raw)}
         try:
             resp = self._client().http.post(path, content=raw, headers=headers, timeout=timeout)

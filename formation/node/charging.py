@@ -19,17 +19,22 @@ from dataclasses import dataclass
 import trio
 
 from formation.crdt.credits import Price, balance_of, has_economy
-from formation.crdt.kinds.credit_kinds import charge_key
+from formation.crdt.kinds.credit_kinds import charge_key, subscription_key
 from formation.crdt.kinds.fog_kinds import operator_share_percent
 from formation.crdt.op import OpError
 
+from .api.auth import AuthError, ReplayGuard
+
 log = logging.getLogger("formation.charging")
 
+SUBSCRIPTION_FIELDS = ("consumer", "agent_id", "node", "creator", "plan", "purchases", "credits", "calls_bought",
+                       "calls_used", "expires_at")
 MAX_GRANTS = 10_000  # grants to one account a balance reads
 MAX_CHARGES = 100_000  # charge records naming one account (as consumer, creator or host)
 MAX_MOVES = 10_000  # moves of one account a balance reads
 MAX_MOVE_REQUESTS = 1_000  # requests to move credits out of this node read per page
 MAX_MOVE_SCAN = 100_000  # requests read per pass
+MOVE_PASS_GAP_S = 1.0
 SHORT_RETRY_S = 30.0  # a request the purse could not cover is tried again after this
 
 
@@ -45,6 +50,24 @@ def _charges_of(store, who: str) -> list[dict]:
     return list(found.values())
 
 
+def _subscriptions_of(store, who: str) -> list[dict]:
+    """The subscription records naming `who` as consumer, creator or selling node."""
+    found: dict[tuple, dict] = {}
+    for rows in (store.list("subscription", owner=who, limit=MAX_CHARGES),
+                 store.list("subscription", type=who, limit=MAX_CHARGES),
+                 store.list("subscription", text=who, limit=MAX_CHARGES)):
+        for sub in rows:
+            if who in (sub["consumer"], sub["creator"], sub["node"]):
+                found[(sub["consumer"], sub["agent_id"], sub["node"])] = sub
+    return list(found.values())
+
+
+def calls_left(sub: dict | None, now_ms: int) -> int:
+    if sub is None or now_ms >= sub["expires_at"]:
+        return 0
+    return max(0, sub["calls_bought"] - sub["calls_used"])
+
+
 def ledger(store, fog_id: str | None, who: str) -> dict:
     """`who`'s credits in this node's view: balance_of's figures (with its purses), the grants
     that count, and the fog's treasury and split."""
@@ -53,8 +76,15 @@ def ledger(store, fog_id: str | None, who: str) -> dict:
     grants = store.list("grant", owner=who, type=fog_id, limit=MAX_GRANTS) if has_economy(fog) else []
     grants = [g for g in grants if g["treasury"] == fog["treasury"]]
     moves = store.list("credit_moved", owner=who, limit=MAX_MOVES) if has_economy(fog) else []
+    subs = _subscriptions_of(store, who) if has_economy(fog) else []
     out = balance_of(who, account=store.get("account", who), grants=grants, charges=_charges_of(store, who),
-                     moves=moves, members=members, fog=fog)
+                     moves=moves, members=members, fog=fog, subscriptions=subs)
+    now = time.time_ns() // 1_000_000
+    out["subscriptions"] = [{"agent_id": sub["agent_id"], "node": sub["node"], "plan": sub["plan"],
+                             "calls_left": calls_left(sub, now), "calls_used": sub["calls_used"],
+                             "expires_at": sub["expires_at"]}
+                            for sub in sorted(subs, key=lambda x: (x["agent_id"], x["node"]))
+                            if sub["consumer"] == who and sub["node"] in members]
     out.update(fog_id=fog_id, treasury=fog.get("treasury") if fog else None,
                operator_share_percent=operator_share_percent(fog),
                grants=[{k: g[k] for k in ("grant_id", "amount", "at", "memo", "created_at")}
@@ -72,6 +102,14 @@ class InsufficientCredits(Exception):
         self.balance, self.available, self.price, self.elsewhere = balance, available, price, elsewhere
 
 
+class NoSuchPlan(Exception):
+    pass
+
+
+class Replayed(Exception):
+    """A signature already used for a charged call (a replay would spend the caller's credits)."""
+
+
 @dataclass
 class Admission:
     consumer: str
@@ -79,6 +117,7 @@ class Admission:
     creator: str
     price: Price
     held: int  # credits held for the call until it is charged or released
+    plan: bool = False  # a call of the consumer's plan bought here (no credits)
     settled: bool = False
 
 
@@ -89,8 +128,10 @@ class Charger:
         self.node = node
         self.lock = trio.Lock()
         self.inflight: dict[str, int] = {}  # credits held per consumer by calls in flight
+        self.plan_inflight: dict[tuple[str, str], int] = {}  # plan calls in flight per (consumer, agent)
         self.charged = 0  # credits this node charged since it started (for /metrics)
         self.refused = 0  # calls refused for want of credits
+        self.replays = ReplayGuard()  # signatures of calls admitted for charging
         self._moved: set[str] = set()  # move requests carried out (ids)
         self._short: dict[str, float] = {}  # move requests the purse could not cover: next try
 
@@ -102,10 +143,30 @@ class Charger:
         node = self.node
         return bool(node.fog_id) and has_economy(await node.astore.get("fog", node.fog_id))
 
-    async def admit(self, consumer: str, agent_id: str, creator: str, price: Price) -> Admission | None:
-        """None when the fog has no economy (nothing is charged); InsufficientCredits unless the
-        consumer's purse here, less the calls in flight through this node, covers the hold."""
-        if not price or consumer == creator or not await self.economy():
+    async def admit(self, consumer: str, agent_id: str, creator: str, price: Price,
+                    plans_only: bool = False, signature: bytes = b"") -> Admission | None:
+        """None when the fog has no economy or the call is free (nothing is charged); a plan
+        call when the consumer bought a plan of the agent here with calls left (less those in
+        flight); else InsufficientCredits unless the consumer's purse here, less the calls in
+        flight through this node, covers the hold. A call that may be charged takes its request's
+        signature once (Replayed): free calls may be sent again, paid ones are paid once."""
+        if consumer == creator or not await self.economy():
+            return None
+        try:
+            self.replays.check_and_remember(signature[:64], time.time())
+        except AuthError:
+            raise Replayed() from None
+        node = self.node
+        async with self.lock:
+            sub = await node.astore.get("subscription", subscription_key(consumer, agent_id, node.address))
+            flying = self.plan_inflight.get((consumer, agent_id), 0)
+            if calls_left(sub, time.time_ns() // 1_000_000) > flying:
+                self.plan_inflight[(consumer, agent_id)] = flying + 1
+                return Admission(consumer, agent_id, creator, price, 0, plan=True)
+        if not price:
+            if plans_only:  # sold by plan alone: no plan, no call
+                self.refused += 1
+                raise InsufficientCredits(0, 0, 0, {})
             return None
         hold = price.hold()
         async with self.lock:
@@ -121,6 +182,13 @@ class Charger:
         return Admission(consumer, agent_id, creator, price, hold)
 
     def _release(self, a: Admission) -> None:
+        if a.plan:
+            n = self.plan_inflight.get((a.consumer, a.agent_id), 0) - 1
+            if n > 0:
+                self.plan_inflight[(a.consumer, a.agent_id)] = n
+            else:
+                self.plan_inflight.pop((a.consumer, a.agent_id), None)
+            return
         left = self.inflight.get(a.consumer, 0) - a.held
         if left > 0:
             self.inflight[a.consumer] = left
@@ -140,6 +208,9 @@ class Charger:
         if a.settled:
             return
         a.settled = True
+        if a.plan:
+            await self._use_plan_call(a)
+            return
         node = self.node
         tin, tout = tokens or (0, 0)
         cost = min(a.held, a.price.cost(tin, tout))
@@ -157,6 +228,52 @@ class Charger:
                 self.charged += cost
             finally:
                 self._release(a)
+
+    async def _use_plan_call(self, a: Admission) -> None:
+        node = self.node
+        key = subscription_key(a.consumer, a.agent_id, node.address)
+        async with self.lock:
+            try:
+                sub = await node.astore.get("subscription", key)
+                value = {**{k: sub[k] for k in SUBSCRIPTION_FIELDS}, "calls_used": sub["calls_used"] + 1,
+                         "updated_at": time.time_ns() // 1_000_000}
+                with trio.CancelScope(shield=True):
+                    await node.write("subscription", key, value)
+            finally:
+                self._release(a)
+
+    async def subscribe(self, consumer: str, agent: dict, plan_name: str) -> dict:
+        """`consumer` buys plan `plan_name` of `agent` here: its price leaves the consumer's purse
+        here (InsufficientCredits otherwise) and the plan's calls are usable through this node
+        for its days. Calls left of an earlier purchase still running are kept (and its end
+        moves to the new one's); those of an expired one are forfeited. NoSuchPlan if the agent
+        sells no such plan."""
+        plan = (agent.get("plans") or {}).get(plan_name)
+        if plan is None:
+            raise NoSuchPlan(plan_name)
+        node = self.node
+        key = subscription_key(consumer, agent["agent_id"], node.address)
+        async with self.lock:
+            figures = await self.balance(consumer)
+            available = held_at(figures, node.address) - self.inflight.get(consumer, 0)
+            if available < plan["price_credits"]:
+                self.refused += 1
+                elsewhere = {p["node"]: p["held"] for p in figures["purses"]
+                             if p["node"] != node.address and p["held"] > 0}
+                raise InsufficientCredits(figures["balance"], available, plan["price_credits"], elsewhere)
+            old = await node.astore.get("subscription", key)
+            now = time.time_ns() // 1_000_000
+            used = old["calls_used"] if old else 0
+            value = {"consumer": consumer, "agent_id": agent["agent_id"], "node": node.address,
+                     "creator": agent["owner"], "plan": plan_name,
+                     "purchases": (old["purchases"] if old else 0) + 1,
+                     "credits": (old["credits"] if old else 0) + plan["price_credits"],
+                     "calls_bought": used + calls_left(old, now) + plan["calls"], "calls_used": used,
+                     "expires_at": now + plan["days"] * 86_400_000, "updated_at": now}
+            with trio.CancelScope(shield=True):
+                await node.write("subscription", key, value)
+            self.charged += plan["price_credits"]
+        return value
 
     # ---- moves out of this node's purses ------------------------------------------------------
 
@@ -213,5 +330,6 @@ class Charger:
                 await self.carry_out_moves()
             except Exception:  # noqa: BLE001 - one pass failing must not end the node
                 log.exception("credit moves: pass failed")
+            await trio.sleep(MOVE_PASS_GAP_S)  # a busy node commits often: one pass a second at most
             with trio.move_on_after(5):
                 seen = await self.node.changes.wait_past(seen)

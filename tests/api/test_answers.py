@@ -185,6 +185,11 @@ async def test_every_answer_is_as_documented(tvnode):
     fog = await treasury.get("/v1/fog")
     await treasury.post("/v1/credits/grant", {"to": addr(1), "amount": 5, "at": vnode.address, "fog": fog})
     await alice.get("/v1/account/credits")
+    planned = (await alice.post("/v1/agents", {"name": "planned", "plans": {"p": {"price_credits": 2, "calls": 1,
+                                                                                  "days": 1}}}))["id"]
+    await treasury.post("/v1/credits/grant", {"to": addr(2), "amount": 5, "at": vnode.address, "fog": fog})
+    await bob.post(f"/v1/agents/{planned}/subscribe", {"plan": "p"})
+    await bob.get("/v1/account/credits")  # with a subscription
     with pytest.raises(ApiError) as e:
         await alice.post("/v1/credits/move", {"from_node": vnode.address, "to_node": addr(3), "amount": 1})
     assert e.value.status == 422 and e.value.error == "not_a_member"

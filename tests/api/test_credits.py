@@ -7,9 +7,12 @@ and the node's operator by the genesis's split, in the node's `charge` record.""
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import pytest
 
-from formation.client import ApiError, AsyncClient
+from formation.client import ApiError, AsyncClient, sign_headers
 from formation.crdt.keys import PrivateKey, format_address
 from formation.crdt.kinds.credit_kinds import charge_key
 from formation.crdt.kinds.fog_kinds import fog_id_of
@@ -95,7 +98,14 @@ async def test_grants_prices_and_402_over_http(tnode):
         assert [(g["grant_id"], g["amount"], g["memo"]) for g in mine["grants"]] == [(grant["id"], 12, "welcome")]
         assert (await consumer.get(f"/v1/account/{u_addr}/get"))["credits"] == 12
 
-        assert await consumer.post(f"/v1/agents/{aid}/hire", {"x": 1}) == {"ok": True}
+        # a priced call's signature pays once: the same signed request again is refused, unpaid
+        raw = json.dumps({"x": 1}).encode()
+        headers = {**sign_headers(key(42), "POST", f"/v1/agents/{aid}/hire", raw), "Content-Type": "application/json"}
+        async with httpx.AsyncClient(base_url=tnode.base_url) as http:
+            first = await http.post(f"/v1/agents/{aid}/hire", content=raw, headers=headers)
+            again = await http.post(f"/v1/agents/{aid}/hire", content=raw, headers=headers)
+        assert first.status_code == 200 and first.json() == {"ok": True}, first.text
+        assert again.status_code == 401 and again.json()["error"] == "replay", again.text
         assert await consumer.post(f"/v1/agents/{aid}/run_task", {"x": 2}) == {"ok": True}
         r = await signed(tnode, key(42), "POST", f"/v1/agents/{aid}/hire", {"x": 3})
         assert r.status_code == 402 and (r.json()["balance"], r.json()["price"]) == (2, 5)
@@ -302,3 +312,63 @@ async def test_token_prices_hold_the_most_and_charge_what_the_agent_reported(tno
     with pytest.raises(ApiError) as e:
         await consumer.get(f"/v1/agents/{aid}/usage")
     assert e.value.status == 403
+
+
+async def test_plans_are_bought_through_a_node_and_used_there(tnode):
+    """A plan (a tier of calls for a price) bought through a node: its price leaves the
+    consumer's purse there, its calls are admitted there without credits until they run out,
+    then the per-call price applies; an agent with plans and no price is sold by plan only; a
+    replayed subscribe request buys nothing twice."""
+    creator, consumer, treasury = (AsyncClient(tnode.base_url, k) for k in (key(81), key(82), TREASURY))
+    u_addr, c_addr = format_address(key(82).address), format_address(key(81).address)
+    fog = await treasury.get("/v1/fog")
+    await treasury.post("/v1/credits/grant", {"to": u_addr, "amount": 20, "at": tnode.address, "fog": fog})
+    async with token_agent() as port:
+        plans = {"basic": {"price_credits": 6, "calls": 2, "days": 30}}
+        aid = (await creator.post("/v1/agents", {"name": "planned", "build_id": BUILD, "port": port, "path": "/",
+                                                 "price_credits_per_call": 5, "plans": plans}))["id"]
+        only = (await creator.post("/v1/agents", {"name": "plan-only", "build_id": BUILD, "port": port,
+                                                  "path": "/", "plans": plans}))["id"]
+        iid = (await creator.post("/v1/instance/create", {"name": "planned", "build_id": BUILD,
+                                                          "formfile": exposing(port)}))["id"]
+        await status_of(tnode, tnode.key, iid, "running", VM_IP)
+        # sold by plan only: no plan, no call (402 naming the plans)
+        r = await signed(tnode, key(82), "POST", f"/v1/agents/{only}/hire", {})
+        assert r.status_code == 402 and r.json()["error"] == "plan_required", r.text
+        assert "basic: 2 calls in 30 days for 6 credits" in r.json()["detail"]
+        for body, code in (({"plan": "gold"}, "no_such_plan"), ({"plan": 1}, "bad_request"),
+                           ({"plan": "basic", "x": 1}, "bad_request")):
+            with pytest.raises(ApiError) as e:
+                await consumer.post(f"/v1/agents/{aid}/subscribe", body)
+            assert e.value.error == code
+        with pytest.raises(ApiError) as e:
+            await creator.post(f"/v1/agents/{aid}/subscribe", {"plan": "basic"})
+        assert e.value.status == 409
+
+        sub = await consumer.post(f"/v1/agents/{aid}/subscribe", {"plan": "basic"})
+        assert (sub["calls_left"], sub["credits"], sub["node"]) == (2, 6, tnode.address)
+        # the same signed request again: refused (one use), nothing bought twice
+        raw = json.dumps({"plan": "basic"}).encode()
+        headers = {**sign_headers(key(82), "POST", f"/v1/agents/{aid}/subscribe", raw),
+                   "Content-Type": "application/json"}
+        async with httpx.AsyncClient(base_url=tnode.base_url) as http:
+            first = await http.post(f"/v1/agents/{aid}/subscribe", content=raw, headers=headers)
+            again = await http.post(f"/v1/agents/{aid}/subscribe", content=raw, headers=headers)
+        assert first.status_code == 200, first.text
+        assert again.status_code == 401 and again.json()["error"] == "replay", again.text
+        mine = await credits(consumer)
+        assert mine["balance"] == 20 - 12
+        assert [(s["agent_id"], s["plan"], s["calls_left"]) for s in mine["subscriptions"]] == [(aid, "basic", 4)]
+
+        for _ in range(4):  # the plan's calls: no credits
+            assert await consumer.post(f"/v1/agents/{aid}/hire", {}) == {"ok": True}
+        assert (await credits(consumer))["balance"] == 8
+        assert await consumer.post(f"/v1/agents/{aid}/hire", {}) == {"ok": True}  # the price again
+        assert (await credits(consumer))["balance"] == 3
+        r = await signed(tnode, key(82), "POST", f"/v1/agents/{aid}/hire", {})
+        assert r.status_code == 402 and "basic: 2 calls" in r.json()["detail"]
+    made = await credits(creator)
+    operator = await AsyncClient(tnode.base_url, tnode.key).get("/v1/account/credits")
+    # 12 for plans + 5 for a call = 17: the creator 80 % of each (floored), the operator the rest
+    assert made["earned"] + operator["earned"] == 17 and operator["earned"] == 12 * 20 // 100 + 5 * 20 // 100
+    assert c_addr == made["address"]

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import trio
 
-from formation.client import ApiError, AsyncClient, sign_headers
+from formation.client import ApiError, AsyncClient, sign_headers, with_nonce
 from formation.crdt.keys import PrivateKey, format_address
 from formation.node.api.app import create_app
 from formation.node.api.workloads import CONTEXT_LIMIT
@@ -57,6 +57,7 @@ def build_body(formfile: str = FORMFILE, files: dict[str, bytes] | None = None) 
 
 
 async def signed(rt, k: PrivateKey, method: str, path: str, body=None) -> httpx.Response:
+    path = with_nonce(method, path)  # one-use calls: two alike in one second are two calls
     raw = b"" if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = sign_headers(k, method, path, raw)
     if raw:
@@ -297,7 +298,8 @@ async def test_hire_proxies_to_a_running_replica(vnode):
         request_line, headers, _ = seen[-1]
         assert request_line == "POST /run HTTP/1.1"
         assert headers["x-formation-caller"] == addr(key(12)) and headers["x-formation-agent"] == aid
-        # a signed hire is a call, not a write: the same signature may be used again
+        # a signed hire of a free agent is a call, not a write: the same signature may be used
+        # again (a priced call's may not: tests/api/test_credits.py)
         body = json.dumps({"n": 2}).encode()
         h = sign_headers(key(12), "POST", f"/v1/agents/{aid}/hire", body)
         async with httpx.AsyncClient(base_url=vnode.base_url) as http:

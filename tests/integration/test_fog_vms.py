@@ -58,7 +58,7 @@ BIG = 200_000  # bytes of /big.txt: a transfer of many full-size packets through
 _CLIENT = r"""
 import json, sys, time
 import httpx
-from formation.client import ApiError, Client, sign_headers
+from formation.client import ApiError, Client, sign_headers, with_nonce
 from formation.crdt.keys import PrivateKey
 base, key = sys.argv[1], PrivateKey(bytes.fromhex(sys.argv[2]))
 client = Client(base, key, timeout=120)
@@ -70,8 +70,9 @@ for line in sys.stdin:
     try:
         if req["op"] == "hire":
             body = json.dumps(req["body"]).encode()
-            headers = {**sign_headers(key, "POST", req["path"], body), "Content-Type": "application/json"}
-            r = raw.post(req["path"], content=body, headers=headers)
+            path = with_nonce("POST", req["path"])
+            headers = {**sign_headers(key, "POST", path, body), "Content-Type": "application/json"}
+            r = raw.post(path, content=body, headers=headers)
             out = {"status": r.status_code, "text": r.text, "replica": r.headers.get("x-formation-replica")}
         else:
             out = {"ok": client.request(req["method"], req["path"], req.get("body"))}

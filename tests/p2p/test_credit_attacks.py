@@ -20,6 +20,13 @@ from tests.support import TS, User
 AID = "a1" * 16
 M1, M2, M3, M4 = (str(i) * 32 for i in range(1, 5))
 MOVED = "credit_moved"
+SUB = "subscription"
+
+
+def sub(consumer: str, node: str, creator: str, **more) -> dict:
+    return dict(sorted({"consumer": consumer, "agent_id": AID, "node": node, "creator": creator, "plan": "basic",
+                        "purchases": 1, "credits": 5, "calls_bought": 10, "calls_used": 0,
+                        "expires_at": 1_800_000_000_000, "updated_at": 1_700_000_060_000, **more}.items()))
 
 
 def moved(move_id: str, account: str, from_node: str, to_node: str, amount: int = 50) -> dict:
@@ -85,6 +92,13 @@ async def test_forged_grants_and_charges_are_refused_everywhere():
             forge(evil.key, f"{M3}@{evil.address}", moved(M3, user.address, host.node.address, evil.address), MOVED):
                 "bad_field",
             forge(evil.key, f"{M4}@{evil.address}", None, MOVED): "bad_field",
+            # another node's subscription; more calls used than bought; a creator's own plan
+            forge(evil.key, f"{user.address}:{AID}@{host.node.address}",
+                  sub(user.address, host.node.address, creator.address), SUB): "unauthorized",
+            forge(evil.key, f"{user.address}:{AID}@{evil.address}",
+                  sub(user.address, evil.address, creator.address, calls_used=11), SUB): "bad_field",
+            forge(evil.key, f"{user.address}:{AID}@{evil.address}",
+                  sub(user.address, evil.address, user.address), SUB): "bad_field",
             # a creator that charges for calling its own agent
             forge(evil.key, mine, charge(user.address, evil.address, user.address)): "bad_field",
             # its own key: fields that contradict the key, counters out of bounds, a deletion

@@ -204,3 +204,50 @@ class CreditMovedKind(Kind):
 
     def index(self, value: dict) -> dict:
         return {"owner": value["account"], "type": value["to_node"], "text": value["from_node"]}
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription(Record):
+    consumer: str = field(address)
+    agent_id: str = field(AGENT_ID)
+    node: str = field(address)  # the node that sold it (and wrote this): the only one that admits its calls
+    creator: str = field(address)  # who was paid for it (less the node operator's share)
+    plan: str = field(text(32, min_len=1))  # the plan last bought
+    purchases: int = field(CREDITS, default=0)
+    credits: int = field(CREDITS, default=0)  # what the purchases cost the consumer, in total
+    calls_bought: int = field(CREDITS, default=0)  # calls usable in all, cumulative (forfeited ones included)
+    calls_used: int = field(CREDITS, default=0)
+    expires_at: int = field(TIMESTAMP, default=0)  # unix ms: the calls left are forfeited after it
+    updated_at: int = field(TIMESTAMP, default=0)
+
+
+def subscription_key(consumer: str, agent_id: str, node: str) -> str:
+    return f"{consumer}:{agent_id}@{node}"
+
+
+class SubscriptionKind(Kind):
+    """A consumer's plan of an agent, sold by one node. Key: "<consumer>:<agent_id>@<node>",
+    written by that node only, cumulative (rewritten, never deleted)."""
+
+    name = "subscription"
+    record = Subscription
+
+    def node_write(self, op: Op) -> dict | None:
+        head, sep, node = op.key.rpartition("@")
+        parts = head.split(":")
+        if not sep or len(parts) != 2 or node != node_address(op):
+            raise Invalid("unauthorized", "a subscription key is '<consumer>:<agent_id>@<node>' and only that "
+                                          "node writes it")
+        if op.value is None:
+            raise Invalid("bad_field", "subscriptions are cumulative: they are rewritten, never deleted")
+        value = self.validate(op.value)
+        if (value["consumer"], value["agent_id"], value["node"]) != (*parts, node):
+            raise Invalid("bad_field", "subscription fields 'consumer'/'agent_id'/'node': must match the key")
+        if value["consumer"] == value["creator"]:
+            raise Invalid("bad_field", "a creator does not buy plans of its own agent")
+        if value["calls_used"] > value["calls_bought"]:
+            raise Invalid("bad_field", "subscription: 'calls_used' is more than 'calls_bought'")
+        return value
+
+    def index(self, value: dict) -> dict:
+        return {"owner": value["consumer"], "type": value["creator"], "text": value["node"]}

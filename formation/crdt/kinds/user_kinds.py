@@ -376,6 +376,20 @@ class Model(Record):
 
 
 @dataclass(frozen=True, slots=True)
+class Plan(Record):
+    """A tier of an agent (docs/economy.md): `calls` calls for `price_credits`, usable for `days`
+    days from the purchase, through the node that sold it."""
+
+    price_credits: int = field(integer(0, 10**12))
+    calls: int = field(integer(1, 10**9))
+    days: int = field(integer(1, 366))
+
+
+PLAN_NAME = text(32, min_len=1, pattern=r"[a-z0-9][a-z0-9-]*", what="a plan name (a-z, 0-9, '-')")
+MAX_PLANS = 8
+
+
+@dataclass(frozen=True, slots=True)
 class Agent(Record):
     agent_id: str = field(text(64, min_len=1))
     owner: str = field(address)
@@ -407,6 +421,7 @@ class Agent(Record):
     price_credits_per_call: int | None = field(optional(integer(0, 10**12)), default=None)
     price_credits_per_1k_tokens: int | None = field(optional(integer(0, 10**12)), default=None)
     max_billed_tokens: int | None = field(optional(integer(1, 10**9)), default=None)  # a call's; None: 4096
+    plans: dict = field(map_of(PLAN_NAME, nested(Plan), MAX_PLANS), factory=dict)  # name -> Plan
     is_private: bool = field(boolean, default=False)
     metadata: dict = field(METADATA, factory=dict)
     authorized: dict = field(AUTHORIZED, factory=dict)

@@ -4,6 +4,7 @@
                            moved, earned, spent, balance), its purses (what each node holds of
                            it), the grants that count and the fog's split
     GET /fog               unsigned: this node's fog's genesis record (what a grant carries)
+    POST /agents/{id}/subscribe  signed, one use: buy a plan of an agent through this node
     POST /credits/grant, POST /credits/move: record writes (crdt/kinds/credit_kinds.py), with the
                            nodes they name checked here to be the fog's members (422)
 
@@ -14,9 +15,12 @@ answers show the view's balance in its place).
 
 from __future__ import annotations
 
+from formation.crdt.kinds.owned import LEVELS, level_of
 from formation.crdt.strict import StrictError, parse_json
 
-from .http import ApiError, Call, Endpoint
+from ..charging import InsufficientCredits, NoSuchPlan, calls_left
+from . import views
+from .http import ApiError, Call, Endpoint, json_body
 from .schemas import ADDRESS, COUNT, INTEGER, STRING, array, nullable, obj
 
 NODE_FIELDS = {"grant": ("at",), "credit_move": ("from_node", "to_node")}  # fields naming a node
@@ -27,6 +31,8 @@ CREDITS_ANSWER = obj({
     "purses": array(obj({"node": ADDRESS, "granted": COUNT, "moved_in": COUNT, "earned": COUNT, "spent": COUNT,
                          "moved_out": COUNT, "calls": COUNT, "held": INTEGER})), "fog_id": nullable(STRING), "treasury": nullable(ADDRESS),
     "operator_share_percent": COUNT,
+    "subscriptions": array(obj({"agent_id": STRING, "node": ADDRESS, "plan": STRING, "calls_left": COUNT,
+                                "calls_used": COUNT, "expires_at": COUNT})),
     "grants": array(obj({"grant_id": STRING, "amount": COUNT, "at": ADDRESS, "memo": STRING,
                          "created_at": COUNT}))})
 
@@ -74,11 +80,54 @@ async def shown_balance(call: Call, account: dict) -> dict:
     return {**account, "credits": max(0, figures["balance"])}
 
 
+SUBSCRIBE_BODY = obj({"plan": STRING})
+SUBSCRIPTION_ANSWER = obj({"agent_id": STRING, "node": ADDRESS, "plan": STRING, "calls_left": COUNT,
+                           "calls_used": COUNT, "expires_at": COUNT, "credits": COUNT, "purchases": COUNT})
+
+
+async def agent_subscribe(call: Call):
+    """Buy a plan of an agent through this node: its price leaves the caller's purse here, and
+    its calls are admitted through this node (docs/economy.md, "Plans")."""
+    body = json_body(call.body)
+    plan = body.get("plan")
+    if not isinstance(plan, str) or set(body) != {"plan"}:
+        raise ApiError(400, "bad_request", "body must be {\"plan\": NAME} (a plan of the agent: `form agent get ID`)")
+    agent = await views.visible_or_404(call, "agent", call.params["id"])
+    if agent.get("is_private") and level_of(agent, call.who) < LEVELS[views.HIRE_LEVEL]:
+        raise ApiError(403, "forbidden", f"agent {agent['agent_id']} is private: its plans are sold to those "
+                                         f"who may hire it (level {views.HIRE_LEVEL})")
+    if call.who == agent["owner"]:
+        raise ApiError(409, "conflict", "an agent's owner calls it free: it buys no plan of it")
+    if not await call.runtime.charger.economy():
+        raise ApiError(409, "no_economy", "this fog has no treasury, so nothing is sold or charged in it "
+                                          "(docs/economy.md): call the agent directly")
+    try:
+        sub = await call.runtime.charger.subscribe(call.who, agent, plan)
+    except NoSuchPlan:
+        offered = ", ".join(sorted(agent.get("plans") or {})) or "none"
+        raise ApiError(404, "no_such_plan", f"agent {agent['agent_id']} sells no plan {plan!r} (its plans: "
+                                            f"{offered})") from None
+    except InsufficientCredits as exc:
+        raise ApiError(402, "insufficient_credits",
+                       f"plan {plan!r} of agent {agent['agent_id']} costs {exc.price} credits and {call.who} has "
+                       f"{exc.available} available at this node ({call.runtime.address}); see `form account "
+                       "credits`; move credits here with `form account move`",
+                       extra={"balance": exc.balance, "available": exc.available, "price": exc.price,
+                              "elsewhere": exc.elsewhere}) from None
+    now = sub["updated_at"]
+    return {"agent_id": sub["agent_id"], "node": sub["node"], "plan": sub["plan"], "calls_left": calls_left(sub, now),
+            "calls_used": sub["calls_used"], "expires_at": sub["expires_at"], "credits": sub["credits"],
+            "purchases": sub["purchases"]}, 200
+
+
 def endpoints() -> list[Endpoint]:
     return [
         Endpoint("GET", "/account/credits", "Your credits: balance, grants, earned, spent (a view of the "
                  "records, the same on every node)", "required", account_credits, tags=["credits"],
                  query={"address": {"type": "string"}}, answer=CREDITS_ANSWER),
+        Endpoint("POST", "/agents/{id}/subscribe", "Buy a plan of an agent through this node (its calls are "
+                 "admitted through this node)", "required", agent_subscribe, body=SUBSCRIBE_BODY, tags=["credits"],
+                 answer=SUBSCRIPTION_ANSWER, write=True),
         Endpoint("GET", "/fog", "This node's fog: its genesis record (treasury, split, policy)", "none", fog_get,
                  tags=["node"], answer={"type": "object"}),
     ]

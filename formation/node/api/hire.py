@@ -35,7 +35,7 @@ from formation.crdt.kinds.owned import LEVELS, level_of
 from formation.dns.names import counts
 from formation.pack.formfile import exposed_ports
 
-from ..charging import InsufficientCredits
+from ..charging import InsufficientCredits, Replayed
 from ..metering import TOKENS_HEADER, parse_tokens
 from . import views
 from .http import ApiError, Call, Endpoint, json_body
@@ -49,7 +49,7 @@ HIRE_CONNECT_TIMEOUT = 10.0
 HIRE_MAX_BODY = 1024 * 1024  # bytes of a hire's payload
 # the level that may use an agent (hire it) and send traffic to an instance's VM: operator is
 # the level that may run the instance (start, stop); read_only only reads records
-HIRE_LEVEL = "operator"
+HIRE_LEVEL = views.HIRE_LEVEL
 HIRE_SCHEMA = {"description": "any JSON: passed to the agent as it is"}
 # a hire's answer is the agent's, whatever its status; the node's own refusals are {error, detail}
 AGENT_ANSWER = {"content": {"*/*": {"schema": {}}}}
@@ -79,6 +79,7 @@ class Callee:
     agent_id: str  # the X-Formation-Agent header ("" when no agent record is called)
     price: Price | None = None  # what a call costs the caller (the agent's prices); None: free
     creator: str = ""  # who is paid for it: the agent's owner
+    plans: dict | None = None  # the agent's plans (name -> price_credits, calls, days)
 
 
 async def _agent_callee(call: Call, agent: dict) -> Callee:
@@ -99,7 +100,7 @@ async def _agent_callee(call: Call, agent: dict) -> Callee:
                                           f"that the agent's owner may operate (level {HIRE_LEVEL} or more); "
                                           "its owner deploys one with `form pack ship`")
     return Callee(f"agent {aid} (build {build})", instances, agent["port"], agent["path"], aid,
-                  Price(agent), agent["owner"])
+                  Price(agent), agent["owner"], agent.get("plans") or None)
 
 
 async def _visible_agent(call: Call, aid: str) -> dict | None:
@@ -206,7 +207,7 @@ async def _call(call: Call, callee: Callee):
     # any JSON the agent takes (not a record: no text policy), but parsed safely
     json_body(call.body, object_only=False, max_depth=HIRE_MAX_DEPTH, plain_text=False)
     targets = await _targets(call, callee)
-    admission = await _admit(call, callee) if callee.price else None
+    admission = await _admit(call, callee) if callee.price or callee.plans else None
     try:
         return await _send(call, callee, targets, admission)
     finally:
@@ -216,8 +217,22 @@ async def _call(call: Call, callee: Callee):
 
 async def _admit(call: Call, callee: Callee):
     try:
-        return await call.runtime.charger.admit(call.who, callee.agent_id, callee.creator, callee.price)
+        return await call.runtime.charger.admit(call.who, callee.agent_id, callee.creator, callee.price,
+                                                plans_only=bool(callee.plans) and not callee.price,
+                                                signature=call.signed.signature)
+    except Replayed:
+        raise ApiError(401, "replay", "this signature was already used, and a priced call spends credits: each "
+                                      "signature pays for one call; sign each call anew (the CLI and client add "
+                                      "a random `nonce` query parameter)") from None
     except InsufficientCredits as exc:
+        plans = ("; or buy a plan of it through this node (`form agent subscribe " + callee.agent_id + " PLAN`, "
+                 "POST /agents/ID/subscribe): " + ", ".join(
+                     f"{name}: {p['calls']} calls in {p['days']} days for {p['price_credits']} credits"
+                     for name, p in sorted(callee.plans.items()))) if callee.plans else ""
+        if not callee.price:
+            raise ApiError(402, "plan_required", f"{callee.label} is sold by plan only, and {call.who} has no "
+                           f"calls left of a plan bought through this node ({call.runtime.address})" + plans,
+                           extra={"plans": callee.plans}) from None
         where = (f"; {sum(exc.elsewhere.values())} more are held at other nodes ("
                  + ", ".join(f"{n}: {c}" for n, c in sorted(exc.elsewhere.items()))
                  + "): a node spends only what it holds; move them here with `form account move "
@@ -226,7 +241,7 @@ async def _admit(call: Call, callee: Callee):
                        f"a call of {callee.label} holds {exc.price} credits and {call.who} has {exc.available} "
                        f"available at this node ({call.runtime.address}){where}; see `form account credits` "
                        "(GET /account/credits); credits come from a grant by the fog's treasury "
-                       "(`form account grant` with its key)",
+                       "(`form account grant` with its key)" + plans,
                        extra={"balance": exc.balance, "available": exc.available, "price": exc.price,
                               "elsewhere": exc.elsewhere}) from None
 

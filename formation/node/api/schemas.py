@@ -23,6 +23,7 @@ from formation.crdt.kinds.owned import GRANTABLE, OwnedKind
 from formation.crdt.kinds.user_kinds import (
     DESIRED_STATES,
     Gpu,
+    Plan,
     ResourceRequirements,
     Resources,
     Secret,
@@ -96,7 +97,7 @@ NESTED = {"capacity": Capacity, "resources": Resources, "gpu": Gpu, "policy": Po
 ITEMS = {name: STRING for name in ("tags", "multiaddrs", "capabilities", "targets", "endpoints", "seen", "doubts",
                                    "reaches", "tools", "compatible_model_types", "preferred_models",
                                    "required_cpu_extensions", "gpu_models")}
-# an instance's `secrets` are NAME -> Secret (added below, once records can be described)
+# an instance's `secrets` are NAME -> Secret, an agent's `plans` NAME -> Plan (added below)
 VALUES = {"metadata": STRING, "authorized": {"type": "string", "enum": list(GRANTABLE)}, "boxes": STRING}
 ENUMS = {"state": REPLICA_STATE, "desired_state": {"type": "string", "enum": list(DESIRED_STATES)}}
 
@@ -173,6 +174,7 @@ def record_fields_schema(record_cls, **extra: dict) -> dict:
 
 
 VALUES["secrets"] = record_fields_schema(Secret)
+VALUES["plans"] = record_fields_schema(Plan)  # an agent's plans: NAME -> Plan
 
 
 def shown_schema(kind_name: str, **extra: dict) -> dict:

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 PRIVATE_ALWAYS = frozenset({"instance"})
 PUBLIC = frozenset({"node", "peer", "dns"})
-NEVER_SHOWN = frozenset({"instance_status", "secret_box", "usage", "grant", "charge", "credit_move",
+HIRE_LEVEL = "operator"  # the level on an agent (if private) or an instance that lets one send it calls
+NEVER_SHOWN = frozenset({"instance_status", "secret_box", "usage", "grant", "charge", "credit_move", "subscription",
                          "credit_moved"})  # statuses, usage:
 # shown for their instance; grants and charges: in their account's credits (GET /account/credits)
 
