@@ -220,6 +220,14 @@ def cmd_agent_subscribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_price(args: argparse.Namespace) -> int:
+    rid = check_id(args.id, "model id")
+    price = _credits_arg(args.credits, "CREDITS")
+    ctx = context(args)
+    res = ctx.call("PUT", f"{CATALOG['model']['base']}/{rid}", {"price_credits_per_hour": price})
+    return output.report_write(ctx.json, res, f"an hour of an instance of model {rid} costs {price} credits")
+
+
 def cmd_agent_price(args: argparse.Namespace) -> int:
     rid = check_id(args.id, "agent id")
     body = {"price_credits_per_call": _credits_arg(args.credits, "CREDITS")}
@@ -258,6 +266,15 @@ def _register_kind(commands, common: argparse.ArgumentParser, kind: str) -> None
                          f"top level or under a [{kind}] table. Prints the new id.")
     p.add_argument("file", metavar="FILE", help=f"the {kind}'s fields, .toml or .json")
     formfile_option(p, kind)
+    if kind == "model":
+        p = leaf(cat, "price", "set what an hour of an instance bound to the model costs its owner",
+                 cmd_model_price, common,
+                 description="The model's price_credits_per_hour: the node hosting a replica of an instance "
+                             "whose Formfile binds the model (MODEL) charges its owner an hour in advance, "
+                             "and stops the replica when the owner's credits there cannot pay the next one "
+                             "(docs/economy.md, \"Rent\"); your own instances run free; 0 makes it free.")
+        record_id(p)
+        p.add_argument("credits", metavar="CREDITS", help="whole credits per hour (0: free)")
     if kind == "agent":
         p.add_argument("--build-id", metavar="ID",
                        help="the image its instances run (from `form pack ship`); /hire goes there")

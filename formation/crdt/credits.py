@@ -17,7 +17,8 @@ goes below zero (the node admits a call only when its purse covers it).
 - earned: of each such charge, its creator gets credits - share and the host's operator (a
   node's address is its operator's account) gets share = floor(credits x operator_share_percent
   / 100), the split the genesis names (default 20), both at the charging node; of a
-  subscription (a plan bought), the same, the selling node's operator taking the share.
+  subscription (a plan bought) or a `rent` (hours of an instance bound to a priced model), the
+  same, the selling or hosting node's operator taking the share.
 
 A fog without a treasury has no economy: nothing is charged, and an account's figures are the
 100 credits its record started with (the original's promise), held nowhere in particular.
@@ -60,7 +61,7 @@ def split(credits: int, fog: Mapping | None) -> tuple[int, int]:
 
 def purses_of(who: str, *, grants: Iterable[Mapping], charges: Iterable[Mapping], moves: Iterable[Mapping],
               members: Collection[str], fog: Mapping | None,
-              subscriptions: Iterable[Mapping] = ()) -> dict[str, dict]:
+              subscriptions: Iterable[Mapping] = (), rents: Iterable[Mapping] = ()) -> dict[str, dict]:
     """node -> {granted, moved_in, earned, spent, moved_out, held, calls} of `who`'s purse there.
     The record lists may hold others' records too; only what counts is counted."""
     purses: dict[str, dict] = {}
@@ -83,11 +84,11 @@ def purses_of(who: str, *, grants: Iterable[Mapping], charges: Iterable[Mapping]
                 at(c["node"])["earned"] += creator_part
             if c["host"] == who:
                 at(c["node"])["earned"] += share
-        for sub in subscriptions:
+        for sub in (*subscriptions, *rents):
             if sub.get("node") not in members:
                 continue
             creator_part, share = split(sub["credits"], fog)
-            if sub["consumer"] == who:
+            if sub.get("consumer", sub.get("payer")) == who:
                 at(sub["node"])["spent"] += sub["credits"]
             if sub["creator"] == who:
                 at(sub["node"])["earned"] += creator_part
@@ -105,10 +106,10 @@ def purses_of(who: str, *, grants: Iterable[Mapping], charges: Iterable[Mapping]
 
 def balance_of(who: str, *, account: Mapping | None, grants: Iterable[Mapping], charges: Iterable[Mapping],
                moves: Iterable[Mapping] = (), members: Collection[str], fog: Mapping | None,
-               subscriptions: Iterable[Mapping] = ()) -> dict:
+               subscriptions: Iterable[Mapping] = (), rents: Iterable[Mapping] = ()) -> dict:
     """The figures of one account: its purses and their sums."""
     purses = purses_of(who, grants=grants, charges=charges, moves=moves, members=members, fog=fog,
-                       subscriptions=subscriptions)
+                       subscriptions=subscriptions, rents=rents)
     out = {"address": who, "start": start_credits(account, fog),
            **{f: sum(p[f] for p in purses.values()) for f in (*FIGURES, "calls")}}
     out["balance"] = out["start"] + sum(p["held"] for p in purses.values())

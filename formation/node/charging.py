@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import trio
 
 from formation.crdt.credits import Price, balance_of, has_economy
-from formation.crdt.kinds.credit_kinds import charge_key, subscription_key
+from formation.crdt.kinds.credit_kinds import charge_key, rent_key, subscription_key
 from formation.crdt.kinds.fog_kinds import operator_share_percent
 from formation.crdt.op import OpError
 
@@ -35,30 +35,24 @@ MAX_MOVES = 10_000  # moves of one account a balance reads
 MAX_MOVE_REQUESTS = 1_000  # requests to move credits out of this node read per page
 MAX_MOVE_SCAN = 100_000  # requests read per pass
 MOVE_PASS_GAP_S = 1.0
+HOUR_MS = 3_600_000
 SHORT_RETRY_S = 30.0  # a request the purse could not cover is tried again after this
 
 
-def _charges_of(store, who: str) -> list[dict]:
-    """The charge records naming `who` as consumer, creator or host."""
-    found: dict[tuple, dict] = {}
-    for rows in (store.list("charge", owner=who, limit=MAX_CHARGES),
-                 store.list("charge", type=who, limit=MAX_CHARGES),
-                 store.list("charge", text=who, limit=MAX_CHARGES)):
-        for c in rows:
-            if who in (c["consumer"], c["creator"], c["host"]):
-                found[(c["consumer"], c["agent_id"], c["host"], c["node"])] = c
-    return list(found.values())
+# Each kind that moves credits is indexed by the three roles an account can have in it (owner,
+# type, text: see its kind's `index`): who pays, who is paid, and the third party (host, node).
+ROLES = {"charge": ("consumer", "creator", "host"), "subscription": ("consumer", "creator", "node"),
+         "rent": ("payer", "creator", "node")}
 
 
-def _subscriptions_of(store, who: str) -> list[dict]:
-    """The subscription records naming `who` as consumer, creator or selling node."""
-    found: dict[tuple, dict] = {}
-    for rows in (store.list("subscription", owner=who, limit=MAX_CHARGES),
-                 store.list("subscription", type=who, limit=MAX_CHARGES),
-                 store.list("subscription", text=who, limit=MAX_CHARGES)):
-        for sub in rows:
-            if who in (sub["consumer"], sub["creator"], sub["node"]):
-                found[(sub["consumer"], sub["agent_id"], sub["node"])] = sub
+def _naming(store, kind: str, who: str) -> list[dict]:
+    """The records of `kind` naming `who` in any of its roles, each once."""
+    roles = ROLES[kind]
+    found: dict[str, dict] = {}
+    for index, role in zip(("owner", "type", "text"), roles, strict=True):
+        for rec in store.list(kind, **{index: who}, limit=MAX_CHARGES):
+            if rec[role] == who:
+                found[rec["record_version"]] = rec
     return list(found.values())
 
 
@@ -76,9 +70,10 @@ def ledger(store, fog_id: str | None, who: str) -> dict:
     grants = store.list("grant", owner=who, type=fog_id, limit=MAX_GRANTS) if has_economy(fog) else []
     grants = [g for g in grants if g["treasury"] == fog["treasury"]]
     moves = store.list("credit_moved", owner=who, limit=MAX_MOVES) if has_economy(fog) else []
-    subs = _subscriptions_of(store, who) if has_economy(fog) else []
-    out = balance_of(who, account=store.get("account", who), grants=grants, charges=_charges_of(store, who),
-                     moves=moves, members=members, fog=fog, subscriptions=subs)
+    charges, subs, rents = ((_naming(store, kind, who) if has_economy(fog) else [])
+                            for kind in ("charge", "subscription", "rent"))
+    out = balance_of(who, account=store.get("account", who), grants=grants, charges=charges,
+                     moves=moves, members=members, fog=fog, subscriptions=subs, rents=rents)
     now = time.time_ns() // 1_000_000
     out["subscriptions"] = [{"agent_id": sub["agent_id"], "node": sub["node"], "plan": sub["plan"],
                              "calls_left": calls_left(sub, now), "calls_used": sub["calls_used"],
@@ -132,6 +127,7 @@ class Charger:
         self.charged = 0  # credits this node charged since it started (for /metrics)
         self.refused = 0  # calls refused for want of credits
         self.replays = ReplayGuard()  # signatures of calls admitted for charging
+        self.clock = lambda: time.time_ns() // 1_000_000  # unix ms (tests set it)
         self._moved: set[str] = set()  # move requests carried out (ids)
         self._short: dict[str, float] = {}  # move requests the purse could not cover: next try
 
@@ -274,6 +270,45 @@ class Charger:
                 await node.write("subscription", key, value)
             self.charged += plan["price_credits"]
         return value
+
+    # ---- rent: hours of instance time of priced models ----------------------------------------
+
+    async def rent_due(self, inst: dict) -> str:
+        """Called by the scheduler before it runs (or keeps running) its replica of `inst`: ""
+        when the replica may run: no rent applies (no economy, no priced model bound, or the
+        instance's owner owns the model), or the hour under way is paid, or the owner's purse here
+        pays the next one now (in advance, a whole hour: a replica never runs unpaid). Otherwise
+        why it may not, for its status (the scheduler stops it until the purse covers an hour)."""
+        node = self.node
+        model_id = inst.get("model_id")
+        if not model_id or not await self.economy():
+            return ""
+        model = await node.astore.get("model", model_id)
+        price = (model or {}).get("price_credits_per_hour") or 0
+        payer = inst["owner"]
+        if not price or model["owner"] == payer:
+            return ""
+        key = rent_key(payer, inst["instance_id"], node.address)
+        now = self.clock()
+        async with self.lock:
+            old = await node.astore.get("rent", key)
+            if old is not None and old["paid_until"] > now:
+                return ""
+            figures = await self.balance(payer)
+            available = held_at(figures, node.address) - self.inflight.get(payer, 0)
+            if available < price:
+                self.refused += 1
+                return (f"waiting for credits: model {model_id} costs {price} credits an hour of instance time and "
+                        f"its owner {payer} has {available} at this node ({node.address}); `form account move` "
+                        "brings credits here, then it starts")
+            value = {"payer": payer, "instance_id": inst["instance_id"], "node": node.address,
+                     "creator": model["owner"], "model_id": model_id,
+                     "hours": (old["hours"] if old else 0) + 1, "credits": (old["credits"] if old else 0) + price,
+                     "paid_until": max(now, old["paid_until"] if old else 0) + HOUR_MS, "updated_at": now}
+            with trio.CancelScope(shield=True):
+                await node.write("rent", key, value)
+            self.charged += price
+        return ""
 
     # ---- moves out of this node's purses ------------------------------------------------------
 

@@ -51,6 +51,7 @@ class Desired:
     has_formfile: bool
     port: int | None = None  # the first EXPOSEd port: "running" waits until it answers
     paused: bool = False  # desired_state is "paused": the VM keeps its memory, its vCPUs stopped
+    hold: str = ""  # why it may not run now though its owner wants it (unpaid rent): stopped, saying so
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,8 @@ TRANSITIONS: dict[Event, tuple[State | None, tuple[type, ...]]] = {
 
 def classify(want: Desired, rep: Replica, obs: Observed) -> tuple[Event, Path | None]:
     """What this look at the replica is, and the image to boot when there is one."""
+    if want.hold:
+        return (Event.STOP_WANTED if obs.alive else Event.STOPPED), None
     if want.paused:  # a paused VM is not booted, only paused where it runs
         if not obs.alive:
             return Event.PAUSED_DOWN, None
@@ -377,7 +380,7 @@ def backoff(streak: int) -> float:
 def _reason(event: Event, want: Desired, rep: Replica, obs: Observed) -> str:
     im, bid = obs.images, (want.build_id or "?")[:12]
     if event in (Event.STOP_WANTED, Event.STOPPED):
-        return "stopped by its owner"
+        return want.hold or "stopped by its owner"
     if event in (Event.PAUSE_WANTED, Event.PAUSED):
         return "paused by its owner (its VM keeps its memory; resume runs it on)"
     if event is Event.PAUSED_DOWN:

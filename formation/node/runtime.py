@@ -286,7 +286,7 @@ class NodeRuntime:
             await self.register()
             return
         builds = BuildService(self.config.data_dir, host.builder())
-        scheduler = Scheduler(self, host, builds, secret_key=self.key.secret)
+        scheduler = Scheduler(self, host, builds, secret_key=self.key.secret, rent=self.charger.rent_due)
 
         # build contexts, to the members placed for an instance of them (node/contexts.py)
         self.p2p.blob_provider = contexts.provider(self, builds.context_path)

@@ -21,7 +21,8 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import trio
@@ -60,10 +61,12 @@ def wall_ms() -> int:
 class Scheduler:
     def __init__(self, node: SchedulerNode, vms: VmHostPort, builds: BuildsPort, *,
                  stale_ms: int | None = None, clock: Callable[[], int] = wall_ms,
-                 secret_key: bytes | None = None):
+                 secret_key: bytes | None = None, rent: Callable[[dict], Awaitable[str]] | None = None):
         self.node = node
         # opens the instances' secrets sealed to this node (none: instances with secrets fail here)
         self.secrets = Keeper(node, secret_key) if secret_key is not None else None
+        # the rent of an instance bound to a priced model: "" when its replica may run (charging.py)
+        self.rent = rent
         self.stale_ms = stale_ms or stale_after_ms(node.config.node.heartbeat_seconds)
         self.vms = vms
         self.builds = builds
@@ -234,6 +237,10 @@ class Scheduler:
             self.replicas[iid] = Replica(iid, ip, inst["generation"], reported=old.reported if old else {})
             self._save(self.replicas[iid])
         want = _desired(inst)
+        if self.rent is not None and (want.running or want.paused):
+            hold = await self.rent(inst)  # paid (or free), else why not: the replica stops until it is
+            if hold:
+                want = replace(want, hold=hold)
         for _ in range(LOOKS_PER_PASS):
             rep = self.replicas[iid]
             rep, actions = planner.plan(want, rep, await self._observe(want, rep))

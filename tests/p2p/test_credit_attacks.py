@@ -21,6 +21,13 @@ AID = "a1" * 16
 M1, M2, M3, M4 = (str(i) * 32 for i in range(1, 5))
 MOVED = "credit_moved"
 SUB = "subscription"
+RENT = "rent"
+
+
+def rent(payer: str, node: str, creator: str) -> dict:
+    return dict(sorted({"payer": payer, "instance_id": "i1", "node": node, "creator": creator, "model_id": "m1",
+                        "hours": 1, "credits": 4, "paid_until": 1_800_000_000_000,
+                        "updated_at": 1_700_000_060_000}.items()))
 
 
 def sub(consumer: str, node: str, creator: str, **more) -> dict:
@@ -99,6 +106,11 @@ async def test_forged_grants_and_charges_are_refused_everywhere():
                   sub(user.address, evil.address, creator.address, calls_used=11), SUB): "bad_field",
             forge(evil.key, f"{user.address}:{AID}@{evil.address}",
                   sub(user.address, evil.address, user.address), SUB): "bad_field",
+            # another node's rent; a model's owner charged rent for its own model
+            forge(evil.key, f"{user.address}:i1@{host.node.address}",
+                  rent(user.address, host.node.address, creator.address), RENT): "unauthorized",
+            forge(evil.key, f"{user.address}:i1@{evil.address}", rent(user.address, evil.address, user.address),
+                  RENT): "bad_field",
             # a creator that charges for calling its own agent
             forge(evil.key, mine, charge(user.address, evil.address, user.address)): "bad_field",
             # its own key: fields that contradict the key, counters out of bounds, a deletion

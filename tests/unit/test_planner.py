@@ -262,3 +262,18 @@ def test_health_needs_two_failures_to_go_unhealthy_and_one_success_to_come_back(
     assert h == "unhealthy"
     assert planner.next_health(h, fails, True) == ("healthy", 0)
     assert planner.next_health("unknown", 1, False) == ("unhealthy", 2)
+
+
+@pytest.mark.parametrize("want", [RUN, replace(RUN, paused=True)])
+def test_a_hold_stops_a_wanted_replica_and_says_why(want):
+    """Unpaid rent (charging.py) holds a replica its owner wants running or paused: its VM is
+    stopped and its status says why; once the hold is gone it boots again as for a start."""
+    held = replace(want, hold="waiting for credits: ...")
+    running = rep("running", want_running=True)
+    new, actions = planner.plan(held, running, obs(alive=True))
+    assert Stop in kinds(actions)
+    assert new.reported == {"state": "stopped", "reason": "waiting for credits: ..."}
+    new, actions = planner.plan(held, new, obs(alive=False))
+    assert actions == [] or Boot not in kinds(actions)
+    new, actions = planner.plan(RUN, new, obs(alive=False))
+    assert Boot in kinds(actions)

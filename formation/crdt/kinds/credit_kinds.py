@@ -20,6 +20,11 @@ two nodes from spending the same credits during a partition.
 - `credit_moved` (a node record, key: "<request id>@<node>", written by that node alone): the node
   took `amount` of `account`'s credits out of its purse there and put them in the purse at
   `to_node`, once per request (the key is the request's).
+- `subscription` (a node record, key: "<consumer>:<agent_id>@<node>"): plans bought through the
+  node and the calls used of them.
+- `rent` (a node record, key: "<payer>:<instance_id>@<node>", written by that node alone): the
+  hours of instance time the node charged `payer` (the instance's owner) for its replica of an
+  instance bound to a priced model, paid in advance, cumulative.
 """
 
 from __future__ import annotations
@@ -251,3 +256,44 @@ class SubscriptionKind(Kind):
 
     def index(self, value: dict) -> dict:
         return {"owner": value["consumer"], "type": value["creator"], "text": value["node"]}
+
+
+@dataclass(frozen=True, slots=True)
+class Rent(Record):
+    payer: str = field(address)  # the instance's owner
+    instance_id: str = field(text(64, min_len=1))
+    node: str = field(address)  # the hosting node (and writer): its operator takes the share
+    creator: str = field(address)  # the model's owner: who is paid
+    model_id: str = field(text(128, min_len=1))
+    hours: int = field(CREDITS, default=0)
+    credits: int = field(CREDITS, default=0)
+    paid_until: int = field(TIMESTAMP, default=0)  # unix ms: the hours paid run until then
+    updated_at: int = field(TIMESTAMP, default=0)
+
+
+def rent_key(payer: str, instance_id: str, node: str) -> str:
+    return f"{payer}:{instance_id}@{node}"
+
+
+class RentKind(Kind):
+    """Hours of a replica's time a hosting node charged. Key: "<payer>:<instance_id>@<node>"."""
+
+    name = "rent"
+    record = Rent
+
+    def node_write(self, op: Op) -> dict | None:
+        head, sep, node = op.key.rpartition("@")
+        payer, sep2, instance_id = head.partition(":")
+        if not sep or not sep2 or node != node_address(op):
+            raise Invalid("unauthorized", "a rent key is '<payer>:<instance_id>@<node>' and only that node writes it")
+        if op.value is None:
+            raise Invalid("bad_field", "rents are cumulative: they are rewritten, never deleted")
+        value = self.validate(op.value)
+        if (value["payer"], value["instance_id"], value["node"]) != (payer, instance_id, node):
+            raise Invalid("bad_field", "rent fields 'payer'/'instance_id'/'node': must match the key")
+        if value["payer"] == value["creator"]:
+            raise Invalid("bad_field", "a model's owner pays no rent for its own model")
+        return value
+
+    def index(self, value: dict) -> dict:
+        return {"owner": value["payer"], "type": value["creator"], "text": value["node"]}

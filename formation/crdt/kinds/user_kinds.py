@@ -368,6 +368,9 @@ class Model(Record):
     weights_checksum: str | None = field(optional(text(128)), default=None)
     repository_url: str | None = field(optional(text(2048)), default=None)
     price_per_1k_tokens: float | None = field(optional(number(0, 1e9)), default=None)
+    # what an instance bound to the model (its Formfile's MODEL) pays per hour it runs, in credits,
+    # when its owner is not the model's (docs/economy.md, "Rent"); None or 0: free
+    price_credits_per_hour: int | None = field(optional(integer(0, 10**12)), default=None)
     is_private: bool = field(boolean, default=False)
     metadata: dict = field(METADATA, factory=dict)
     authorized: dict = field(AUTHORIZED, factory=dict)

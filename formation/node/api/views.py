@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 PRIVATE_ALWAYS = frozenset({"instance"})
 PUBLIC = frozenset({"node", "peer", "dns"})
 HIRE_LEVEL = "operator"  # the level on an agent (if private) or an instance that lets one send it calls
-NEVER_SHOWN = frozenset({"instance_status", "secret_box", "usage", "grant", "charge", "credit_move", "subscription",
+NEVER_SHOWN = frozenset({"instance_status", "secret_box", "usage", "grant", "charge", "credit_move", "subscription", "rent",
                          "credit_moved"})  # statuses, usage:
 # shown for their instance; grants and charges: in their account's credits (GET /account/credits)
 
