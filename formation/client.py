@@ -41,26 +41,34 @@ def sign_headers(key: PrivateKey, method: str, path_query: str, body: bytes, ts:
     return {"X-Message": message, "X-Signature": "0x" + sig.hex(), "X-Address": "0x" + key.address.hex()}
 
 
-# Calls a node takes once per signature (a replayed one would spend the caller's credits again):
-# two identical ones signed in the same second would have the same signature, so each carries a
-# random `nonce` the node ignores (it is only signed).
+# Calls that may spend the caller's credits (docs/economy.md, "Replays"): a node takes each
+# signature once, and only if the signed path names it (`node=<its address>`), so a captured call
+# can be replayed neither there nor at another node. Two identical calls signed in the same
+# second would have the same signature: each carries a random `nonce` (signed, ignored).
 _ONE_USE_CALL = re.compile(r"(/v1)?/agents/[^/?]+/(hire|run_task|subscribe)")
 
 
-def with_nonce(method: str, path: str) -> str:
-    """`path` with a random nonce when it is a one-use call without one."""
-    bare, _, qs = path.partition("?")
-    if method.upper() != "POST" or not _ONE_USE_CALL.fullmatch(bare) or "nonce=" in qs:
+def is_one_use(method: str, path: str) -> bool:
+    return method.upper() == "POST" and _ONE_USE_CALL.fullmatch(path.partition("?")[0]) is not None
+
+
+def one_use_path(method: str, path: str, node: str | None) -> str:
+    """`path` with a nonce and the node's address (`node`, when known) for a one-use call."""
+    if not is_one_use(method, path):
         return path
-    return f"{path}{'&' if qs else '?'}nonce={secrets.token_hex(8)}"
+    bare, _, qs = path.partition("?")
+    query = {k: v for k, _, v in (part.partition("=") for part in qs.split("&") if part)}
+    query.setdefault("nonce", secrets.token_hex(8))
+    if node:
+        query.setdefault("node", node.lower())
+    return bare + "?" + urlencode(query)
 
 
-def _prepare(key, method: str, path: str, body: Any, query: dict | None, sign: bool):
+def _prepare(key, method: str, path: str, body: Any, query: dict | None, sign: bool, node: str | None = None):
     query = {k: v for k, v in (query or {}).items() if v is not None}
-    if method.upper() == "POST" and _ONE_USE_CALL.fullmatch(path) and "nonce" not in query:
-        query["nonce"] = secrets.token_hex(8)
     if query:  # httpx sends no '?' for an empty query, so none may be signed either
         path = path + "?" + urlencode(query)
+    path = one_use_path(method, path, node)
     raw = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
     headers = {"Content-Type": "application/json"} if raw else {}
     if sign and key is not None:
@@ -103,14 +111,22 @@ class Client:
     def __init__(self, base_url: str, key: PrivateKey | None = None, *, timeout: float = 30.0):
         self.key = key
         self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+        self._node: str | None = None
 
     def request(self, method: str, path: str, body: Any = None, *, query: dict | None = None,
                 sign: bool = True) -> Any:
         record = record_of_write(self.key if sign else None, method, path, body)
         if record is not None:
             path = with_base(path, self._version_of(record))
-        path, raw, headers = _prepare(self.key, method, path, body, query, sign)
+        node = self.node_address() if sign and is_one_use(method, path) else None
+        path, raw, headers = _prepare(self.key, method, path, body, query, sign, node)
         return _result(self.http.request(method, path, content=raw, headers=headers))
+
+    def node_address(self) -> str:
+        """The address of the node this client talks to (asked once)."""
+        if self._node is None:
+            self._node = self.get("/v1/health", sign=False)["address"].lower()
+        return self._node
 
     def _version_of(self, record: str) -> str:
         try:
@@ -157,14 +173,22 @@ class AsyncClient:
     def __init__(self, base_url: str, key: PrivateKey | None = None, *, timeout: float = 30.0):
         self.key = key
         self.http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout)
+        self._node: str | None = None
 
     async def request(self, method: str, path: str, body: Any = None, *, query: dict | None = None,
                       sign: bool = True) -> Any:
         record = record_of_write(self.key if sign else None, method, path, body)
         if record is not None:
             path = with_base(path, await self._version_of(record))
-        path, raw, headers = _prepare(self.key, method, path, body, query, sign)
+        node = await self.node_address() if sign and is_one_use(method, path) else None
+        path, raw, headers = _prepare(self.key, method, path, body, query, sign, node)
         return _result(await self.http.request(method, path, content=raw, headers=headers))
+
+    async def node_address(self) -> str:
+        """The address of the node this client talks to (asked once)."""
+        if self._node is None:
+            self._node = (await self.get("/v1/health", sign=False))["address"].lower()
+        return self._node
 
     async def _version_of(self, record: str) -> str:
         try:

@@ -26,7 +26,7 @@ import httpx
 
 from formation.cli.keyfile import WALLET_PASSWORD_ENV, KeyFile, read_key, read_key_if_unlockable
 from formation.cli.output import EXIT_FAILURE, EXIT_UNREACHABLE, EXIT_USAGE, CliError, report_write
-from formation.client import ApiError, Client, sign_headers, with_nonce
+from formation.client import ApiError, Client, is_one_use, one_use_path, sign_headers
 from formation.crdt.intents import MAX_BODY
 from formation.crdt.keys import PrivateKey, format_address, parse_address
 from formation.files import write_atomic
@@ -151,12 +151,16 @@ class Context:
     def post_doc(self, path: str, body: dict, *, timeout: float) -> tuple[int, dict]:
         """A signed POST whose answer is wanted whole, error or not: (HTTP status, JSON object)."""
         raw = json.dumps(body, separators=(",", ":")).encode()
-        path = with_nonce("POST", path)
-        headers = {"Content-Type": "application/json", **sign_headers(self.key(), "POST", path, raw)}
         try:
+            if is_one_use("POST", path):
+                path = one_use_path("POST", path, self._client().node_address())
+            headers = {"Content-Type": "application/json", **sign_headers(self.key(), "POST", path, raw)}
             resp = self._client().http.post(path, content=raw, headers=headers, timeout=timeout)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise self._transport_error(exc, timeout) from None
+        except ApiError as exc:  # its /health: a call that spends credits names the node it is for
+            raise CliError(f"{self.node_url} did not say which node it is (GET /v1/health: {exc}); is it a "
+                           "Formation node's API?", EXIT_FAILURE) from None
         try:
             doc = resp.json()
         except ValueError:

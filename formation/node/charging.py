@@ -105,6 +105,10 @@ class Replayed(Exception):
     """A signature already used for a charged call (a replay would spend the caller's credits)."""
 
 
+class NotNamed(Exception):
+    """A call that may spend credits whose signed path does not name this node (`node=`)."""
+
+
 @dataclass
 class Admission:
     consumer: str
@@ -139,19 +143,28 @@ class Charger:
         node = self.node
         return bool(node.fog_id) and has_economy(await node.astore.get("fog", node.fog_id))
 
-    async def admit(self, consumer: str, agent_id: str, creator: str, price: Price,
-                    plans_only: bool = False, signature: bytes = b"") -> Admission | None:
-        """None when the fog has no economy or the call is free (nothing is charged); a plan
-        call when the consumer bought a plan of the agent here with calls left (less those in
-        flight); else InsufficientCredits unless the consumer's purse here, less the calls in
-        flight through this node, covers the hold. A call that may be charged takes its request's
-        signature once (Replayed): free calls may be sent again, paid ones are paid once."""
-        if consumer == creator or not await self.economy():
-            return None
+    def take_signature(self, signature: bytes, named: str | None) -> None:
+        """A call that spends credits is paid once in the whole fog: its signed path names this
+        node (NotNamed otherwise: a call signed for one node cannot be replayed at another) and
+        this node takes its signature once (Replayed)."""
+        if (named or "").lower() != self.node.address:
+            raise NotNamed()
         try:
             self.replays.check_and_remember(signature[:64], time.time())
         except AuthError:
             raise Replayed() from None
+
+    async def admit(self, consumer: str, agent_id: str, creator: str, price: Price,
+                    plans_only: bool = False, signature: bytes = b"", named: str | None = None) -> Admission | None:
+        """None when the fog has no economy or the call is free (nothing is charged); a plan
+        call when the consumer bought a plan of the agent here with calls left (less those in
+        flight); else InsufficientCredits unless the consumer's purse here, less the calls in
+        flight through this node, covers the hold. A call that may be charged takes its request's
+        signature once, and only if it names this node (take_signature): free calls may be sent
+        again, paid ones are paid once."""
+        if consumer == creator or not await self.economy():
+            return None
+        self.take_signature(signature, named)
         node = self.node
         async with self.lock:
             sub = await node.astore.get("subscription", subscription_key(consumer, agent_id, node.address))

@@ -98,12 +98,22 @@ async def test_grants_prices_and_402_over_http(tnode):
         assert [(g["grant_id"], g["amount"], g["memo"]) for g in mine["grants"]] == [(grant["id"], 12, "welcome")]
         assert (await consumer.get(f"/v1/account/{u_addr}/get"))["credits"] == 12
 
-        # a priced call's signature pays once: the same signed request again is refused, unpaid
+        # a priced call's signature pays once, at the node it names: the same signed request again
+        # is refused, unpaid; so is one that names no node, or another
         raw = json.dumps({"x": 1}).encode()
-        headers = {**sign_headers(key(42), "POST", f"/v1/agents/{aid}/hire", raw), "Content-Type": "application/json"}
-        async with httpx.AsyncClient(base_url=tnode.base_url) as http:
-            first = await http.post(f"/v1/agents/{aid}/hire", content=raw, headers=headers)
-            again = await http.post(f"/v1/agents/{aid}/hire", content=raw, headers=headers)
+
+        async def raw_call(path: str) -> tuple[httpx.Response, httpx.Response]:
+            headers = {**sign_headers(key(42), "POST", path, raw), "Content-Type": "application/json"}
+            async with httpx.AsyncClient(base_url=tnode.base_url) as http:
+                return (await http.post(path, content=raw, headers=headers),
+                        await http.post(path, content=raw, headers=headers))
+
+        for node in ("", "?node=0x" + "ab" * 20):
+            refused, _ = await raw_call(f"/v1/agents/{aid}/hire{node}")
+            assert refused.status_code == 401 and refused.json()["error"] == "node_not_named", refused.text
+            assert "?node=" + tnode.address in refused.json()["detail"]
+        assert (await credits(consumer))["balance"] == 12
+        first, again = await raw_call(f"/v1/agents/{aid}/hire?node={tnode.address}")
         assert first.status_code == 200 and first.json() == {"ok": True}, first.text
         assert again.status_code == 401 and again.json()["error"] == "replay", again.text
         assert await consumer.post(f"/v1/agents/{aid}/run_task", {"x": 2}) == {"ok": True}
@@ -349,11 +359,11 @@ async def test_plans_are_bought_through_a_node_and_used_there(tnode):
         assert (sub["calls_left"], sub["credits"], sub["node"]) == (2, 6, tnode.address)
         # the same signed request again: refused (one use), nothing bought twice
         raw = json.dumps({"plan": "basic"}).encode()
-        headers = {**sign_headers(key(82), "POST", f"/v1/agents/{aid}/subscribe", raw),
-                   "Content-Type": "application/json"}
+        path = f"/v1/agents/{aid}/subscribe?node={tnode.address}"
+        headers = {**sign_headers(key(82), "POST", path, raw), "Content-Type": "application/json"}
         async with httpx.AsyncClient(base_url=tnode.base_url) as http:
-            first = await http.post(f"/v1/agents/{aid}/subscribe", content=raw, headers=headers)
-            again = await http.post(f"/v1/agents/{aid}/subscribe", content=raw, headers=headers)
+            first = await http.post(path, content=raw, headers=headers)
+            again = await http.post(path, content=raw, headers=headers)
         assert first.status_code == 200, first.text
         assert again.status_code == 401 and again.json()["error"] == "replay", again.text
         mine = await credits(consumer)

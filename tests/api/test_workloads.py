@@ -18,7 +18,7 @@ import httpx
 import pytest
 import trio
 
-from formation.client import ApiError, AsyncClient, sign_headers, with_nonce
+from formation.client import ApiError, AsyncClient, one_use_path, sign_headers
 from formation.crdt.keys import PrivateKey, format_address
 from formation.node.api.app import create_app
 from formation.node.api.workloads import CONTEXT_LIMIT
@@ -57,7 +57,7 @@ def build_body(formfile: str = FORMFILE, files: dict[str, bytes] | None = None) 
 
 
 async def signed(rt, k: PrivateKey, method: str, path: str, body=None) -> httpx.Response:
-    path = with_nonce(method, path)  # one-use calls: two alike in one second are two calls
+    path = one_use_path(method, path, rt.address)  # a call that may be charged names its node, once
     raw = b"" if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = sign_headers(k, method, path, raw)
     if raw:

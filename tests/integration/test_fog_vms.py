@@ -58,7 +58,7 @@ BIG = 200_000  # bytes of /big.txt: a transfer of many full-size packets through
 _CLIENT = r"""
 import json, sys, time
 import httpx
-from formation.client import ApiError, Client, sign_headers, with_nonce
+from formation.client import ApiError, Client, one_use_path, sign_headers
 from formation.crdt.keys import PrivateKey
 base, key = sys.argv[1], PrivateKey(bytes.fromhex(sys.argv[2]))
 client = Client(base, key, timeout=120)
@@ -70,7 +70,7 @@ for line in sys.stdin:
     try:
         if req["op"] == "hire":
             body = json.dumps(req["body"]).encode()
-            path = with_nonce("POST", req["path"])
+            path = one_use_path("POST", req["path"], client.node_address())
             headers = {**sign_headers(key, "POST", path, body), "Content-Type": "application/json"}
             r = raw.post(path, content=body, headers=headers)
             out = {"status": r.status_code, "text": r.text, "replica": r.headers.get("x-formation-replica")}

@@ -18,7 +18,7 @@ from __future__ import annotations
 from formation.crdt.kinds.owned import LEVELS, level_of
 from formation.crdt.strict import StrictError, parse_json
 
-from ..charging import InsufficientCredits, NoSuchPlan, calls_left
+from ..charging import InsufficientCredits, NoSuchPlan, NotNamed, Replayed, calls_left
 from . import views
 from .http import ApiError, Call, Endpoint, json_body
 from .schemas import ADDRESS, COUNT, INTEGER, STRING, array, nullable, obj
@@ -102,6 +102,10 @@ async def agent_subscribe(call: Call):
         raise ApiError(409, "no_economy", "this fog has no treasury, so nothing is sold or charged in it "
                                           "(docs/economy.md): call the agent directly")
     try:
+        call.runtime.charger.take_signature(call.signed.signature, call.query.get("node"))
+    except (Replayed, NotNamed) as exc:
+        raise views.one_use_refusal(exc, call.runtime.address) from None
+    try:
         sub = await call.runtime.charger.subscribe(call.who, agent, plan)
     except NoSuchPlan:
         offered = ", ".join(sorted(agent.get("plans") or {})) or "none"
@@ -127,7 +131,7 @@ def endpoints() -> list[Endpoint]:
                  query={"address": {"type": "string"}}, answer=CREDITS_ANSWER),
         Endpoint("POST", "/agents/{id}/subscribe", "Buy a plan of an agent through this node (its calls are "
                  "admitted through this node)", "required", agent_subscribe, body=SUBSCRIBE_BODY, tags=["credits"],
-                 answer=SUBSCRIPTION_ANSWER, write=True),
+                 answer=SUBSCRIPTION_ANSWER),
         Endpoint("GET", "/fog", "This node's fog: its genesis record (treasury, split, policy)", "none", fog_get,
                  tags=["node"], answer={"type": "object"}),
     ]

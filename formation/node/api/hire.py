@@ -35,7 +35,7 @@ from formation.crdt.kinds.owned import LEVELS, level_of
 from formation.dns.names import counts
 from formation.pack.formfile import exposed_ports
 
-from ..charging import InsufficientCredits, Replayed
+from ..charging import InsufficientCredits, NotNamed, Replayed
 from ..metering import TOKENS_HEADER, parse_tokens
 from . import views
 from .http import ApiError, Call, Endpoint, json_body
@@ -219,11 +219,9 @@ async def _admit(call: Call, callee: Callee):
     try:
         return await call.runtime.charger.admit(call.who, callee.agent_id, callee.creator, callee.price,
                                                 plans_only=bool(callee.plans) and not callee.price,
-                                                signature=call.signed.signature)
-    except Replayed:
-        raise ApiError(401, "replay", "this signature was already used, and a priced call spends credits: each "
-                                      "signature pays for one call; sign each call anew (the CLI and client add "
-                                      "a random `nonce` query parameter)") from None
+                                                signature=call.signed.signature, named=call.query.get("node"))
+    except (Replayed, NotNamed) as exc:
+        raise views.one_use_refusal(exc, call.runtime.address) from None
     except InsufficientCredits as exc:
         plans = ("; or buy a plan of it through this node (`form agent subscribe " + callee.agent_id + " PLAN`, "
                  "POST /agents/ID/subscribe): " + ", ".join(

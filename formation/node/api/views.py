@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from formation.crdt.kinds.owned import level_of
 from formation.crdt.schema import SLUG
 
+from ..charging import NotNamed
 from ..placement import is_live, stale_after_ms
 from ..vmside import VmsOn
 from .http import ApiError, Call
@@ -107,3 +108,13 @@ async def replica_statuses(call: Call, instance_id: str) -> list[dict]:
         node = await call.runtime.astore.get("node", r["node"])
         out.append({**r, "node_alive": is_live(node, now, stale)})
     return out
+
+
+def one_use_refusal(exc: Exception, node: str) -> ApiError:
+    """Why a call that spends credits was refused before it was admitted (charging.take_signature)."""
+    if isinstance(exc, NotNamed):
+        return ApiError(401, "node_not_named", f"a call that spends credits must name the node it is sent to in its "
+                        f"signed path (`?node={node}`), so that it cannot be replayed at another node; the CLI "
+                        "and client add it")
+    return ApiError(401, "replay", "this signature was already used, and a call that spends credits is paid "
+                    "once: sign each call anew (the CLI and client add a random `nonce` query parameter)")
