@@ -59,23 +59,24 @@ def show_account(json_mode: bool, res: dict) -> int:
     if json_mode:
         output.print_json(res)
         return EXIT_OK
+    _instances_table(res, f"account {res.get('address')} owns no instances")
+    return EXIT_OK
+
+
+def _instances_table(res: dict, empty: str) -> None:
+    """A row per instance, then the total."""
     instances = res.get("instances") or []
     rows = [*instances, {"instance_id": "total", "name": "", "nodes": "", **res["total"]}] if instances else []
     output.table(rows, [("INSTANCE", lambda r: r["instance_id"]), ("NAME", lambda r: r.get("name") or ""),
-                        ("NODES", lambda r: r["nodes"]), *USAGE_COLUMNS],
-                 f"account {res.get('address')} owns no instances")
-    return EXIT_OK
+                        ("NODES", lambda r: r["nodes"]), *USAGE_COLUMNS], empty)
 
 
 def show_agent(json_mode: bool, res: dict) -> int:
     if json_mode:
         output.print_json(res)
         return EXIT_OK
-    instances = res.get("instances") or []
-    rows = [*instances, {"instance_id": "total", "name": "", "nodes": "", **res["total"]}] if instances else []
-    output.table(rows, [("INSTANCE", lambda r: r["instance_id"]), ("NAME", lambda r: r.get("name") or ""),
-                        ("NODES", lambda r: r["nodes"]), *USAGE_COLUMNS],
-                 f"no instance of agent {res.get('agent_id')}'s build ({res.get('build_id') or 'none set'}) is yours")
+    _instances_table(res, f"no instance of agent {res.get('agent_id')}'s build "
+                          f"({res.get('build_id') or 'none set'}) is yours")
     charged = res["charged"]
     output.blank()
     nodes = charged.get("nodes") or []

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import trio
 
 from formation.crdt.credits import Price, balance_of, has_economy
+from formation.crdt.kinds import get_kind
 from formation.crdt.kinds.credit_kinds import charge_key, rent_key, subscription_key
 from formation.crdt.kinds.fog_kinds import operator_share_percent
 from formation.crdt.op import OpError
@@ -39,15 +40,10 @@ HOUR_MS = 3_600_000
 SHORT_RETRY_S = 30.0  # a request the purse could not cover is tried again after this
 
 
-# Each kind that moves credits is indexed by the three roles an account can have in it (owner,
-# type, text: see its kind's `index`): who pays, who is paid, and the third party (host, node).
-ROLES = {"charge": ("consumer", "creator", "host"), "subscription": ("consumer", "creator", "node"),
-         "rent": ("payer", "creator", "node")}
-
-
 def _naming(store, kind: str, who: str) -> list[dict]:
-    """The records of `kind` naming `who` in any of its roles, each once."""
-    roles = ROLES[kind]
+    """The records of `kind` (a NodeLedger) naming `who` in any of the three roles its index
+    holds (who pays, who is paid, the third party), each once."""
+    roles = get_kind(kind).ROLES
     found: dict[str, dict] = {}
     for index, role in zip(("owner", "type", "text"), roles, strict=True):
         for rec in store.list(kind, **{index: who}, limit=MAX_CHARGES):

@@ -7,22 +7,13 @@ boots again once credits arrive. The model's owner runs its own model free."""
 
 from __future__ import annotations
 
-import contextlib
 import time
-
-import trio
 
 from formation.crdt.keys import PrivateKey
 from formation.crdt.kinds.credit_kinds import rent_key
-from formation.crdt.store import Store
 from formation.node.charging import HOUR_MS
-from formation.node.config import load_config
-from formation.node.runtime import open_node
-from formation.node.scheduler import Scheduler
-from formation.node.vmside import VmsOn
-from tests.fake_vms import FakeBuilds, FakeVmHost
-from tests.p2p.test_node_runtime import free_port
-from tests.p2p.test_usage_metering import Clock, until
+from tests.fake_vms import FakeVmHost
+from tests.p2p.test_usage_metering import Clock, metered_node, until
 from tests.support import User
 
 BID = "img-" + "ef" * 30
@@ -30,29 +21,8 @@ KEY = PrivateKey(b"\x71" * 32)
 TREASURY, CREATOR, OWNER = User(b"\x72" * 32), User(b"\x73" * 32), User(b"\x74" * 32)
 
 
-@contextlib.asynccontextmanager
-async def renting_node(root, host: FakeVmHost, clock: Clock):
-    data = root / "node"
-    data.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(None, {"node.data_dir": str(data), "vm.enabled": "false", "mesh.enabled": "false",
-                             "dns.enabled": False, "proxy.enabled": False, "node.heartbeat_seconds": 1,
-                             "fog.treasury": TREASURY.address,
-                             "p2p.listen": f"/ip4/127.0.0.1/tcp/{free_port()}", "api.port": free_port()})
-    rt = open_node(cfg, KEY, Store(str(data / "state.db")))
-    rt.charger.clock = clock
-    builds = FakeBuilds()
-    scheduler = Scheduler(rt, host, builds, rent=rt.charger.rent_due)
-    rt.vms = VmsOn(host, builds, scheduler)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rt.run)
-            await nursery.start(scheduler.run)
-            try:
-                yield rt
-            finally:
-                nursery.cancel_scope.cancel()
-    finally:
-        rt.store.close()
+def renting_node(root, host: FakeVmHost, clock: Clock):
+    return metered_node(root, host, {}, clock, key=KEY, settings={"fog.treasury": TREASURY.address}, rent=True)
 
 
 async def ask(rt, user: User, method: str, path: str, body: dict) -> str:

@@ -40,18 +40,22 @@ class Clock:
 
 
 @contextlib.asynccontextmanager
-async def metered_node(root, host: FakeVmHost, taps: dict, clock: Clock, *, interval: int = 3600):
-    """A node (genesis of its own fog) hosting on `host`; its meter reads `taps` and `clock`."""
+async def metered_node(root, host: FakeVmHost, taps: dict, clock: Clock, *, interval: int = 3600,
+                       key: PrivateKey = KEY, settings: dict | None = None, rent: bool = False):
+    """A node (genesis of its own fog) hosting on `host`; its meter (and its charger) reads `taps`
+    and `clock`; with `rent`, its scheduler charges rent (charging.py)."""
     data = root / "node"
     data.mkdir(parents=True, exist_ok=True)
     cfg = load_config(None, {"node.data_dir": str(data), "vm.enabled": "false", "mesh.enabled": "false",
                              "dns.enabled": False, "proxy.enabled": False, "node.heartbeat_seconds": 1,
                              "node.usage_interval_seconds": interval,
-                             "p2p.listen": f"/ip4/127.0.0.1/tcp/{free_port()}", "api.port": free_port()})
-    rt = open_node(cfg, KEY, Store(str(data / "state.db")))
+                             "p2p.listen": f"/ip4/127.0.0.1/tcp/{free_port()}", "api.port": free_port(),
+                             **(settings or {})})
+    rt = open_node(cfg, key, Store(str(data / "state.db")))
     rt.meter.clock, rt.meter.read_tap = clock, taps.get
+    rt.charger.clock = clock
     builds = FakeBuilds()
-    scheduler = Scheduler(rt, host, builds)
+    scheduler = Scheduler(rt, host, builds, rent=rt.charger.rent_due if rent else None)
     rt.vms = VmsOn(host, builds, scheduler)
     try:
         async with trio.open_nursery() as nursery:

@@ -42,6 +42,58 @@ CREDITS = integer(0, MAX_CREDITS)
 AGENT_ID = text(64, min_len=1, pattern=r"[A-Za-z0-9._-]+", what="an agent id")
 
 
+class SignedOnce(Kind):
+    """A user's request kept as it was made: its key derives from the request's signature (nobody
+    else can make it), and it is never changed or withdrawn."""
+
+    user_records = True
+
+    def key_of(self, intent: Intent) -> str:
+        if intent.base:
+            raise Invalid("bad_request", f"a {self.name} names no base version: it is never changed")
+        return intent.derived_id()
+
+    def user_write(self, intent: Intent, key: str, base: dict | None) -> dict | None:
+        if base is not None:
+            raise Invalid("conflict", f"{self.name} {key} already exists; it is never changed or withdrawn")
+        return self.made(intent, key)
+
+    def made(self, intent: Intent, key: str) -> dict:
+        raise NotImplementedError
+
+
+class NodeLedger(Kind):
+    """A node's own cumulative record of credits it moved: key "<f1>:...:<fn>@<node>" (KEY_FIELDS
+    then the writer), written by that node alone, rewritten and never deleted."""
+
+    KEY_FIELDS: tuple[str, ...] = ()
+    NODE_FIELD = "node"
+    # the index (owner, type, text): who pays, who is paid, the third party; an account's
+    # credits are found through them (node/charging.py)
+    ROLES: tuple[str, str, str] = ("", "", "")
+
+    def node_write(self, op: Op) -> dict | None:
+        head, sep, node = op.key.rpartition("@")
+        parts = tuple(head.split(":")) if self.KEY_FIELDS[1:] else (head,)
+        shape = ":".join(f"<{f}>" for f in self.KEY_FIELDS) + "@<node>"
+        if not sep or len(parts) != len(self.KEY_FIELDS) or not all(parts) or node != node_address(op):
+            raise Invalid("unauthorized", f"a {self.name} key is '{shape}' and only that node writes it")
+        if op.value is None:
+            raise Invalid("bad_field", f"{self.name} records are cumulative: rewritten, never deleted")
+        value = self.validate(op.value)
+        fields = (*self.KEY_FIELDS, self.NODE_FIELD)
+        if tuple(value[f] for f in fields) != (*parts, node):
+            raise Invalid("bad_field", f"{self.name} fields {', '.join(repr(f) for f in fields)}: must match the key")
+        self.check(value)
+        return value
+
+    def check(self, value: dict) -> None:
+        """What else the record must hold (Invalid otherwise)."""
+
+    def index(self, value: dict) -> dict:
+        return dict(zip(("owner", "type", "text"), (value[r] for r in self.ROLES), strict=True))
+
+
 @dataclass(frozen=True, slots=True)
 class Grant(Record):
     grant_id: str = field(text(64, min_len=1))
@@ -54,22 +106,14 @@ class Grant(Record):
     created_at: int = field(TIMESTAMP, default=0)
 
 
-class GrantKind(Kind):
-    """The treasury's signed grant: POST /credits/grant {to, amount, memo, fog}."""
+class GrantKind(SignedOnce):
+    """The treasury's signed grant: POST /credits/grant {to, amount, at, memo, fog}."""
 
     name = "grant"
     record = Grant
-    user_records = True
     routes = (Route("POST", "/credits/grant", "create"),)
 
-    def key_of(self, intent: Intent) -> str:
-        if intent.base:
-            raise Invalid("bad_request", "a grant names no base version: it is never changed")
-        return intent.derived_id()  # nobody but this request's signer can make it
-
-    def user_write(self, intent: Intent, key: str, base: dict | None) -> dict | None:
-        if base is not None:
-            raise Invalid("conflict", f"grant {key} already exists; a grant is never changed or withdrawn")
+    def made(self, intent: Intent, key: str) -> dict:
         body = intent.body
         reject_fields("grant", body, frozenset({"to", "amount", "at", "memo", "fog"}),
                       frozenset({"grant_id", "treasury", "fog_id", "created_at"}))
@@ -112,30 +156,19 @@ def charge_key(consumer: str, agent_id: str, host: str, node: str) -> str:
     return f"{consumer}:{agent_id}:{host}@{node}"
 
 
-class ChargeKind(Kind):
+class ChargeKind(NodeLedger):
     """Calls a node charged. Key: "<consumer>:<agent_id>:<host>@<node>", written by that node only."""
 
     name = "charge"
     record = Charge
+    KEY_FIELDS = ("consumer", "agent_id", "host")
+    ROLES = ("consumer", "creator", "host")
 
-    def node_write(self, op: Op) -> dict | None:
-        head, sep, node = op.key.rpartition("@")
-        parts = head.split(":")
-        if not sep or len(parts) != 3 or node != node_address(op):
-            raise Invalid("unauthorized", "a charge key is '<consumer>:<agent_id>:<host>@<node>' and only that "
-                                          "node writes it")
-        if op.value is None:
-            raise Invalid("bad_field", "charges are cumulative: they are rewritten, never deleted")
-        value = self.validate(op.value)
-        if (value["consumer"], value["agent_id"], value["host"], value["node"]) != (*parts, node):
-            raise Invalid("bad_field", "charge fields 'consumer'/'agent_id'/'host'/'node': must match the key")
+    def check(self, value: dict) -> None:
         if value["consumer"] == value["creator"]:
             raise Invalid("bad_field", "a creator's calls of its own agent are free: no charge names it both "
                                        "consumer and creator")
-        return value
 
-    def index(self, value: dict) -> dict:
-        return {"owner": value["consumer"], "type": value["creator"], "text": value["host"]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,22 +181,14 @@ class CreditMove(Record):
     created_at: int = field(TIMESTAMP, default=0)
 
 
-class CreditMoveKind(Kind):
+class CreditMoveKind(SignedOnce):
     """An account's signed request: POST /credits/move {from_node, to_node, amount}."""
 
     name = "credit_move"
     record = CreditMove
-    user_records = True
     routes = (Route("POST", "/credits/move", "create"),)
 
-    def key_of(self, intent: Intent) -> str:
-        if intent.base:
-            raise Invalid("bad_request", "a credit move names no base version: it is never changed")
-        return intent.derived_id()
-
-    def user_write(self, intent: Intent, key: str, base: dict | None) -> dict | None:
-        if base is not None:
-            raise Invalid("conflict", f"credit move {key} already exists; a move is never changed")
+    def made(self, intent: Intent, key: str) -> dict:
         body = intent.body
         reject_fields("credit_move", body, frozenset({"from_node", "to_node", "amount"}),
                       frozenset({"move_id", "account", "created_at"}))
@@ -188,27 +213,19 @@ class CreditMoved(Record):
     moved_at: int = field(TIMESTAMP, default=0)
 
 
-class CreditMovedKind(Kind):
+class CreditMovedKind(NodeLedger):
     """A move a node carried out. Key: "<move_id>@<node>", written by that node (its from_node) only."""
 
     name = "credit_moved"
     record = CreditMoved
+    KEY_FIELDS = ("move_id",)
+    ROLES = ("account", "to_node", "from_node")
+    NODE_FIELD = "from_node"
 
-    def node_write(self, op: Op) -> dict | None:
-        move_id, sep, node = op.key.rpartition("@")
-        if not sep or not move_id or node != node_address(op):
-            raise Invalid("unauthorized", "a credit_moved key is '<move_id>@<node>' and only that node writes it")
-        if op.value is None:
-            raise Invalid("bad_field", "a carried-out move is never deleted")
-        value = self.validate(op.value)
-        if (value["move_id"], value["from_node"]) != (move_id, node):
-            raise Invalid("bad_field", "credit_moved fields 'move_id'/'from_node': must match the key")
-        if value["to_node"] == node:
+    def check(self, value: dict) -> None:
+        if value["to_node"] == value["from_node"]:
             raise Invalid("bad_field", "credit_moved: 'to_node' is the writer itself")
-        return value
 
-    def index(self, value: dict) -> dict:
-        return {"owner": value["account"], "type": value["to_node"], "text": value["from_node"]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,32 +247,20 @@ def subscription_key(consumer: str, agent_id: str, node: str) -> str:
     return f"{consumer}:{agent_id}@{node}"
 
 
-class SubscriptionKind(Kind):
-    """A consumer's plan of an agent, sold by one node. Key: "<consumer>:<agent_id>@<node>",
-    written by that node only, cumulative (rewritten, never deleted)."""
+class SubscriptionKind(NodeLedger):
+    """A consumer's plan of an agent, sold by one node. Key: "<consumer>:<agent_id>@<node>"."""
 
     name = "subscription"
     record = Subscription
+    KEY_FIELDS = ("consumer", "agent_id")
+    ROLES = ("consumer", "creator", "node")
 
-    def node_write(self, op: Op) -> dict | None:
-        head, sep, node = op.key.rpartition("@")
-        parts = head.split(":")
-        if not sep or len(parts) != 2 or node != node_address(op):
-            raise Invalid("unauthorized", "a subscription key is '<consumer>:<agent_id>@<node>' and only that "
-                                          "node writes it")
-        if op.value is None:
-            raise Invalid("bad_field", "subscriptions are cumulative: they are rewritten, never deleted")
-        value = self.validate(op.value)
-        if (value["consumer"], value["agent_id"], value["node"]) != (*parts, node):
-            raise Invalid("bad_field", "subscription fields 'consumer'/'agent_id'/'node': must match the key")
+    def check(self, value: dict) -> None:
         if value["consumer"] == value["creator"]:
             raise Invalid("bad_field", "a creator does not buy plans of its own agent")
         if value["calls_used"] > value["calls_bought"]:
             raise Invalid("bad_field", "subscription: 'calls_used' is more than 'calls_bought'")
-        return value
 
-    def index(self, value: dict) -> dict:
-        return {"owner": value["consumer"], "type": value["creator"], "text": value["node"]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,25 +280,14 @@ def rent_key(payer: str, instance_id: str, node: str) -> str:
     return f"{payer}:{instance_id}@{node}"
 
 
-class RentKind(Kind):
+class RentKind(NodeLedger):
     """Hours of a replica's time a hosting node charged. Key: "<payer>:<instance_id>@<node>"."""
 
     name = "rent"
     record = Rent
+    KEY_FIELDS = ("payer", "instance_id")
+    ROLES = ("payer", "creator", "node")
 
-    def node_write(self, op: Op) -> dict | None:
-        head, sep, node = op.key.rpartition("@")
-        payer, sep2, instance_id = head.partition(":")
-        if not sep or not sep2 or node != node_address(op):
-            raise Invalid("unauthorized", "a rent key is '<payer>:<instance_id>@<node>' and only that node writes it")
-        if op.value is None:
-            raise Invalid("bad_field", "rents are cumulative: they are rewritten, never deleted")
-        value = self.validate(op.value)
-        if (value["payer"], value["instance_id"], value["node"]) != (payer, instance_id, node):
-            raise Invalid("bad_field", "rent fields 'payer'/'instance_id'/'node': must match the key")
+    def check(self, value: dict) -> None:
         if value["payer"] == value["creator"]:
             raise Invalid("bad_field", "a model's owner pays no rent for its own model")
-        return value
-
-    def index(self, value: dict) -> dict:
-        return {"owner": value["payer"], "type": value["creator"], "text": value["node"]}
