@@ -47,6 +47,8 @@ CREATE TABLE IF NOT EXISTS records(
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS records_owner ON records(kind, owner);
 CREATE INDEX IF NOT EXISTS records_type ON records(kind, type);
+-- claims and seals of a fog found by their inviter (Store.fog_members walks the invite tree)
+CREATE INDEX IF NOT EXISTS records_inviter ON records(kind, type, json_extract(doc, '$.invite.inviter'));
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v BLOB);
 """
 
@@ -165,6 +167,31 @@ class OpLog:
     def all_wires(self) -> Iterator[bytes]:
         for (w,) in self.db.execute("SELECT wire FROM ops ORDER BY seq"):
             yield w
+
+    def invited_by(self, kind: str, fog_id: str, inviters: list[str], limit: int) -> list[dict]:
+        """The records of `kind` (member claims, admit seals) of fog `fog_id` whose invite one of
+        `inviters` signed: for each inviter its first `limit` in key order (records_inviter)."""
+        out: list[dict] = []
+        for i in range(0, len(inviters), 500):  # SQLite's bound on parameters
+            chunk = inviters[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.execute(
+                "SELECT doc FROM (SELECT doc, ROW_NUMBER() OVER (PARTITION BY json_extract(doc, '$.invite.inviter') "
+                "ORDER BY key) AS n FROM records WHERE kind = ? AND type = ? AND doc IS NOT NULL "
+                f"AND over_quota IS NULL AND json_extract(doc, '$.invite.inviter') IN ({marks})) WHERE n <= ?",
+                (kind, fog_id, *chunk, limit))
+            out += [json.loads(d) for (d,) in rows]
+        return out
+
+    def docs(self, kind: str, keys: list[str]) -> list[dict]:
+        """The records of `kind` under `keys` that exist (in no particular order)."""
+        out: list[dict] = []
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            rows = self.db.execute(f"SELECT doc FROM records WHERE kind = ? AND doc IS NOT NULL AND key IN "
+                                   f"({','.join('?' * len(chunk))})", (kind, *chunk))
+            out += [json.loads(d) for (d,) in rows]
+        return out
 
     def list(self, kind: str, *, owner: str | None = None, type: str | None = None,
              tag: str | None = None, text: str | None = None, limit: int = 100, offset: int = 0,

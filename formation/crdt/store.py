@@ -31,6 +31,7 @@ from .replica import IngestResult, Limits, Rejection, Replica, Stage, _record_ro
 
 # member and expel records read per fog (a budget: the records of a fog's sybils are valid ops too)
 MAX_MEMBER_RECORDS = 100_000
+MAX_CLAIMS_PER_INVITER = 1_000  # claims (and seals) of one inviter's invites read (serials <= max_admits count)
 
 __all__ = ["IngestResult", "Limits", "LogFormatError", "Rejection", "Store"]
 
@@ -202,12 +203,34 @@ class Store:
             self._members[fog_id] = self._compute_members(fog_id)
         return self._members[fog_id]
 
+    def invited_by(self, kind: str, fog_id: str, inviter: str) -> list[dict]:
+        """Claims ("member") or seals ("admit") of fog `fog_id` of the invites `inviter` signed."""
+        return self.log.invited_by(kind, fog_id, [inviter], MAX_CLAIMS_PER_INVITER)
+
     def _compute_members(self, fog_id: str) -> frozenset[str]:
-        return membership.members(fog_id, self.get("fog", fog_id),
-                                  self.log.list("member", type=fog_id, limit=MAX_MEMBER_RECORDS),
-                                  self.log.list("expel", type=fog_id, limit=MAX_MEMBER_RECORDS),
-                                  self.log.list("admit", type=fog_id, limit=MAX_MEMBER_RECORDS),
-                                  self.log.list("leave", type=fog_id, limit=MAX_MEMBER_RECORDS))
+        """Claims, seals and leaves are read by walking the invite tree from the genesis, a level
+        at a time: the claims of the invites the nodes reached signed, and their seals. Anyone can
+        sign an invite and claim it for itself, so a fog's records may hold any number of such
+        claims (and seals and leaves of their keys); read in key order under a bound, they pushed
+        the members' own out of view. Walked from the genesis they are never read: only inviters
+        reachable from the genesis are asked for, each for at most MAX_CLAIMS_PER_INVITER (its
+        own flood hides only its own invitees). Expulsions are the genesis's alone (validity)."""
+        fog = self.get("fog", fog_id)
+        if fog is None:
+            return frozenset()
+        claims: list[dict] = []
+        seals: list[dict] = []
+        reached = {fog["genesis"]}
+        level = [fog["genesis"]]
+        while level and len(claims) < MAX_MEMBER_RECORDS:
+            seals += self.log.invited_by("admit", fog_id, level, MAX_CLAIMS_PER_INVITER)
+            found = self.log.invited_by("member", fog_id, level, MAX_CLAIMS_PER_INVITER)
+            claims += found
+            level = sorted({c["address"] for c in found} - reached)
+            reached.update(level)
+        leaves = self.log.docs("leave", sorted(reached))
+        return membership.members(fog_id, fog, claims,
+                                  self.log.list("expel", type=fog_id, limit=MAX_MEMBER_RECORDS), seals, leaves)
 
     def search(self, kind: str, text: str, **filters) -> list[dict]:
         """Words of `text` must all appear in the name, description or tags (case-insensitive)."""

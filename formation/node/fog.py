@@ -35,7 +35,7 @@ from formation.crdt.kinds.fog_kinds import (
     invite_message,
 )
 from formation.crdt.schema import RecordError
-from formation.crdt.store import MAX_MEMBER_RECORDS, Store
+from formation.crdt.store import Store
 
 from .checks import Bad, Origin
 from .checks import bootstrap as check_bootstrap
@@ -212,7 +212,7 @@ def check_claimable(store: Store, token: InviteToken, me: str) -> bool:
         raise InviteError(f"the invite was already used: it admitted {seal['member']}; an invite "
                           "admits one node, ask for a new one (`form invite create`)")
     mine = False
-    for claim in store.list("member", type=fog_id, limit=MAX_MEMBER_RECORDS):
+    for claim in store.invited_by("member", fog_id, inviter):
         other = claim.get("invite")
         if other is None:
             continue

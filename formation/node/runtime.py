@@ -19,7 +19,7 @@ from formation.crdt.async_store import AsyncStore
 from formation.crdt.keys import PrivateKey, format_address, to_checksum
 from formation.crdt.kinds.fog_kinds import invite_id
 from formation.crdt.op import Op, OpError
-from formation.crdt.store import MAX_MEMBER_RECORDS, Store
+from formation.crdt.store import Store
 from formation.iproute import NetworkError
 from formation.mesh import wggo
 from formation.mesh.uapi import UapiError
@@ -202,7 +202,7 @@ class NodeRuntime:
             return
         claimants: dict[str, set[str]] = {}
         invites: dict[str, dict] = {}
-        for claim in await self.astore.list("member", type=self.fog_id, limit=MAX_MEMBER_RECORDS):
+        for claim in await self.astore.run(self.store.invited_by, "member", self.fog_id, self.address):
             invite = claim.get("invite")
             if invite is not None and invite["inviter"] == self.address:
                 iid = invite_id(invite)
