@@ -91,24 +91,28 @@ class Keeper:
         others = [n for n in placed if n != self.node.address]
         if not secrets or not others:
             return 0
-        try:
-            plains = await self.open_all(inst)
-        except SecretsUnavailable:
-            return 0
         keys = await self._public_keys(others)
-        iid, me, written = inst["instance_id"], self.node.address, 0
+        iid, me = inst["instance_id"], self.node.address
+        due = []  # (name, target, box key): boxes to write; usually none (every pass asks)
         for name, secret in sorted(secrets.items()):
             for target in others:
                 if target in secret["boxes"] or target not in keys:
                     continue
                 key = f"{iid}:{name}:{target}@{me}"
                 mine = await self.node.astore.get("secret_box", key)
-                if mine is not None and mine["commit"] == secret["commit"]:
-                    continue
-                box = sealed.seal(plains[name], keys[target], instance_id=iid, name=name, target=target)
-                await self.node.write("secret_box", key, {"instance_id": iid, "name": name, "target": target,
-                                                          "commit": secret["commit"], "box": box})
-                written += 1
+                if mine is None or mine["commit"] != secret["commit"]:
+                    due.append((name, target, key))
+        if not due:
+            return 0
+        try:
+            plains = await self.open_all(inst)  # the values are opened only when a box is due
+        except SecretsUnavailable:
+            return 0
+        for name, target, key in due:
+            box = sealed.seal(plains[name], keys[target], instance_id=iid, name=name, target=target)
+            await self.node.write("secret_box", key, {"instance_id": iid, "name": name, "target": target,
+                                                      "commit": secrets[name]["commit"], "box": box})
+        written = len(due)
         if written:
             log.info("instance %s: %d secret box(es) sealed for nodes placed for it since", iid, written)
         return written
