@@ -28,10 +28,12 @@ every written op is on every node.
                    requests, another ingests their wires in batches of --ingest-batch, before the
                    fog starts). 1.0 would mean the network path costs nothing
   ops_per_batch    ops written / gossip messages published (gossip_sent)
-  copies_per_batch pubsub messages nodes read from their peers (every copy, before the seen
-                   check) / messages published; ideal nodes - 1 (_per_node: / nodes)
+  copies_per_batch batches nodes read from their peers, pubsub messages and push frames (every
+                   copy, before the seen check) / batches published; ideal nodes - 1 (_per_node: / nodes)
   bytes_in_per_op  bytes of those messages per op per node; rpcs_out_per_op, rpc_bytes_out_per_op:
-                   RPCs (messages and control) written per op per node, and their bytes
+                   RPCs and push frames (batches and control) written per op per node, and their bytes
+  push_*           the push tree (formation/p2p/push.py): frames dropped at a full peer queue,
+                   PRUNEs and GRAFTs sent, over all nodes
 
 --find-max runs trials on the same fog at rates doubling from --start-rate until one loses an op
 (not on every node by the deadline), the writers cannot reach 90 % of the rate, or (--max-p99) its
@@ -340,6 +342,9 @@ def run_trial(fog: DevFog, watchers: list[Watcher], rate: float, seconds: float,
         "rpcs_out_per_op": round(delta("rpcs_out") / len(ok) / n, 2) if ok else None,
         "rpc_bytes_out_per_op": round(delta("rpc_bytes_out") / len(ok) / n, 1) if ok else None,
         "gossip_dropped": delta("gossip_dropped"),
+        "push_dropped": delta("push_dropped"),
+        "push_prunes": delta("push_prunes"),
+        "push_grafts": delta("push_grafts"),
         # how long a node's first op waited for company as the writing ended (mean over nodes)
         "gossip_hold_ms": round(sum(holds) / len(holds), 1) if holds else None,
         "ops_from_sync": delta("ops_from_sync"),
@@ -387,7 +392,8 @@ def node_figures(fog: DevFog) -> dict:
         "rss_max_mb": round(max(rss_mb), 1) if rss_mb else None,
     }
     for k in ("gossip_sent", "gossip_received", "syncs_ok", "syncs_failed", "ops_from_sync",
-              "ops_from_gossip", "gossip_copies_in", "gossip_dropped"):
+              "ops_from_gossip", "gossip_copies_in", "gossip_dropped", "push_dropped", "push_prunes",
+              "push_grafts", "push_hostile"):
         out[k] = sum(s.get(k, 0) for s in stats)
     return out
 

@@ -58,6 +58,7 @@ def open_node(config: Config, key: PrivateKey, store: Store) -> NodeRuntime:
         sync_budget_seconds=float(config.p2p.sync_budget_seconds),
         author_ops_per_s=float(config.p2p.author_ops_per_second),
         author_burst=float(config.p2p.author_burst),
+        push=config.p2p.push,
     ))
     host, reason = VmHost.check(config, format_address(key.address))
     vms: VmSide = VmsStarting(host) if host is not None else VmsOff(reason)

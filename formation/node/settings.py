@@ -159,6 +159,10 @@ SETTINGS: tuple[Setting, ...] = (
       "author_burst; a batch past it is not forwarded here and its ops come later by sync "
       "(slowed, never refused)."),
     S("p2p", "author_burst", 1000, int, c.positive, "The burst of author_ops_per_second (ops)."),
+    S("p2p", "push", True, bool, c.boolean,
+      "Send this node's op batches on the push tree (plumtree over one libp2p stream per peer, "
+      "docs/p2p.md) rather than by gossipsub, which stays subscribed either way (older nodes). "
+      "false: gossipsub only, as before."),
     S("fog", "invite", "", str, c.string,
       "An invite token (`fmi1.…`, made by a member with `form invite create`) this node claims at "
       "its first start to become a member of that fog; its bootstrap peers are dialed too. Empty, "
@@ -168,12 +172,13 @@ SETTINGS: tuple[Setting, ...] = (
     S("fog", "name", "", str, c.string, "The name a new fog is given at its genesis (shown, not used)."),
     S("fog", "treasury", "", str, _treasury,
       "The treasury a new fog names at its genesis: the address (a user key, `form kit init`) whose "
-      "signed grants are the only way credits enter the fog (`form account grant`). Empty: the "
-      "fog has no treasury, grants are refused and each account keeps the 100 credits it starts "
-      "with; with a treasury accounts start with 0 (docs/economy.md). Used at genesis only."),
+      "signed grants are the only way credits enter the fog (`form account grant`). Empty: the fog "
+      "has no economy (nothing is charged, grants are refused, accounts show the 100 credits they "
+      "start with); with a treasury, accounts start with 0 (docs/economy.md). Used at genesis only."),
     S("fog", "operator_share_percent", 20, int, _percent,
-      "The split a new fog names at its genesis: the percentage of a priced call that goes to the "
-      "operator of the node that admitted it, the rest to the agent's creator. Used at genesis only."),
+      "The split a new fog names at its genesis: the percentage of what a call, a plan or an hour of "
+      "rent costs that goes to the operator of the node whose replica answered (or that sold the plan, "
+      "or hosts the replica), the rest to the agent's or model's creator. Used at genesis only."),
     S("mesh", "enabled", "auto", str, c.choice("auto", "true", "false", bools=True),
       'formnet: a WireGuard interface whose peers are the fog\'s members (their `peer` records), '
       'so that nodes and VMs reach each other by overlay address. "auto": on when the node runs '

@@ -174,24 +174,41 @@ class BatchValidator:
     async def validate(self, forwarder, msg) -> bool:
         if msg.from_id == self.own:
             return True
-        async with self.turns.turn(_peer_text(forwarder)):
-            try:
-                # What we hold already is not checked again; a few fresh ops are checked right
-                # here (a thread hop and the GIL hand-overs it causes cost more than ~1 ms of
-                # checks), more in a worker thread so the event loop keeps serving.
-                wires = batch_wires(msg.data, self.known)
-                if not self.authors.affords(wires):
-                    return False  # its authors wrote too fast: sync brings it (AuthorBudget)
-                if len(wires) <= self.inline_ops:
-                    ops = self._decode(wires)
-                else:
-                    ops = await trio.to_thread.run_sync(self._decode, wires)
-            except BatchError:
-                return self._reject(forwarder)
-        if not self.authors.admit(ops):
+        try:
+            ops = await self.check(forwarder, msg.data)
+        except BatchError:
+            return self._reject(forwarder)
+        if ops is None:
             return False  # valid, maybe: its authors wrote too fast; sync brings it (AuthorBudget)
         self._keep(msg.data, ops)
         return True
+
+    async def check(self, forwarder, batch: bytes | list[bytes]) -> list[Op] | None:
+        """The checks of `validate`, for a message or its op wires (the push tree, push.py):
+        the ops not known by the time the forwarder's turn comes, verified and charged to
+        their authors; None if their authors are over the budget; BatchError if any part is
+        bad (the caller blames the forwarder)."""
+        async with self.turns.turn(_peer_text(forwarder)):
+            # What we hold already is not checked again; a few fresh ops are checked right
+            # here (a thread hop and the GIL hand-overs it causes cost more than ~1 ms of
+            # checks), more in a worker thread so the event loop keeps serving.
+            if isinstance(batch, bytes):
+                wires = batch_wires(batch, self.known)
+            else:  # already parsed by the caller; what became known while it waited is skipped
+                wires = [w for w in batch if self.known is None or not self.known(sha256(w))]
+            if not self.authors.affords(wires):
+                return None  # its authors wrote too fast: sync brings it (AuthorBudget)
+            if len(wires) <= self.inline_ops:
+                ops = self._decode(wires)
+            else:
+                ops = await trio.to_thread.run_sync(self._decode, wires)
+        if not self.authors.admit(ops):
+            return None
+        return ops
+
+    def blame(self, forwarder) -> None:
+        """An invalid batch came from this peer: proof enough (see `strikes`)."""
+        self._reject(forwarder)
 
     def _decode(self, wires: list[bytes]) -> list[Op]:
         start = time.perf_counter()

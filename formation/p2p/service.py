@@ -4,7 +4,9 @@ py-libp2p 0.8.1 needs several fixes to deliver a burst of messages (../shared/no
 §A.3); each is applied in `_libp2p_fixes` or `_router` and named there. Gossip is only the fast
 path: every connection starts a sync session, a random peer is synced with periodically, and a
 gap (an op whose deps we lack) triggers a sync with the peer that sent it. Correctness comes from
-sync; gossip makes it fast.
+sync; gossip makes it fast. Our own batches travel on the push tree (push.py, plumtree over one
+stream per peer); gossipsub stays subscribed and validating, and carries our batches only while
+a connected peer has no push stream (an older node).
 
 Over 400 lines because the host, gossip, sync serving and the dialer share one peer table and
 one nursery; the protocols themselves are in gossip.py, sync.py and blobs.py.
@@ -30,7 +32,7 @@ from formation.crdt.async_store import AsyncStore
 from formation.crdt.hlc import to_ms
 from formation.crdt.keys import PrivateKey, address_of, format_address, sha256
 
-from . import blobs, sync
+from . import blobs, push, sync
 from .gossip import TOPIC, AuthorBudget, Batcher, BatchValidator, encode_batch
 
 log = logging.getLogger("formation.p2p")
@@ -41,6 +43,7 @@ RPC_QUEUE_BYTES = 64 * 1024 * 1024  # ... and their bytes
 BLOB_SERVES_PER_PEER = 1  # blob answers sent to one peer at once (an honest fetcher asks one at a time)
 BLOB_SERVES = 4  # blob answers sent at once in all
 GOSSIP_INGEST_MESSAGES = 32  # validated gossip messages taken from the subscription at once
+PUSH_INGEST_QUEUE = 64  # verified push batches waiting for the store (then their streams wait)
 
 
 _fixed = False
@@ -195,6 +198,16 @@ class P2PSettings:
     # gossip messages one peer has us hold before they are validated; more are dropped unread
     # (they are not marked seen, so another peer or a sync brings them again)
     gossip_in_flight_per_peer: int = 8
+    # Batches travel on the push tree (push.py); gossipsub keeps listening and validating (older
+    # nodes, and anyone may publish there), and carries our batches too only when a connected
+    # peer has no push stream, or with gossipsub_publish.
+    push: bool = True
+    gossipsub_publish: bool = False
+    push_eager_max: int = 4
+    push_ihave_delay: float = 0.5
+    push_graft_timeout: float = 0.5
+    push_queue_frames: int = 512
+    push_queue_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass
@@ -217,6 +230,13 @@ class P2PStats:
     fog_msgs_per_s: float = 0.0  # gossip messages the fog publishes per second, as seen here
     gossip_hold_ms: float = 0.0  # how long the first op of a batch waits now (Batcher.hold)
     gossip_lag_s: float = 0.0  # from an op's time to its arrival here by gossip, recently (decays)
+    # the push tree (push.py); its batch frames count in gossip_copies_in / gossip_bytes_in /
+    # gossip_received, its frames written in rpcs_out / rpc_bytes_out
+    push_dropped: int = 0  # frames not queued: the peer's queue was full (sync repairs)
+    push_prunes: int = 0
+    push_grafts: int = 0
+    push_grafts_refused: int = 0  # GRAFTs past a peer's rate, ignored
+    push_hostile: int = 0  # streams cut: bad framing or an invalid batch
 
 
 def address_of_peer(peer: str) -> str | None:
@@ -287,9 +307,26 @@ class P2PService:
                                         authors=AuthorBudget(self.settings.author_ops_per_s,
                                                              self.settings.author_burst))
         self.validator.proof_strikes = BAN_STRIKES
+        self.push: push.PushRouter | None = None
+        if self.settings.push:
+            s = self.settings
+            self.push = push.PushRouter(
+                self.host, self.validator, None, self._push_deliver,
+                lambda p: p not in self.blocked and p not in self.banned,
+                push.PushLimits(eager_max=s.push_eager_max, ihave_delay=s.push_ihave_delay,
+                                graft_timeout=s.push_graft_timeout, queue_frames=s.push_queue_frames,
+                                queue_bytes=s.push_queue_bytes),
+                lambda: self._push_send.statistics().current_buffer_used > 0)
+            # ops verified on the push path and on their way to the store are not checked again
+            # when a copy comes (by push or gossipsub) before they land
+            holds, inflight = astore.store.holds, self.push.inflight
+            self.validator.known = lambda h: h in inflight or holds(h)
+        self._push_send, self._push_recv = trio.open_memory_channel(PUSH_INGEST_QUEUE)
         self.batcher = Batcher(self.settings.gossip_delay)
         self._size_gossip_window(1)
         self.stats = P2PStats()
+        if self.push is not None:
+            self.push.stats = self.stats
         self.blocked: set[str] = set()  # peers we neither dial nor keep (partition tests, bans)
         self.banned: set[str] = set()
         self.on_sync: list[Callable[[sync.SyncResult], None]] = []
@@ -313,6 +350,7 @@ class P2PService:
         self._dial_tokens_at = 0.0
         self._want_sync: trio.MemorySendChannel | None = None
         self._gap_check_scheduled = False
+        self._store_errors = 0  # batches the store failed to take (disk full, I/O error, a bug)
         self._fog_msgs = 0.0  # gossip messages published in the fog per second, recently (seen here)
         self._fog_msgs_count = (0, 0.0)
         self._nursery: trio.Nursery | None = None
@@ -432,6 +470,9 @@ class P2PService:
                         nursery.start_soon(self._gossip_out)
                         nursery.start_soon(self._gossip_in, sub)
                         nursery.start_soon(self._dialer)
+                        if self.push is not None:
+                            await nursery.start(self.push.run)
+                            nursery.start_soon(self._push_in)
                         nursery.start_soon(self._sync_loop, want_recv)
                         task_status.started(self)
                 finally:
@@ -493,16 +534,26 @@ class P2PService:
         await self._publish_batches(self.batcher.take_all())
 
     async def _publish_batches(self, batches: list[list[bytes]]) -> None:
+        # gossipsub as well when a peer cannot take pushes: an older node, or its stream is
+        # not open yet (a new connection: the sync it starts covers the moment)
+        pubsub = (self.push is None or self.settings.gossipsub_publish
+                  or self.push.lacking(set(self.connected()) - self.blocked))
         for batch in batches:
-            try:
-                await self.pubsub.publish(TOPIC, encode_batch(batch))
+            data = encode_batch(batch)
+            if self.push is not None:
+                self.push.publish(data)
                 self.stats.gossip_sent += 1
+            if not pubsub:
+                continue
+            try:
+                await self.pubsub.publish(TOPIC, data)
+                if self.push is None:
+                    self.stats.gossip_sent += 1
             except Exception as exc:  # noqa: BLE001 - sync will carry these ops instead
                 log.warning("gossip publish failed (%s); sync will deliver these ops", _why(exc))
 
     async def _gossip_in(self, sub) -> None:
         own = self.host.get_id().to_bytes()
-        store_errors = 0  # batches the store failed to take (disk full, I/O error, a bug)
         while True:
             # Under load several validated messages wait here: a run of them from one publisher
             # goes to the store in one call (one thread hop, one commit)
@@ -525,36 +576,74 @@ class P2PService:
                 source = _peer_str(msg.from_id)
                 if source in self.banned:
                     continue
-                newest = max((getattr(op, "hlc", 0) for op in ops), default=0)
-                if newest:  # how late gossip is (the gap grace follows it)
-                    lag = max(0.0, time.time() - to_ms(newest) / 1000)
-                    self.stats.gossip_lag_s = round(max(lag, 0.9 * self.stats.gossip_lag_s), 3)
                 if groups and groups[-1][0] == source:
                     groups[-1] = (source, groups[-1][1] + list(ops))
                 else:
                     groups.append((source, list(ops)))
             for source, ops in groups:
+                await self._ingest(source, ops, publisher=source)
+
+    async def _push_deliver(self, peer: str, ops: list) -> None:
+        await self._push_send.send((peer, ops))
+
+    async def _push_in(self) -> None:
+        """Verified push batches to the store; a run of them from one peer in one call."""
+        while True:
+            items = [await self._push_recv.receive()]
+            while len(items) < GOSSIP_INGEST_MESSAGES:
                 try:
-                    res = await self.astore.ingest_ops(ops, source=source)
-                except Exception as exc:  # noqa: BLE001 - one batch the store could not take
-                    # must not end the node: these ops come again by sync once the store recovers
-                    store_errors += 1
-                    log.error("store error #%d ingesting %d gossiped op(s) from %s (sync will bring them "
-                              "again): %s", store_errors, len(ops), source[-8:], _why(exc),
-                              exc_info=store_errors == 1)
-                    continue
-                self.stats.ops_from_gossip += len(res.accepted)
-                if res.rejected:
-                    # Honest publishers gossip only ops their own store accepted, and validity is
-                    # the same everywhere: the publisher (not the forwarder) is at fault.
-                    self.validator.strikes[source] += 1
-                    log.info("rejected %d op(s) published by %s: %s", len(res.rejected), source[-8:],
-                             res.rejected[0].detail)
-                if res.pending and not self._gap_check_scheduled and self._nursery is not None:
-                    # Usually the missing deps are other gossip still in flight: give them a moment
-                    # before paying for a sync session.
-                    self._gap_check_scheduled = True
-                    self._nursery.start_soon(self._check_gap, source)
+                    items.append(self._push_recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            groups: list[tuple[str, list]] = []
+            for peer, ops in items:
+                if groups and groups[-1][0] == peer:
+                    groups[-1][1].extend(ops)
+                else:
+                    groups.append((peer, list(ops)))
+            for peer, ops in groups:
+                try:
+                    await self._ingest(peer, ops, publisher=None)
+                finally:
+                    self.push.done(ops)
+
+    async def _ingest(self, source: str, ops: list, *, publisher: str | None) -> None:
+        """Ops verified on a gossip path to the store. `publisher`: the gossipsub origin; None
+        for the push tree, which forwards batches as they are (their origin is unsigned)."""
+        newest = max((getattr(op, "hlc", 0) for op in ops), default=0)
+        if newest:  # how late gossip is (the gap grace follows it)
+            lag = max(0.0, time.time() - to_ms(newest) / 1000)
+            self.stats.gossip_lag_s = round(max(lag, 0.9 * self.stats.gossip_lag_s), 3)
+        try:
+            res = await self.astore.ingest_ops(ops, source=source)
+        except Exception as exc:  # noqa: BLE001 - one batch the store could not take
+            # must not end the node: these ops come again by sync once the store recovers
+            self._store_errors += 1
+            log.error("store error #%d ingesting %d gossiped op(s) from %s (sync will bring them "
+                      "again): %s", self._store_errors, len(ops), source[-8:], _why(exc),
+                      exc_info=self._store_errors == 1)
+            return
+        self.stats.ops_from_gossip += len(res.accepted)
+        if res.rejected:
+            # Honest nodes gossip only ops their own store accepted, and validity is the same
+            # everywhere: the publisher (not the forwarder) is at fault; on the push tree, the
+            # author of each rejected op, when it is a connected peer (a forwarder checks form
+            # and signatures, not the rules, before it forwards, as gossipsub's do).
+            for peer in ([publisher] if publisher is not None else self._authors_of(res.rejected, ops)):
+                self.validator.strikes[peer] += 1
+            log.info("rejected %d op(s) from %s: %s", len(res.rejected), source[-8:],
+                     res.rejected[0].detail)
+        if res.pending and not self._gap_check_scheduled and self._nursery is not None:
+            # Usually the missing deps are other gossip still in flight: give them a moment
+            # before paying for a sync session.
+            self._gap_check_scheduled = True
+            self._nursery.start_soon(self._check_gap, source)
+
+    def _authors_of(self, rejected: list, ops: list) -> set[str]:
+        """The connected peers whose node keys signed the rejected ops."""
+        ids = {r.id for r in rejected}
+        authors = {format_address(op.author).lower() for op in ops if op.id in ids}
+        return {p for p in self.connected() if (_address_of(p) or "").lower() in authors}
 
     async def _check_gap(self, source: str) -> None:
         try:
@@ -680,6 +769,8 @@ class P2PService:
                         self.pubsub.add_to_blacklist(ID.from_base58(peer))
                     await self.block(peer)
             connected = set(self.connected())
+            if self.push is not None:
+                self.push.maintain(connected - self.blocked)
             self._size_gossip_window(len(connected - self.blocked) + 1)
             self._pace_gossip(now)
             for peer in connected & self.blocked:
@@ -842,6 +933,8 @@ class _Gate:
             log.info("dropping a connection from %s: %d strangers connected already", peer[-8:],
                      svc.settings.max_strangers)
             svc._nursery.start_soon(svc._disconnect, peer)
+        elif svc.push is not None:
+            svc.push.connected(peer)
 
     async def opened_stream(self, network, stream) -> None:
         pass

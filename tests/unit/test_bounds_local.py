@@ -3,6 +3,7 @@ private from its first instant and parsing strictly, a store error in gossip sur
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -132,7 +133,9 @@ async def test_a_store_error_in_gossip_is_logged_and_the_node_goes_on(caplog):
     store = FlakyStore()
     fake = SimpleNamespace(host=SimpleNamespace(get_id=lambda: SimpleNamespace(to_bytes=lambda: b"me")),
                            stats=P2PStats(), validator=SimpleNamespace(take=lambda data: [data], strikes=Counter()),
-                           banned=set(), astore=store, _gap_check_scheduled=False, _nursery=None)
+                           banned=set(), astore=store, _gap_check_scheduled=False, _nursery=None,
+                           _store_errors=0)
+    fake._ingest = functools.partial(P2PService._ingest, fake)  # the store path gossip and push share
     with caplog.at_level(logging.ERROR, logger="formation.p2p"):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(P2PService._gossip_in, fake, Sub())
