@@ -78,6 +78,19 @@ async def rejection_codes(members, ids: list[bytes], timeout: float = 15.0) -> l
     return out
 
 
+async def refused_everywhere(evil, members, forged: dict[bytes, str], *, by_gossip: int) -> None:
+    """The attacker sends each forged wire (the first `by_gossip` by gossip, the rest in a sync
+    session with every member); every member refuses each with the expected code."""
+    wires = list(forged)
+    await evil.gossip(wires[:by_gossip])
+    for m in members:
+        await evil.push_sync(m.svc.peer_id, wires[by_gossip:])
+    codes = await rejection_codes(members, [sha256(w) for w in wires])
+    wrong = [(i, code, got.get(sha256(w))) for got in codes for i, (w, code) in enumerate(forged.items())
+             if got.get(sha256(w)) != code]
+    assert not wrong, f"(forged #, expected, got): {wrong}"
+
+
 async def caught_up(evil, member) -> list[bytes]:
     """Until the attacker's replica has the member's heads (it learns the state like any peer)."""
     with trio.fail_after(15):

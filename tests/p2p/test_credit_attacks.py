@@ -14,7 +14,7 @@ from formation.crdt.kinds.fog_kinds import fog_id_of
 from formation.node import fog as fogmod
 from tests.p2p.attacker import forge_wire, open_attacker
 from tests.p2p.conftest import converged, open_fog
-from tests.p2p.test_attacks import caught_up, keep_working, read, rejection_codes, top_hlc
+from tests.p2p.test_attacks import caught_up, keep_working, read, refused_everywhere, top_hlc
 from tests.support import TS, User
 
 AID = "a1" * 16
@@ -120,14 +120,7 @@ async def test_forged_grants_and_charges_are_refused_everywhere():
             forge(evil.key, mine, charge(user.address, evil.address, evil.address, calls=1.5)): "bad_field",
             forge(evil.key, mine, None): "bad_field",
         }
-        wires = list(forged)
-        await evil.gossip(wires[:5])
-        for m in fog:
-            await evil.push_sync(m.svc.peer_id, wires[5:])
-        ids = [sha256(w) for w in wires]
-        codes = await rejection_codes(fog, ids)
-        expected = {sha256(w): code for w, code in forged.items()}
-        assert codes == [expected] * len(fog), [(wires.index(w), c, codes[0].get(sha256(w))) for w, c in forged.items() if codes[0].get(sha256(w)) != c]
+        await refused_everywhere(evil, fog, forged, by_gossip=5)
         for m, state_hash in zip(fog, before, strict=True):
             assert await m.svc.astore.state_hash() == state_hash
             assert await read(m, lambda s: s.list("grant", limit=10)) == []

@@ -9,7 +9,7 @@ from __future__ import annotations
 from formation.crdt.keys import sha256
 from tests.p2p.attacker import forge_wire, open_attacker
 from tests.p2p.conftest import converged, open_fog
-from tests.p2p.test_attacks import caught_up, keep_working, read, rejection_codes, top_hlc
+from tests.p2p.test_attacks import caught_up, keep_working, read, refused_everywhere, top_hlc
 from tests.support import User
 
 IID = "5e" * 16
@@ -63,20 +63,12 @@ async def test_forged_usage_is_refused_by_every_node_and_changes_nothing():
             forge(evil.key, mine, record(evil.address, owner.address, started_at=1_800_000_000_000)): "bad_field",
             forge(evil.key, mine, None): "bad_field",
         }
-        wires = list(forged)
-        await evil.gossip(wires[:4])
-        for m in fog:
-            await evil.push_sync(m.svc.peer_id, wires[4:])
-
-        ids = [sha256(w) for w in wires]
-        codes = await rejection_codes(fog, ids)
-        expected = {sha256(w): code for w, code in forged.items()}
-        assert codes == [expected] * len(fog)
+        await refused_everywhere(evil, fog, forged, by_gossip=4)
         for m, (state_hash, rec) in zip(fog, before, strict=True):
             assert await m.svc.astore.state_hash() == state_hash
             assert await m.svc.astore.get("usage", key) == rec
             assert await m.svc.astore.get("usage", mine) is None
-            assert not await read(m, lambda s: [w for w in ids if s.has(w)])
+            assert not await read(m, lambda s: [i for i in map(sha256, forged) if s.has(i)])
         await keep_working(fog, owner, "forged usage")
         # the host's own record is still the host's to rewrite
         later = await host.svc.astore.run(host.node.put, "usage", key,
