@@ -183,6 +183,14 @@ class OpLog:
             out += [json.loads(d) for (d,) in rows]
         return out
 
+    def owned_written_by(self, kind: str, owner: str, node: str, limit: int) -> list[dict]:
+        """The records of `kind` indexed under `owner` whose key ends in `@<node>` (a node
+        record of that node's), at most `limit` (records_owner narrows it to the owner's)."""
+        suffix = "%@" + node.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self.db.execute("SELECT doc FROM records WHERE kind = ? AND owner = ? AND doc IS NOT NULL "
+                               "AND key LIKE ? ESCAPE '\\' LIMIT ?", (kind, owner.lower(), suffix, limit))
+        return [json.loads(d) for (d,) in rows]
+
     def docs(self, kind: str, keys: list[str]) -> list[dict]:
         """The records of `kind` under `keys` that exist (in no particular order)."""
         out: list[dict] = []

@@ -203,6 +203,10 @@ class Store:
             self._members[fog_id] = self._compute_members(fog_id)
         return self._members[fog_id]
 
+    def written_by(self, kind: str, owner: str, node: str, limit: int) -> list[dict]:
+        """Node records of `kind` of `node`'s (key `...@<node>`) indexed under `owner`."""
+        return self.log.owned_written_by(kind, owner, node, limit)
+
     def invited_by(self, kind: str, fog_id: str, inviter: str) -> list[dict]:
         """Claims ("member") or seals ("admit") of fog `fog_id` of the invites `inviter` signed."""
         return self.log.invited_by(kind, fog_id, [inviter], MAX_CLAIMS_PER_INVITER)

@@ -83,8 +83,32 @@ def ledger(store, fog_id: str | None, who: str) -> dict:
     return out
 
 
-def held_at(figures: dict, node: str) -> int:
-    return next((p["held"] for p in figures["purses"] if p["node"] == node), 0)
+# What leaves a purse, by the records of the node that holds it: kind -> the field it takes
+DEBITS = {"charge": "credits", "subscription": "credits", "rent": "credits", "credit_moved": "amount"}
+
+
+def debits_at(store, who: str, node: str) -> int | None:
+    """What `who` spent or moved out of its purse at `node`, read exactly from `node`'s own
+    records (the view's lists are bounded, and other members' records naming `who` could push
+    these out of them: a debit missed would let the node spend credits twice). None past the
+    bound: the node then admits nothing for `who` rather than guess."""
+    total = 0
+    for kind, amount in DEBITS.items():
+        rows = store.written_by(kind, who, node, MAX_CHARGES + 1)
+        if len(rows) > MAX_CHARGES:
+            return None
+        total += sum(r[amount] for r in rows)
+    return total
+
+
+def purse_here(store, fog_id: str | None, who: str, node: str) -> tuple[dict, int]:
+    """`who`'s figures (ledger) and what its purse at `node` holds: what came in as the view
+    counts it (a record cut from a bounded list only lowers it) less the exact debits."""
+    figures = ledger(store, fog_id, who)
+    p = next((x for x in figures["purses"] if x["node"] == node), None)
+    came_in = p["granted"] + p["moved_in"] + p["earned"] if p else 0
+    debits = debits_at(store, who, node)
+    return figures, 0 if debits is None else came_in - debits
 
 
 class InsufficientCredits(Exception):
@@ -135,6 +159,17 @@ class Charger:
         node = self.node
         return await node.astore.run(ledger, node.astore.store, node.fog_id, who)
 
+    async def _available(self, who: str) -> tuple[dict, int]:
+        """`who`'s figures and what its purse here holds less the calls in flight (under the lock)."""
+        node = self.node
+        figures, here = await node.astore.run(purse_here, node.astore.store, node.fog_id, who, node.address)
+        return figures, here - self.inflight.get(who, 0)
+
+    def _refusal(self, figures: dict, available: int, price: int) -> InsufficientCredits:
+        self.refused += 1
+        elsewhere = {p["node"]: p["held"] for p in figures["purses"] if p["node"] != self.node.address and p["held"] > 0}
+        return InsufficientCredits(figures["balance"], available, price, elsewhere)
+
     async def economy(self) -> bool:
         node = self.node
         return bool(node.fog_id) and has_economy(await node.astore.get("fog", node.fog_id))
@@ -175,14 +210,9 @@ class Charger:
             return None
         hold = price.hold()
         async with self.lock:
-            figures = await self.balance(consumer)
-            here = held_at(figures, self.node.address)
-            available = here - self.inflight.get(consumer, 0)
+            figures, available = await self._available(consumer)
             if available < hold:
-                self.refused += 1
-                elsewhere = {p["node"]: p["held"] for p in figures["purses"]
-                             if p["node"] != self.node.address and p["held"] > 0}
-                raise InsufficientCredits(figures["balance"], available, hold, elsewhere)
+                raise self._refusal(figures, available, hold)
             self.inflight[consumer] = self.inflight.get(consumer, 0) + hold
         return Admission(consumer, agent_id, creator, price, hold)
 
@@ -259,13 +289,9 @@ class Charger:
         node = self.node
         key = subscription_key(consumer, agent["agent_id"], node.address)
         async with self.lock:
-            figures = await self.balance(consumer)
-            available = held_at(figures, node.address) - self.inflight.get(consumer, 0)
+            figures, available = await self._available(consumer)
             if available < plan["price_credits"]:
-                self.refused += 1
-                elsewhere = {p["node"]: p["held"] for p in figures["purses"]
-                             if p["node"] != node.address and p["held"] > 0}
-                raise InsufficientCredits(figures["balance"], available, plan["price_credits"], elsewhere)
+                raise self._refusal(figures, available, plan["price_credits"])
             old = await node.astore.get("subscription", key)
             now = time.time_ns() // 1_000_000
             used = old["calls_used"] if old else 0
@@ -303,8 +329,7 @@ class Charger:
             old = await node.astore.get("rent", key)
             if old is not None and old["paid_until"] > now:
                 return ""
-            figures = await self.balance(payer)
-            available = held_at(figures, node.address) - self.inflight.get(payer, 0)
+            _, available = await self._available(payer)
             if available < price:
                 self.refused += 1
                 return (f"waiting for credits: model {model_id} costs {price} credits an hour of instance time and "
@@ -345,8 +370,7 @@ class Charger:
                 self._moved.add(req["move_id"])
                 continue
             async with self.lock:
-                figures = await self.balance(req["account"])
-                free = held_at(figures, node.address) - self.inflight.get(req["account"], 0)
+                _, free = await self._available(req["account"])
                 amount = min(req["amount"], free)
                 if amount <= 0:  # nothing to move now: tried again a while later
                     self._short[req["move_id"]] = now + SHORT_RETRY_S

@@ -7,9 +7,12 @@ import json
 
 from formation.crdt.credits import Price, balance_of, split, start_credits
 from formation.crdt.keys import PrivateKey, format_address
+from formation.crdt.kinds.credit_kinds import charge_key
 from formation.crdt.kinds.fog_kinds import Fog, FogKind, fog_id_of
 from formation.crdt.store import Store
+from formation.node import charging
 from formation.node import fog as fogmod
+from tests.support import User
 
 A, B, C, N, T, D = ("0x" + c * 40 for c in "abcde1")
 
@@ -120,3 +123,28 @@ def test_start_credits_and_split():
     nofog = {"fog_id": "f" * 32, "treasury": None}
     assert balance_of(A, account=None, grants=[grant(A, 5, N, treasury=None)], charges=[], members=set(),
                       fog=nofog)["balance"] == 0
+
+
+def test_a_purse_here_counts_this_nodes_own_debits_however_many_records_name_the_account(monkeypatch):
+    """The view's lists are bounded (MAX_CHARGES, key order): another key's charge records
+    naming the consumer, sorting first, push this node's own charge out of them, and the view
+    alone would show the consumer's 50 credits here unspent. The purse the node admits against
+    reads its own debits exactly (charging.debits_at): 50 - 30 = 20."""
+    monkeypatch.setattr(charging, "MAX_CHARGES", 3)
+    node_key, other, treasury = PrivateKey(b"\x21" * 32), PrivateKey(b"\x22" * 32), User(b"\x23" * 32)
+    me, them = format_address(node_key.address), format_address(other.address)
+    genesis, member = fogmod.genesis(node_key, name="f", now_ms=1_700_000_000_000, treasury=treasury.address)
+    fog_id = genesis["fog_id"]
+    store = Store()
+    store.write(node_key, "fog", fog_id, genesis, now_ms=1_700_000_000_000)
+    store.write(node_key, "member", me, member, now_ms=1_700_000_000_001)
+    m, b, s = treasury.request("POST", "/v1/credits/grant", {"to": A, "amount": 50, "at": me, "fog": genesis})
+    store.write_request(node_key, m, b, s, now_ms=1_700_000_000_002)
+    store.write(node_key, "charge", charge_key(A, "zz", me, me), charge(A, B, me, 30, agent="zz"),
+                now_ms=1_700_000_000_003)
+    for n in range(5):  # another key's records naming A, sorting before this node's
+        store.write(other, "charge", charge_key(A, f"a{n}", them, them), charge(A, B, them, 1, agent=f"a{n}"),
+                    now_ms=1_700_000_000_004 + n)
+    view = charging.ledger(store, fog_id, A)
+    assert next(p["held"] for p in view["purses"] if p["node"] == me) == 50  # the bounded view misses it
+    assert charging.purse_here(store, fog_id, A, me)[1] == 20
