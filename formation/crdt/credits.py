@@ -42,8 +42,7 @@ def has_economy(fog: Mapping | None) -> bool:
 def start_credits(account: Mapping | None, fog: Mapping | None) -> int:
     if account is None or has_economy(fog):
         return 0
-    v = account.get("credits", 0)
-    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+    return _count(account.get("credits", 0))
 
 
 def grants_counted(grants: Iterable[Mapping], fog: Mapping | None) -> list[Mapping]:
@@ -73,27 +72,22 @@ def purses_of(who: str, *, grants: Iterable[Mapping], charges: Iterable[Mapping]
         if g.get("to") == who:
             at(g["at"])["granted"] += g["amount"]
     if has_economy(fog):
-        for c in charges:
-            if c.get("node") not in members:
-                continue
-            creator_part, share = split(c["credits"], fog)
-            if c["consumer"] == who:
-                at(c["node"])["spent"] += c["credits"]
-                at(c["node"])["calls"] += c["calls"]
-            if c["creator"] == who:
-                at(c["node"])["earned"] += creator_part
-            if c["host"] == who:
-                at(c["node"])["earned"] += share
-        for sub in (*subscriptions, *rents):
-            if sub.get("node") not in members:
-                continue
-            creator_part, share = split(sub["credits"], fog)
-            if sub.get("consumer", sub.get("payer")) == who:
-                at(sub["node"])["spent"] += sub["credits"]
-            if sub["creator"] == who:
-                at(sub["node"])["earned"] += creator_part
-            if sub["node"] == who:
-                at(sub["node"])["earned"] += share
+        # what moved credits, each held at the node that wrote it: (records, who paid, who takes
+        # the operator's share); its creator is paid the rest
+        for records, payer, taker in ((charges, "consumer", "host"), (subscriptions, "consumer", "node"),
+                                      (rents, "payer", "node")):
+            for r in records:
+                if r.get("node") not in members:
+                    continue
+                creator_part, share = split(r["credits"], fog)
+                purse = at(r["node"]) if who in (r[payer], r["creator"], r[taker]) else None
+                if r[payer] == who:
+                    purse["spent"] += r["credits"]
+                    purse["calls"] += r.get("calls", 0)
+                if r["creator"] == who:
+                    purse["earned"] += creator_part
+                if r[taker] == who:
+                    purse["earned"] += share
         for m in moves:
             if m.get("account") != who or m.get("from_node") not in members:
                 continue

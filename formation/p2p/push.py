@@ -428,7 +428,11 @@ class PushRouter:
         self._remember(bid, data)
         self._forward(bid, frame(BATCH, data), peer)
         self.stats.gossip_received += 1
-        await self.deliver(peer, ops)
+        try:
+            await self.deliver(peer, ops)
+        except BaseException:
+            self.done(ops)  # never queued for the store (the stream ended): no longer "held"
+            raise
 
     def _on_ihave(self, peer: str, ids: list[bytes]) -> None:
         now = trio.current_time()
