@@ -47,6 +47,8 @@ CREATE TABLE IF NOT EXISTS records(
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS records_owner ON records(kind, owner);
 CREATE INDEX IF NOT EXISTS records_type ON records(kind, type);
+-- what changed since a reader last looked (Store.changed_records: the DNS view reads only that)
+CREATE INDEX IF NOT EXISTS records_updated ON records(updated_seq);
 -- claims and seals of a fog found by their inviter (Store.fog_members walks the invite tree)
 CREATE INDEX IF NOT EXISTS records_inviter ON records(kind, type, json_extract(doc, '$.invite.inviter'));
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v BLOB);
@@ -103,14 +105,14 @@ class OpLog:
 
     def commit(self, op_rows: list[tuple], record_rows: Iterable[tuple],
                quota_flips: Iterable[tuple] = ()) -> None:
-        """Append ops, upsert records and set other records' quota standing ((why, kind, key))
-        in one transaction (all or nothing)."""
+        """Append ops, upsert records and set other records' quota standing ((why, seq, kind,
+        key): a flip moves the record's updated_seq too) in one transaction (all or nothing)."""
         try:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany("INSERT INTO ops VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", op_rows)
             self.db.executemany(_UPSERT_RECORD, record_rows)
-            self.db.executemany("UPDATE records SET over_quota = ? WHERE kind = ? AND key = ? AND doc IS NOT NULL",
-                                quota_flips)
+            self.db.executemany("UPDATE records SET over_quota = ?, updated_seq = ? "
+                                "WHERE kind = ? AND key = ? AND doc IS NOT NULL", quota_flips)
             self.db.execute("COMMIT")
         except BaseException:
             if self.db.in_transaction:
@@ -200,6 +202,14 @@ class OpLog:
                                    f"({','.join('?' * len(chunk))})", (kind, *chunk))
             out += [json.loads(d) for (d,) in rows]
         return out
+
+    def changed(self, kinds: tuple[str, ...], after: int, limit: int) -> list[tuple]:
+        """(kind, key, doc or None, over_quota, updated_seq) of the records of `kinds` changed
+        after seq `after`, oldest change first, at most `limit`: doc None is a deleted record."""
+        marks = ",".join("?" * len(kinds))
+        return self.db.execute(
+            f"SELECT kind, key, doc, over_quota, updated_seq FROM records WHERE updated_seq > ? "
+            f"AND kind IN ({marks}) ORDER BY updated_seq LIMIT ?", (after, *kinds, limit)).fetchall()
 
     def list(self, kind: str, *, owner: str | None = None, type: str | None = None,
              tag: str | None = None, text: str | None = None, limit: int = 100, offset: int = 0,

@@ -194,10 +194,11 @@ class Stage:
         return [_record_row(get_kind(k), key, reg, self.seq, plan.inert.get((k, key), inert.get((k, key))))
                 for (k, key), reg in self.registers.items()]
 
-    def quota_flips(self) -> list[tuple[str | None, str, str]]:
-        """(why or None, kind, key) of the records whose quota standing this stage changes
+    def quota_flips(self) -> list[tuple[str | None, int, str, str]]:
+        """(why or None, this stage's seq, kind, key) of the records whose quota standing this stage changes
         without changing the records themselves (an account's other records)."""
-        return [(why, k, key) for (k, key), why in self.quota_plan.inert.items() if (k, key) not in self.registers]
+        return [(why, self.seq, k, key) for (k, key), why in self.quota_plan.inert.items()
+                if (k, key) not in self.registers]
 
 
 class Replica:

@@ -13,6 +13,7 @@ it (replica.py); validity never reads it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -194,6 +195,13 @@ class Store:
 
     def list(self, kind: str, **filters) -> list[dict]:
         return self.log.list(kind, **filters)
+
+    def changed_records(self, kinds: tuple[str, ...], after: int, limit: int = 10_000) -> list[tuple]:
+        """(kind, key, record or None, seq) of the records of `kinds` changed after seq `after`,
+        oldest change first, at most `limit`: None when the record is gone or inert (over its
+        creator's quota), so a reader that keeps a copy drops it."""
+        return [(kind, key, json.loads(doc) if doc is not None and quota is None else None, seq)
+                for kind, key, doc, quota, seq in self.log.changed(kinds, after, limit)]
 
     def fog_members(self, fog_id: str) -> frozenset[str]:
         """The fog's current members (membership.py), from its genesis, claims and expulsions;

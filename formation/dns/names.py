@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -58,6 +59,11 @@ def to_label(name: str) -> str | None:
     is left. ("My Agent" -> "my-agent", "web_1.v2" -> "web-1-v2".)"""
     if not isinstance(name, str) or len(name) > 1024:
         return None
+    return _to_label(name)
+
+
+@functools.lru_cache(maxsize=65536)  # a zone build asks for every record's name, each time
+def _to_label(name: str) -> str | None:
     label = _NOT_LABEL.sub("-", name.lower()).strip("-")[:63].rstrip("-")
     return label if is_label(label) else None
 
@@ -66,6 +72,11 @@ def owner_label(address: str) -> str:
     """The short, unambiguous form of an address in names: its 20 bytes in base32 (32 chars)."""
     if not isinstance(address, str) or not _ADDRESS.fullmatch(address):
         raise ValueError(f"not a lowercase 0x address: {address!r}")
+    return _owner_label(address)
+
+
+@functools.lru_cache(maxsize=65536)  # a zone build asks for every record's owner, each time
+def _owner_label(address: str) -> str:
     return base64.b32encode(bytes.fromhex(address[2:])).decode().lower()
 
 

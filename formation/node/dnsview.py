@@ -2,9 +2,13 @@
 server; runs the server, the forwarder and the verifier of vanity domains.
 
 Off the query path: the zone is rebuilt in a worker thread after the state changed (at most
-once per `debounce` seconds), when a vanity domain's verification changed, and every
+once per `debounce` seconds, and less often when building costs more: a node spends at most
+about BUILD_SHARE of its time on it), when a vanity domain's verification changed, and every
 heartbeat period (liveness moves with time alone), then swapped in whole. The server only
-ever reads the zone it holds.
+ever reads the zone it holds. The view keeps its own copy of the records the zone is built
+from and reads only those changed since it last looked: read whole each time, a fog's models
+and agents cost every node a JSON parse each per second (half of a node's CPU under a
+gossip load of 500 ops/s, docs/benchmarks.md).
 
 What counts as a replica's address: an instance_status reported `running` by a member of the
 fog that is alive (its heartbeat is recent, or it is this node), at an address in that
@@ -33,7 +37,10 @@ from .ports import NodeState
 
 log = logging.getLogger("formation.dns")
 
-MAX_RECORDS = 200_000  # of each kind read into a zone
+MAX_RECORDS = 200_000  # of each kind read into a zone (the first by key)
+ZONE_KINDS = ("instance", "instance_status", "agent", "model", "dns")
+READ_PAGE = 10_000  # changed records read in one store call
+BUILD_SHARE = 0.05  # of the node's time the zone's rebuilds may take, at most (about)
 MAX_PORT_CACHE = 10_000  # Formfiles whose EXPOSEd ports are remembered
 DEBOUNCE_SECONDS = 1.0
 MAX_VANITY_PER_OWNER = 100  # vanity domains of one owner the verifier checks
@@ -73,6 +80,43 @@ def vanity_domains(records: list[dict]) -> list[str]:
     return sorted({d for ds in per_owner.values() for d in ds})
 
 
+class RecordMirror:
+    """A copy of the records of some kinds, brought up to the store by reading only what
+    changed since the last read. A kind over `cap` records keeps its first `cap` by key, as a
+    whole read would; a record of such a kind gone makes the next read start over (the one past
+    the cap that moves up is not in the copy)."""
+
+    def __init__(self, kinds: tuple[str, ...], cap: int):
+        self.kinds, self.cap = kinds, cap
+        self._reset()
+
+    def _reset(self) -> None:
+        self.records: dict[str, dict[str, dict]] = {k: {} for k in self.kinds}
+        self.seq = 0  # the store's seq up to which the copy is read
+        self.capped: set[str] = set()
+
+    def read(self, store) -> dict[str, list[dict]]:
+        """kind -> its records by key, as the store holds them now (call it with the store's
+        lock held: AsyncStore.run)."""
+        while True:
+            rows = store.changed_records(self.kinds, self.seq, READ_PAGE)
+            for kind, key, record, seq in rows:
+                self.seq = max(self.seq, seq)
+                kept = self.records[kind]
+                if record is not None:
+                    kept[key] = record
+                elif kept.pop(key, None) is not None and kind in self.capped:
+                    self._reset()  # the first `cap` keys changed: read them all again
+                    return self.read(store)
+            for kind, kept in self.records.items():
+                if len(kept) > self.cap:
+                    self.capped.add(kind)
+                    for key in sorted(kept)[self.cap:]:
+                        del kept[key]
+            if len(rows) < READ_PAGE:
+                return {k: [kept[key] for key in sorted(kept)] for k, kept in self.records.items()}
+
+
 class DnsView:
     def __init__(self, node: DnsNode, server: DnsServer, verifier: Verifier, limits: Limits, *,
                  debounce: float = DEBOUNCE_SECONDS):
@@ -83,6 +127,8 @@ class DnsView:
         self.debounce = debounce
         self.refresh = float(node.config.node.heartbeat_seconds)
         self._state: dict | None = None
+        self._mirror = RecordMirror(ZONE_KINDS, MAX_RECORDS)
+        self.cost = 0.0  # CPU seconds the last rebuild took (read and build)
         self._ports: dict[bytes, tuple[int, ...]] = {}
         self._poked = trio.Event()
         self.builds = 0
@@ -104,7 +150,7 @@ class DnsView:
             with trio.move_on_after(self.refresh):
                 await self._changed_or_poked(seen)
             read = self.node.changes.last_seq != seen or not self._poked.is_set()
-            await trio.sleep(self.debounce)
+            await trio.sleep(max(self.debounce, self.cost * (1 / BUILD_SHARE - 1)))
             self._poked = trio.Event()
             try:
                 await self.rebuild(read=read)
@@ -125,25 +171,30 @@ class DnsView:
             race.start_soon(poked)
 
     async def rebuild(self, *, read: bool = True) -> None:
+        self.cost = 0.0
         if read or self._state is None:
             self._state = await self.read_state()
             self.verifier.want(vanity_domains(self._state["records"]))
         build = functools.partial(build_zone, **self._state, verified=self.verifier.verified(),
                                   limits=self.limits, serial=int(time.time()))
-        zone = await trio.to_thread.run_sync(build)
+        zone = await trio.to_thread.run_sync(self._timed, build)
         self.server.set_zone(zone)
         self.builds += 1
         log.debug("dns: zone %d: %d names, %d vanity, %d dropped", self.builds, len(zone.names),
                   len(zone.vanity), zone.dropped)
 
+    def _timed(self, fn, *args):
+        """fn(*args) in a worker thread, its CPU time added to `cost` (the time waited for the
+        store's lock is not: it is not the zone's to pay)."""
+        start = time.thread_time()
+        try:
+            return fn(*args)
+        finally:
+            self.cost += time.thread_time() - start
+
     async def read_state(self) -> dict:
         node = self.node
-
-        def read(store) -> dict:
-            return {k: store.list(k, limit=MAX_RECORDS)
-                    for k in ("instance", "instance_status", "agent", "model", "dns")}
-
-        rows = await node.astore.run(read, node.astore.store)
+        rows = await node.astore.run(self._timed, self._mirror.read, node.astore.store)
         subnets = await node.vm_subnets()
         now = int(time.time() * 1000)
         stale = stale_after_ms(node.config.node.heartbeat_seconds)
