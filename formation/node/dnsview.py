@@ -40,7 +40,7 @@ log = logging.getLogger("formation.dns")
 MAX_RECORDS = 200_000  # of each kind read into a zone (the first by key)
 ZONE_KINDS = ("instance", "instance_status", "agent", "model", "dns")
 READ_PAGE = 10_000  # changed records read in one store call
-BUILD_SHARE = 0.05  # of the node's time the zone's rebuilds may take, at most (about)
+BUILD_SHARE = 0.02  # of the node's time the zone's rebuilds may take, at most (about)
 MAX_PORT_CACHE = 10_000  # Formfiles whose EXPOSEd ports are remembered
 DEBOUNCE_SECONDS = 1.0
 MAX_VANITY_PER_OWNER = 100  # vanity domains of one owner the verifier checks
@@ -128,6 +128,7 @@ class DnsView:
         self.refresh = float(node.config.node.heartbeat_seconds)
         self._state: dict | None = None
         self._mirror = RecordMirror(ZONE_KINDS, MAX_RECORDS)
+        self._built_from: tuple | None = None
         self.cost = 0.0  # CPU seconds the last rebuild took (read and build)
         self._ports: dict[bytes, tuple[int, ...]] = {}
         self._poked = trio.Event()
@@ -175,10 +176,17 @@ class DnsView:
         if read or self._state is None:
             self._state = await self.read_state()
             self.verifier.want(vanity_domains(self._state["records"]))
-        build = functools.partial(build_zone, **self._state, verified=self.verifier.verified(),
+        verified = self.verifier.verified()
+        # the zone is a function of these: unchanged (a node's heartbeat, an op of another
+        # kind), the zone served is still right and a build would only cost
+        inputs = (self._mirror.seq, self._state["serving"], self._state["regions"], verified)
+        if inputs == self._built_from:
+            return
+        build = functools.partial(build_zone, **self._state, verified=verified,
                                   limits=self.limits, serial=int(time.time()))
         zone = await trio.to_thread.run_sync(self._timed, build)
         self.server.set_zone(zone)
+        self._built_from = inputs
         self.builds += 1
         log.debug("dns: zone %d: %d names, %d vanity, %d dropped", self.builds, len(zone.names),
                   len(zone.vanity), zone.dropped)

@@ -167,6 +167,19 @@ async def test_nodes_serve_the_fogs_names_and_proven_vanity_domains(tmp_path, nu
 
         await eventually("the vanity domain no longer served", dropped)
 
+        # heartbeats (every second) change nothing a zone is made of: no rebuild; a model does
+        view = a.runtime.dns_view
+        builds = view.builds
+        await trio.sleep(3)
+        assert view.builds == builds
+        model = (await b.request(user, "POST", "/v1/models", {"name": "m"})).key
+
+        async def model_named():
+            return f"id={model}" in await dig(a.dns, f"{model}.model.fog", "TXT", "+short")
+
+        await eventually("the new model's name on the other node", model_named)
+        assert view.builds > builds
+
 
 async def test_a_taken_port_leaves_the_node_running_without_dns(tmp_path, caplog):
     port = free_port()
