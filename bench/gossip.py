@@ -34,6 +34,9 @@ every written op is on every node.
                    RPCs and push frames (batches and control) written per op per node, and their bytes
   push_*           the push tree (formation/p2p/push.py): frames dropped at a full peer queue,
                    PRUNEs and GRAFTs sent, over all nodes
+  idle_cpu_ms_per_s_per_node  before the trials, each node's CPU per second with nothing
+                   written (--idle-seconds): the fixed part, which CPU per op at low rates is
+                   mostly made of
 
 --find-max runs trials on the same fog at rates doubling from --start-rate until one loses an op
 (not on every node by the deadline), the writers cannot reach 90 % of the rate, or (--max-p99) its
@@ -190,6 +193,16 @@ def _node_cpu(fog: DevFog) -> list[float | None]:
         except (OSError, IndexError, ValueError, TypeError):
             out.append(None)
     return out
+
+
+def idle_cpu(fog: DevFog, seconds: float) -> float:
+    """CPU a node spends per second with nothing written (mean over nodes, ms): the fixed
+    cost that CPU per op at a low rate is mostly made of."""
+    before = _node_cpu(fog)
+    time.sleep(seconds)
+    after = _node_cpu(fog)
+    used = [b - a for a, b in zip(before, after, strict=True) if a is not None and b is not None]
+    return round(1000 * sum(used) / len(used) / seconds, 1) if used else 0.0
 
 
 def _p2p_stats(fog: DevFog) -> list[dict]:
@@ -463,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ingest-ops", type=int, default=1000,
                     help="ops for the in-process ingest baseline (0: skip it)")
     ap.add_argument("--ingest-batch", type=int, default=100, help="its batch size")
+    ap.add_argument("--idle-seconds", type=float, default=10.0,
+                    help="measure the fog's CPU with nothing written for this long first (0: not)")
     ap.add_argument("--base-dir", help="keep the fog's data and logs here (default: temporary)")
     ap.add_argument("--json", action="store_true", help="print only the JSON result line")
     args = ap.parse_args(argv)
@@ -486,6 +501,11 @@ def main(argv: list[str] | None = None) -> int:
             fog.wait_converged(120)
             say(f"  ready in {ready:.1f} s; every node has >= {fewest} peers")
             watchers = [Watcher(fog, i) for i in range(args.nodes)]
+            if args.idle_seconds > 0:
+                idle = idle_cpu(fog, args.idle_seconds)
+                baseline["idle_cpu_ms_per_s_per_node"] = idle
+                say(f"  idle: {idle} ms of CPU per second per node (heartbeats, sync rounds, "
+                    f"the tree's ticks, DNS), measured over {args.idle_seconds:g} s")
             try:
                 if not args.find_max:
                     rows.append(run_trial(fog, watchers, args.rate, args.seconds, args.drain, 0, say,

@@ -106,6 +106,11 @@ class QuotaBook:
         self.groups: dict[tuple[str, str], dict[str, Entry]] = {}  # (creator, kind) -> key -> entry
         self.entry: dict[tuple[str, str], Entry] = {}  # (kind, key) -> its entry
         self.inert: dict[tuple[str, str], str] = {}  # (kind, key) -> why
+        # per (creator, kind): how many records and what they book in all, and how many are
+        # inert: a group whose totals fit its quotas has no inert record, which `plan` sees
+        # without sorting the group (an account's every write used to sort all its records)
+        self.totals: dict[tuple[str, str], tuple[int, int, int, int, int]] = {}
+        self.inert_count: dict[tuple[str, str], int] = {}
 
     def plan(self, changed: Mapping[tuple[str, str], object]) -> Plan:
         """The quota view after registers change: (kind, key) -> register (any value)."""
@@ -122,6 +127,8 @@ class QuotaBook:
                 if e is not None:
                     touched.add((e.creator, kind))
         for creator, kind in touched:
+            if self._fits(creator, kind, p.entries):
+                continue  # nothing of this group is inert now, nor becomes so
             members = dict(self.groups.get((creator, kind), {}))
             for (k, key), e in p.entries.items():
                 if k != kind:
@@ -140,10 +147,52 @@ class QuotaBook:
                 p.inert[(kind, key)] = None  # gone: no longer inert (nor anything)
         return p
 
+    def _fits(self, creator: str, kind: str, changed: Mapping[tuple[str, str], Entry | None]) -> bool:
+        """Whether the (creator, kind) group, with the changed entries, is within every quota
+        and has no inert record now: then none is inert after the change either (costs are
+        positive, so no prefix of the group books more than all of it)."""
+        group = (creator, kind)
+        if self.inert_count.get(group):
+            return False
+        count, *used = self.totals.get(group, (0, 0, 0, 0, 0))
+        for (k, key), e in changed.items():
+            if k != kind:
+                continue
+            old = self.entry.get((k, key))
+            if old is not None and old.creator == creator:
+                count, used = count - 1, [u - c for u, c in zip(used, old.cost, strict=True)]
+            if e is not None and e.creator == creator:
+                count, used = count + 1, [u + c for u, c in zip(used, e.cost, strict=True)]
+        q = self.quotas
+        caps = (q.replicas, q.vcpus, q.memory_mb, q.disk_gb)
+        return count <= q.records[kind] and all(u <= c for u, c in zip(used, caps, strict=True))
+
+    def _count(self, keys, sign: int) -> None:
+        """Add (or take back) these records' part in their groups' inert counts."""
+        for k in keys:
+            e = self.entry.get(k)
+            if e is not None and k in self.inert:
+                group = (e.creator, k[0])
+                self.inert_count[group] = self.inert_count.get(group, 0) + sign
+                if not self.inert_count[group]:
+                    del self.inert_count[group]
+
+    def _book(self, e: Entry, kind: str, sign: int) -> None:
+        group = (e.creator, kind)
+        count, *used = self.totals.get(group, (0, 0, 0, 0, 0))
+        new = (count + sign, *(u + sign * c for u, c in zip(used, e.cost, strict=True)))
+        if new[0]:
+            self.totals[group] = new
+        else:
+            self.totals.pop(group, None)
+
     def commit(self, p: Plan) -> None:
+        affected = set(p.entries) | set(p.inert)
+        self._count(affected, -1)
         for (kind, key), e in p.entries.items():
             old = self.entry.pop((kind, key), None)
             if old is not None:
+                self._book(old, kind, -1)
                 group = self.groups.get((old.creator, kind))
                 if group is not None:
                     group.pop(key, None)
@@ -152,11 +201,13 @@ class QuotaBook:
             if e is not None:
                 self.entry[(kind, key)] = e
                 self.groups.setdefault((e.creator, kind), {})[key] = e
+                self._book(e, kind, +1)
         for k, why in p.inert.items():
             if why is None:
                 self.inert.pop(k, None)
             else:
                 self.inert[k] = why
+        self._count(affected, +1)
 
 
 @dataclass

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from formation.crdt.kinds import Invalid
-from formation.crdt.quotas import Quotas
+from formation.crdt.quotas import Quotas, _inert
 from formation.crdt.store import Store
 from tests.support import Node, User, records_dump
 
@@ -16,6 +16,19 @@ SMALL = Quotas(records={"instance": 3, "agent": 3, "model": 2, "dns": 4}, replic
                memory_mb=4096, disk_gb=100)
 BIG = Quotas(records={"instance": 100, "agent": 100, "model": 100, "dns": 100}, replicas=1000, vcpus=10_000,
              memory_mb=10**7, disk_gb=10**6)
+
+
+def assert_book_consistent(store: Store) -> None:
+    """The quota book's shortcuts (group totals, inert counts) agree with a full recount."""
+    book = store.replica.quota
+    inert = {}
+    for (creator, kind), members in book.groups.items():
+        inert.update({(kind, k): why for k, why in _inert(kind, members.items(), book.quotas).items()})
+        used = [sum(e.cost[i] for e in members.values()) for i in range(4)]
+        assert book.totals[(creator, kind)] == (len(members), *used)
+        assert book.inert_count.get((creator, kind), 0) == sum(1 for k in members if (kind, k) in book.inert)
+    assert book.inert == inert
+    assert set(book.totals) == set(book.groups)
 
 
 def quota_state(store: Store) -> list[tuple]:
@@ -101,6 +114,7 @@ def test_records_over_quota_from_peers_are_inert_on_every_node_whatever_the_orde
         size = rnd.randint(1, 5) if trial else len(order)
         for i in range(0, len(order), size):
             store.ingest(order[i:i + size], source="peer")
+            assert_book_consistent(store)
         assert len(store) == len(byz.store)  # every op stored: validity accepts them
         states.append(quota_state(store))
         lists.append(sorted(m["model_id"] for m in store.list("model")))
@@ -126,6 +140,7 @@ def test_a_delete_brings_an_inert_record_back_everywhere_and_a_restart_keeps_the
     store.ingest(byz.store.wires([delete.id]), source="peer")
     assert sorted(m["model_id"] for m in store.list("model")) == sorted(keys[1:3])
     assert store.over_quota("model", keys[2]) is None and store.over_quota("model", keys[3])
+    assert_book_consistent(store)
     before = quota_state(store)
     store.close()
     again = Store(path, quotas=SMALL)
@@ -135,4 +150,10 @@ def test_a_delete_brings_an_inert_record_back_everywhere_and_a_restart_keeps_the
     again.close()
     third = Store(path, quotas=SMALL)
     assert quota_state(third) == before
+    # a second delete: the group fits its quota again, and its last inert record takes effect
+    delete = byz.relay(alice, "DELETE", f"/models/{keys[1]}", None, ts=501)
+    third.ingest(byz.store.wires([delete.id]), source="peer")
+    assert sorted(m["model_id"] for m in third.list("model")) == sorted(keys[2:4])
+    assert third.over_quota("model", keys[3]) is None
+    assert_book_consistent(third)
     third.close()
