@@ -208,8 +208,9 @@ class OpLog:
         after seq `after`, oldest change first, at most `limit`: doc None is a deleted record."""
         marks = ",".join("?" * len(kinds))
         return self.db.execute(
-            f"SELECT kind, key, doc, over_quota, updated_seq FROM records WHERE updated_seq > ? "
-            f"AND kind IN ({marks}) ORDER BY updated_seq LIMIT ?", (after, *kinds, limit)).fetchall()
+            f"SELECT kind, key, doc, over_quota, updated_seq FROM records INDEXED BY records_updated "
+            f"WHERE updated_seq > ? AND kind IN ({marks}) ORDER BY updated_seq LIMIT ?",
+            (after, *kinds, limit)).fetchall()
 
     def list(self, kind: str, *, owner: str | None = None, type: str | None = None,
              tag: str | None = None, text: str | None = None, limit: int = 100, offset: int = 0,

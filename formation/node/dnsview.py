@@ -32,6 +32,7 @@ from formation.dns.server import DnsServer, ServerLimits
 from formation.dns.verify import Verifier
 from formation.pack.formfile import exposed_ports
 
+from .mirror import RecordMirror
 from .placement import is_live, stale_after_ms
 from .ports import NodeState
 
@@ -39,7 +40,6 @@ log = logging.getLogger("formation.dns")
 
 MAX_RECORDS = 200_000  # of each kind read into a zone (the first by key)
 ZONE_KINDS = ("instance", "instance_status", "agent", "model", "dns")
-READ_PAGE = 10_000  # changed records read in one store call
 BUILD_SHARE = 0.02  # of the node's time the zone's rebuilds may take, at most (about)
 MAX_PORT_CACHE = 10_000  # Formfiles whose EXPOSEd ports are remembered
 DEBOUNCE_SECONDS = 1.0
@@ -78,43 +78,6 @@ def vanity_domains(records: list[dict]) -> list[str]:
         if domain not in mine and len(mine) < MAX_VANITY_PER_OWNER:
             mine.append(domain)
     return sorted({d for ds in per_owner.values() for d in ds})
-
-
-class RecordMirror:
-    """A copy of the records of some kinds, brought up to the store by reading only what
-    changed since the last read. A kind over `cap` records keeps its first `cap` by key, as a
-    whole read would; a record of such a kind gone makes the next read start over (the one past
-    the cap that moves up is not in the copy)."""
-
-    def __init__(self, kinds: tuple[str, ...], cap: int):
-        self.kinds, self.cap = kinds, cap
-        self._reset()
-
-    def _reset(self) -> None:
-        self.records: dict[str, dict[str, dict]] = {k: {} for k in self.kinds}
-        self.seq = 0  # the store's seq up to which the copy is read
-        self.capped: set[str] = set()
-
-    def read(self, store) -> dict[str, list[dict]]:
-        """kind -> its records by key, as the store holds them now (call it with the store's
-        lock held: AsyncStore.run)."""
-        while True:
-            rows = store.changed_records(self.kinds, self.seq, READ_PAGE)
-            for kind, key, record, seq in rows:
-                self.seq = max(self.seq, seq)
-                kept = self.records[kind]
-                if record is not None:
-                    kept[key] = record
-                elif kept.pop(key, None) is not None and kind in self.capped:
-                    self._reset()  # the first `cap` keys changed: read them all again
-                    return self.read(store)
-            for kind, kept in self.records.items():
-                if len(kept) > self.cap:
-                    self.capped.add(kind)
-                    for key in sorted(kept)[self.cap:]:
-                        del kept[key]
-            if len(rows) < READ_PAGE:
-                return {k: [kept[key] for key in sorted(kept)] for k, kept in self.records.items()}
 
 
 class DnsView:

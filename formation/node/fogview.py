@@ -1,14 +1,18 @@
 """What placement reads from the state, read one way for everyone who places: the scheduler
-(which replicas to run) and the API (where an instance is placed, and why not all of it)."""
+(which replicas to run) and the API (where an instance is placed, and why not all of it).
+Instances and statuses come from the node's shared mirror of them (mirror.py: only what changed
+since the last pass is read): the records are shared, read-only."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .mirror import shared_mirror
 from .placement import place_all, shortfall
 from .ports import NodeState
 
 ALL = 1_000_000  # the store's own bounds cap what a list returns
+KINDS = ("instance", "instance_status")
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,9 @@ class FogView:
 
 
 async def read(node: NodeState, *, now_ms: int, stale_ms: int) -> FogView:
-    return FogView(instances=await node.astore.list("instance", limit=ALL), nodes=await node.fog_nodes(),
-                   statuses=[*await node.astore.list("instance_status", type="running", limit=ALL),
-                             *await node.astore.list("instance_status", type="paused", limit=ALL)],
+    store = node.astore.store
+    rows = await node.astore.run(shared_mirror(store, KINDS, ALL).read, store)
+    statuses = rows["instance_status"]
+    return FogView(instances=rows["instance"], nodes=await node.fog_nodes(),
+                   statuses=[s for state in ("running", "paused") for s in statuses if s.get("state") == state],
                    now_ms=now_ms, stale_ms=stale_ms)

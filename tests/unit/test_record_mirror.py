@@ -1,4 +1,4 @@
-"""The DNS view's copy of the records (node/dnsview.RecordMirror): read incrementally, it equals
+"""The copy of the records the DNS view and placement read (node/mirror.RecordMirror): read incrementally, it equals
 a whole read of the store after every change, deletes and quota flips included (a flip changes
 a record's standing without a write to it), and under a cap it keeps the first records by key."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 from formation.crdt.store import Store
-from formation.node.dnsview import RecordMirror
+from formation.node.mirror import RecordMirror
 from tests.support import Node, User
 from tests.unit.test_quotas import SMALL, _over_quota_wires
 
