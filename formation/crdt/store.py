@@ -55,6 +55,7 @@ class Store:
         self.log = OpLog(path, synchronous=synchronous)
         self.replica = Replica(limits, quotas)  # quotas: fog-wide (tests use small ones)
         self.on_commit: list = []  # callables(last_seq) run after each durable batch
+        self._state_hash: tuple[int, bytes] | None = None  # (seq, hash) of the last state_hash
         self._members: dict[str, frozenset[str]] = {}  # fog id -> members, until membership changes
         self._load()
 
@@ -101,6 +102,7 @@ class Store:
                 continue
             stage.registers[(op.kind, op.key)] = reg
         r.registers.update(stage.registers)
+        self._state_hash = None
         r.quota.commit(r.quota.plan(stage.registers))
         # The projection follows the rules of this version: rewrite rows that differ.
         stored = self.log.record_versions()
@@ -249,13 +251,17 @@ class Store:
         return self.log.list(kind, text=text, **filters)
 
     def state_hash(self) -> bytes:
-        """Hash of every register (heads and value): equal on replicas with equal state."""
-        h = hashlib.sha256()
-        regs = self.replica.registers
-        for k in sorted(regs):
-            reg = regs[k]
-            h.update(codec.pack([k[0], k[1], reg.head_ids, reg.value]))
-        return h.digest()
+        """Hash of every register (heads and value): equal on replicas with equal state. Kept
+        until the next delivered op (status calls ask often; the hash is over all the state)."""
+        seq = self.replica.seq
+        if self._state_hash is None or self._state_hash[0] != seq:
+            h = hashlib.sha256()
+            regs = self.replica.registers
+            for k in sorted(regs):
+                reg = regs[k]
+                h.update(codec.pack([k[0], k[1], reg.head_ids, reg.value]))
+            self._state_hash = (seq, h.digest())
+        return self._state_hash[1]
 
     def get_meta(self, k: str) -> bytes | None:
         return self.log.get_meta(k)
