@@ -284,6 +284,15 @@ def _peer_text(peer) -> str:
     return peer.to_string() if hasattr(peer, "to_string") else str(peer)
 
 
+def pick_hold(window: float, fog_msgs_per_s: float, budget_msgs_per_s: float, own_ops_per_s: float) -> float:
+    """How long a node's first op waits for company (Batcher.hold): from 0 up to the window as
+    the fog's message rate reaches the budget (every message costs every node), but not at all
+    when this node writes too seldom for an op to find company in that time (at 25 ops/s over
+    10 nodes the hold was 250 ms of every op's latency, and batches stayed at one op)."""
+    hold = window * min(1.0, fog_msgs_per_s / budget_msgs_per_s)
+    return hold if own_ops_per_s * hold >= 1.0 else 0.0
+
+
 class Batcher:
     """Collects op wires and hands out batches: after `delay` seconds, or sooner when full.
 
@@ -307,10 +316,12 @@ class Batcher:
         self._last_flush = -1e9
         self._wires: list[bytes] = []
         self._bytes = 0
+        self.added = 0  # ops added, ever (the service's pacing reads this node's own write rate)
         self._have = trio.Event()
         self._full = trio.Event()
 
     def add(self, wire: bytes) -> None:
+        self.added += 1
         self._wires.append(wire)
         self._bytes += len(wire)
         self._have.set()

@@ -33,7 +33,7 @@ from formation.crdt.hlc import to_ms
 from formation.crdt.keys import PrivateKey, address_of, format_address, sha256
 
 from . import blobs, push, sync
-from .gossip import TOPIC, AuthorBudget, Batcher, BatchValidator, encode_batch
+from .gossip import TOPIC, AuthorBudget, Batcher, BatchValidator, encode_batch, pick_hold
 
 log = logging.getLogger("formation.p2p")
 BAN_STRIKES = 3  # invalid gossip batches or sync sessions with invalid ops before a peer is cut off
@@ -353,6 +353,8 @@ class P2PService:
         self._store_errors = 0  # batches the store failed to take (disk full, I/O error, a bug)
         self._fog_msgs = 0.0  # gossip messages published in the fog per second, recently (seen here)
         self._fog_msgs_count = (0, 0.0)
+        self._own_ops = 0.0  # ops this node wrote per second, recently
+        self._own_ops_count = 0
         self._nursery: trio.Nursery | None = None
 
     def _router(self):
@@ -790,17 +792,18 @@ class P2PService:
                                         min(s.gossip_max_window, s.gossip_fog_window * fog_size))
 
     def _pace_gossip(self, now: float) -> None:
-        """Every node sees (nearly) every message: from the fog's message rate, how long a
-        node's first op waits for company (Batcher.hold), from 0 up to the window when the
-        rate reaches the budget."""
+        """Every node sees (nearly) every message: from the fog's message rate and this node's
+        own write rate, how long its first op waits for company (gossip.pick_hold)."""
         count = self.stats.gossip_received + self.stats.gossip_sent
         last, at = self._fog_msgs_count
         if now - at >= 0.5:
             rate = (count - last) / (now - at) if at else 0.0
+            own = (self.batcher.added - self._own_ops_count) / (now - at) if at else 0.0
             self._fog_msgs = 0.5 * self._fog_msgs + 0.5 * rate
-            self._fog_msgs_count = (count, now)
+            self._own_ops = 0.5 * self._own_ops + 0.5 * own
+            self._fog_msgs_count, self._own_ops_count = (count, now), self.batcher.added
             b = self.batcher
-            b.hold = b.max_interval * min(1.0, self._fog_msgs / self.settings.gossip_fog_msgs_per_s)
+            b.hold = pick_hold(b.max_interval, self._fog_msgs, self.settings.gossip_fog_msgs_per_s, self._own_ops)
             self.stats.fog_msgs_per_s = round(self._fog_msgs, 1)
             self.stats.gossip_hold_ms = round(1000 * b.hold, 1)
 

@@ -22,7 +22,7 @@ from formation.crdt.keys import format_address
 from formation.crdt.op import make_op
 from formation.crdt.store import wall_ms
 from formation.p2p import service
-from formation.p2p.gossip import AuthorBudget, FairTurns, encode_batch
+from formation.p2p.gossip import AuthorBudget, FairTurns, encode_batch, pick_hold
 from tests.p2p.attacker import open_attacker
 from tests.p2p.conftest import open_fog
 
@@ -148,3 +148,16 @@ async def test_a_banned_peer_is_dropped_by_pubsub_before_any_validation():
                 await trio.sleep(0.05)
         for m in fog:
             assert ID.from_base58(evil.peer_id) in m.svc.pubsub.blacklisted_peers
+
+
+def test_a_node_holds_its_first_op_back_only_when_the_fog_is_busy_and_company_is_likely():
+    # a quiet fog: (almost) no hold, however often this node writes
+    assert pick_hold(0.25, 0.0, 20.0, 100.0) == 0.0
+    assert pick_hold(0.25, 2.0, 20.0, 100.0) == 0.025  # a little as the fog's rate rises
+    # a busy fog: the whole window, for a node that writes often enough to fill it
+    assert pick_hold(0.25, 40.0, 20.0, 50.0) == 0.25
+    assert pick_hold(0.25, 10.0, 20.0, 50.0) == 0.125
+    # the same busy fog, a node writing 2.5 ops/s: a 250 ms hold would find company for 0.6 ops
+    # on average (none when its writes come evenly spaced): no hold, no latency for nothing
+    assert pick_hold(0.25, 40.0, 20.0, 2.5) == 0.0
+    assert pick_hold(0.25, 40.0, 20.0, 4.0) == 0.25
