@@ -34,6 +34,8 @@ every written op is on every node.
                    RPCs and push frames (batches and control) written per op per node, and their bytes
   push_*           the push tree (formation/p2p/push.py): frames dropped at a full peer queue,
                    PRUNEs and GRAFTs sent, over all nodes
+  since_ops_per_session  ops in the Bloom filter of a sync session's Hello, on average over the
+                   run (both sides' sessions): what a session costs grows with it
   idle_cpu_ms_per_s_per_node  before the trials, each node's CPU per second with nothing
                    written (--idle-seconds): the fixed part, which CPU per op at low rates is
                    mostly made of
@@ -406,8 +408,10 @@ def node_figures(fog: DevFog) -> dict:
     }
     for k in ("gossip_sent", "gossip_received", "syncs_ok", "syncs_failed", "ops_from_sync",
               "ops_from_gossip", "gossip_copies_in", "gossip_dropped", "push_dropped", "push_prunes",
-              "push_grafts", "push_hostile"):
+              "push_grafts", "push_hostile", "sync_since_ops"):
         out[k] = sum(s.get(k, 0) for s in stats)
+    sessions = out["syncs_ok"] + out["syncs_failed"]
+    out["since_ops_per_session"] = round(out["sync_since_ops"] / sessions) if sessions else 0
     return out
 
 

@@ -127,6 +127,7 @@ class Reconciler:
         self.ops_received = 0
         self.ops_accepted = 0  # of those received, how many were new to us
         self.rejected = 0
+        self.since_ops = 0  # ops in our Hello's filter (what a session costs grows with it)
 
     @property
     def finished(self) -> bool:
@@ -139,6 +140,7 @@ class Reconciler:
 
     def start(self) -> list[Message]:
         since = self.store.since(self.watermark)
+        self.since_ops = len(since)
         bloom = Bloom(len(since))
         for m in since:
             bloom.add(m.id)

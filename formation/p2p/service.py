@@ -221,6 +221,7 @@ class P2PStats:
     syncs_failed: int = 0
     syncs_refused: int = 0  # sync streams reset at once: too many sessions, or budget spent
     ops_from_sync: int = 0
+    sync_since_ops: int = 0  # ops in the filters of the sessions we ran, in all (bench/gossip.py)
     # what the wire costs (bench/gossip.py): pubsub messages read from peers, every copy counted
     # (before the seen check), their bytes; RPCs written to peers and their bytes
     gossip_copies_in: int = 0
@@ -732,6 +733,7 @@ class P2PService:
         else:
             self.stats.syncs_failed += 1
         self.stats.ops_from_sync += result.ops_accepted
+        self.stats.sync_since_ops += result.since_ops
         for cb in self.on_sync:
             cb(result)
 

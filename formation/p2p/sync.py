@@ -61,6 +61,7 @@ class SyncResult:
     rejected: int
     round_trips: int
     seconds: float
+    since_ops: int = 0  # ops in our Hello's filter: delivered here since the last session with the peer
 
 
 def _watermark_key(peer: str) -> str:
@@ -171,4 +172,5 @@ async def run_session(stream, astore: AsyncStore, peer: str, budget: ServeBudget
             except Exception:  # the peer may already be gone; nothing left to tell it
                 pass
     return SyncResult(peer, bool(rec.peer_done and rec.sent_done), rec.ops_sent, rec.ops_received,
-                      rec.ops_accepted, rec.rejected, 1 + rec.need_rounds, time.monotonic() - t0)
+                      rec.ops_accepted, rec.rejected, 1 + rec.need_rounds, time.monotonic() - t0,
+                      rec.since_ops)
