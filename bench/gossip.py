@@ -26,7 +26,7 @@ every written op is on every node.
   cpu_per_op_ratio cpu_ms_per_op / the CPU per op of ingesting the same kind of ops in this
                    process (ingest_cpu_us_per_op: a Store writes --ingest-ops of the bench's
                    requests, another ingests their wires in batches of --ingest-batch, before the
-                   fog starts). 1.0 would mean the network path costs nothing
+                   fog starts; the best of three stores). 1.0 would mean the network path costs nothing
   ops_per_batch    ops written / gossip messages published (gossip_sent)
   copies_per_batch batches nodes read from their peers, pubsub messages and push frames (every
                    copy, before the seen check) / batches published; ideal nodes - 1 (_per_node: / nodes)
@@ -233,14 +233,19 @@ def ingest_baseline(base: Path, n: int, batch: int) -> dict:
         wires.append(author.write_request(key, req["message"], base64.b64decode(req["body"]),
                                           req["signature"]).wire)
     author.close()
-    reader = Store(str(base / "baseline-ingest.db"), synchronous="FULL")
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    for i in range(0, len(wires), batch):
-        res = reader.ingest(wires[i:i + batch], source="peer")
-        if res.rejected:
-            raise SystemExit(f"FAIL: baseline ingest rejected {res.rejected[0]}")
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    reader.close()
+    # the best of three fresh stores: one run moved by a third from run to run (310-440 us per
+    # op), and it is the denominator of every ratio the bench reports
+    runs = []
+    for r in range(3):
+        reader = Store(str(base / f"baseline-ingest-{r}.db"), synchronous="FULL")
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        for i in range(0, len(wires), batch):
+            res = reader.ingest(wires[i:i + batch], source="peer")
+            if res.rejected:
+                raise SystemExit(f"FAIL: baseline ingest rejected {res.rejected[0]}")
+        runs.append((time.process_time() - cpu0, time.perf_counter() - wall0))
+        reader.close()
+    cpu, wall = min(runs)
     return {"ingest_ops": n, "ingest_batch": batch, "ingest_cpu_us_per_op": round(1e6 * cpu / n, 1),
             "ingest_ops_per_s": round(n / wall, 1)}
 
