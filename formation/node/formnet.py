@@ -135,7 +135,7 @@ async def member_peers(node: NodeState) -> tuple[frozenset[str], dict[str, dict]
         return frozenset(), {}
     members = await node.astore.fog_members(node.fog_id)
     store = node.astore.store  # formnet's passes and the DNS view ask at every change: the mirror
-    peers = await node.astore.run(shared_mirror(store, ("peer",), 100_000).read, store, members)
+    peers = await node.astore.run(shared_mirror(store, ("peer",), 100_000).read, store)
     records = {r["address"]: r for r in peers["peer"] if r["address"] in members}
     return members, records
 

@@ -23,32 +23,27 @@ class RecordMirror:
         self.kinds, self.cap = kinds, cap
         self._reset()
 
-    def _reset(self, scope: frozenset[str] | None = None) -> None:
-        self.scope = scope
+    def _reset(self) -> None:
         self.records: dict[str, dict[str, dict]] = {k: {} for k in self.kinds}
         self.lists: dict[str, list[dict]] = {k: [] for k in self.kinds}  # by key, as read last
         self.seq = 0  # the store's seq up to which the copy is read
         self.capped: set[str] = set()
 
-    def read(self, store, scope: frozenset[str] | None = None) -> dict[str, list[dict]]:
+    def read(self, store) -> dict[str, list[dict]]:
         """kind -> its records by key, as the store holds them now (call it with the store's
-        lock held: AsyncStore.run). With `scope`, only the records under those keys are kept
-        (the members' own records: anyone may write a node record, and the copy lives on); a
-        new scope makes the read start over."""
-        if scope != self.scope:
-            self._reset(scope)
-        changed: set[str] = set(self.kinds) if self.seq == 0 else set()
+        lock held: AsyncStore.run)."""
+        changed: set[str] = set()
         while True:
             rows = store.changed_records(self.kinds, self.seq, READ_PAGE)
             for kind, key, record, seq in rows:
                 self.seq = max(self.seq, seq)
                 kept = self.records[kind]
                 changed.add(kind)
-                if record is not None and (scope is None or key in scope):
+                if record is not None:
                     kept[key] = record
                 elif kept.pop(key, None) is not None and kind in self.capped:
-                    self._reset(scope)  # the first `cap` keys changed: read them all again
-                    return self.read(store, scope)
+                    self._reset()  # the first `cap` keys changed: read them all again
+                    return self.read(store)
             for kind in changed:
                 kept = self.records[kind]
                 if len(kept) > self.cap:

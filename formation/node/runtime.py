@@ -226,9 +226,9 @@ class NodeRuntime:
             return []
         members = await self.astore.fog_members(self.fog_id)
         # the dialer, the DNS view, placement and secrets ask at every change: read from the
-        # mirror (only the records changed since, the members' alone), not whole
-        nodes = await self.astore.run(shared_mirror(self.store, ("node",), 1_000_000).read, self.store, members)
-        return nodes["node"]
+        # mirror (only the records changed since), not whole
+        nodes = await self.astore.run(shared_mirror(self.store, ("node",), 1_000_000).read, self.store)
+        return [n for n in nodes["node"] if n["address"] in members]
 
     def routes_vms(self) -> bool:
         return self.formnet is not None and self.formnet.status.enabled
