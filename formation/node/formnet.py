@@ -30,7 +30,6 @@ from formation.mesh.relay import HANDSHAKE_STALE
 from formation.mesh.uapi import Device, PeerChange, PeerConfig, diff
 from formation.mesh.wggo import WireGuardInterface, iface_name
 
-from .mirror import shared_mirror
 from .ports import NodeState
 from .vmhost import VM_SPACE
 
@@ -134,9 +133,8 @@ async def member_peers(node: NodeState) -> tuple[frozenset[str], dict[str, dict]
     if node.fog_id is None:
         return frozenset(), {}
     members = await node.astore.fog_members(node.fog_id)
-    store = node.astore.store  # formnet's passes and the DNS view ask at every change: the mirror
-    peers = await node.astore.run(shared_mirror(store, ("peer",), 100_000).read, store)
-    records = {r["address"]: r for r in peers["peer"] if r["address"] in members}
+    records = {r["address"]: r for r in await node.astore.list("peer", limit=100_000)
+               if r["address"] in members}
     return members, records
 
 

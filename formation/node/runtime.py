@@ -32,7 +32,6 @@ from .events import Changes
 from .fog import InviteToken
 from .formnet import Formnet, MeshStatus, allowed_subnets, member_peers
 from .metering import HireLedger, Meter
-from .mirror import shared_mirror
 from .vmhost import VmHost, VmUnavailable
 from .vmside import VmSide, VmsOff, VmsOn, VmsStarting, runs_vms, vm_status
 
@@ -225,10 +224,7 @@ class NodeRuntime:
         if self.fog_id is None:
             return []
         members = await self.astore.fog_members(self.fog_id)
-        # the dialer, the DNS view, placement and secrets ask at every change: read from the
-        # mirror (only the records changed since), not whole
-        nodes = await self.astore.run(shared_mirror(self.store, ("node",), 1_000_000).read, self.store)
-        return [n for n in nodes["node"] if n["address"] in members]
+        return [n for n in await self.astore.list("node", limit=1_000_000) if n["address"] in members]
 
     def routes_vms(self) -> bool:
         return self.formnet is not None and self.formnet.status.enabled
