@@ -32,7 +32,7 @@ from formation.dns.server import DnsServer, ServerLimits
 from formation.dns.verify import Verifier
 from formation.pack.formfile import exposed_ports
 
-from .mirror import RecordMirror
+from .mirror import shared_mirror
 from .placement import is_live, stale_after_ms
 from .ports import NodeState
 
@@ -90,7 +90,7 @@ class DnsView:
         self.debounce = debounce
         self.refresh = float(node.config.node.heartbeat_seconds)
         self._state: dict | None = None
-        self._mirror = RecordMirror(ZONE_KINDS, MAX_RECORDS)
+        self._mirror = shared_mirror(node.astore.store, ZONE_KINDS, MAX_RECORDS)
         self._built_from: tuple | None = None
         self.cost = 0.0  # CPU seconds the last rebuild took (read and build)
         self._ports: dict[bytes, tuple[int, ...]] = {}
